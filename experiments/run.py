@@ -1,0 +1,107 @@
+"""One experiment run -> one results row.
+
+    python experiments/run.py model=ref-llama quant=w4a8_gptq
+    python experiments/run.py -m +experiment=demo            # a sweep (see configs/experiment/)
+
+Load the model, rotate, quantize, (QAT), evaluate perplexity / size / memory, and write
+results/<experiment>/<run_id>.json atomically. A rerun with the same resolved config is skipped.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import qat  # noqa: E402
+from spinquant import rotation  # noqa: E402
+from spinquant.data import calibration_batch  # noqa: E402
+from spinquant.eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk  # noqa: E402
+from spinquant.models import load  # noqa: E402
+from spinquant.quant import QuantConfig, get_weight_quantizer, quantize_  # noqa: E402
+from spinquant.results import git_rev, run_id, write_row  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig) -> dict:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    rid = run_id(config)
+    out = Path(cfg.results_dir) / cfg.experiment_name / f"{rid}.json"
+    if cfg.skip_existing and out.exists():
+        print(f"[skip] {out} exists (same resolved config)")
+        return json.loads(out.read_text())
+    seed_everything(cfg.seed)
+    qcfg = QuantConfig.from_dict(config["quant"])  # validate before loading anything
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.model.dtype!r}")
+    t0 = time.time()
+    model, tok = load(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=cfg.device)
+
+    needs_calib = qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian
+    calib = None
+    if needs_calib or cfg.rotation.name != "none":
+        calib = calibration_batch(tok, cfg.data.calib, cfg.data.calib_samples, cfg.data.calib_seq_len, cfg.seed,
+                                  cfg.data.root)
+    t = time.time()
+    rotation.apply(model, config["rotation"], calib)
+    rotation_s = time.time() - t
+    t = time.time()
+    quantize_(model, qcfg, calib, progress=cfg.progress)
+    quant_s = time.time() - t
+    qat.train(model, config["qat"], tok)
+
+    metrics: dict = {"ppl": {}, "ppl_detail": {}}
+    with PeakMemory(cfg.device) as mem:
+        for ds in cfg.eval.datasets:
+            r = perplexity(model, tok, ds, cfg.eval.seq_len, cfg.eval.stride, cfg.eval.batch_size,
+                           cfg.eval.max_windows, cfg.data.root, progress=cfg.progress)
+            metrics["ppl"][ds] = r.ppl
+            metrics["ppl_detail"][ds] = r.to_dict()
+            print(f"  {ds}: ppl {r.ppl:.3f} ({r.tokens_scored} tokens, {r.windows} windows of {r.seq_len})")
+    if cfg.eval.memory:
+        metrics["peak_mem_bytes"] = mem.peak_bytes
+        metrics["peak_mem_delta_bytes"] = mem.peak_delta_bytes
+    if cfg.eval.size:
+        sb = size_bits(model)
+        metrics["size_bytes"] = sb["total_bits"] // 8
+        metrics["size_on_disk_bytes"] = size_on_disk(model)
+        metrics["fp16_size_bytes"] = fp16_size_bits(model) // 8
+    metrics.update(wall_s=time.time() - t0, quant_s=quant_s, rotation_s=rotation_s)
+
+    w = qcfg.weight
+    row = {
+        "experiment": cfg.experiment_name, "run_id": rid, "model": cfg.model.name, "scheme": qcfg.label(),
+        "method": {"rotation": cfg.rotation.name, "weights": qcfg.method if w.enabled else "none",
+                   "qat": cfg.qat.name},
+        "spec": {"w_bits": w.bits, "w_group": w.group_size if w.granularity == "group" else None,
+                 "w_granularity": w.granularity, "w_sym": w.symmetric, "a_bits": qcfg.act.bits,
+                 "kv_bits": qcfg.kv.bits, "preset": qcfg.scheme},
+        "quant": qcfg.to_dict(), "metrics": metrics, "seed": cfg.seed, "git_rev": git_rev(),
+        "torch": torch.__version__, "config": config,
+    }
+    write_row(row, out)
+    print(f"[done] {qcfg.label()} {row['method']['weights']}: {json.dumps(metrics['ppl'])} -> {out}")
+    return row
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

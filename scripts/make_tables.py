@@ -1,0 +1,82 @@
+"""Render results rows into Markdown tables (one table per model).
+
+    python scripts/make_tables.py results/demo [more dirs or files] [--out paper/demo_table.md]
+
+Rows are sorted FP first, then by weight bits, activation bits, KV bits (descending) and method. Columns:
+perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio to FP.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spinquant.results import read_rows  # noqa: E402
+
+DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
+
+
+def _method(row) -> str:
+    m = row["method"]
+    parts = [p for p in (m.get("rotation"), m.get("weights"), m.get("qat")) if p and p != "none"]
+    return "+".join(parts) if parts else "FP"
+
+
+def _spec(row) -> str:
+    s = row["spec"]
+    if s.get("w_bits", 16) >= 16:
+        w = "-"
+    else:
+        w = f"g{s['w_group']}" if s.get("w_group") else "per-ch"
+    return w
+
+
+def _sort_key(row):
+    s = row["spec"]
+    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")), _method(row))
+
+
+def render(rows: list[dict]) -> str:
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = sorted([r for r in rows if r["model"] == model], key=_sort_key)
+        datasets = [d for d in DATASET_ORDER if any(d in r["metrics"]["ppl"] for r in mrows)]
+        datasets += sorted({d for r in mrows for d in r["metrics"]["ppl"]} - set(datasets))
+        fp = next((r for r in mrows if r["spec"].get("w_bits", 16) >= 16 and r["spec"].get("a_bits", 16) >= 16
+                   and r["spec"].get("kv_bits", 16) >= 16), None)
+        head = ["Scheme", "Method", "W groups"] + [f"PPL {d}" for d in datasets]
+        head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
+        head += ["Size (MB)", "× FP size"]
+        lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+        for r in mrows:
+            ppl = r["metrics"]["ppl"]
+            cells = [r["scheme"], _method(r), _spec(r)] + [f"{ppl[d]:.2f}" if d in ppl else "–" for d in datasets]
+            if fp and "wikitext2" in datasets:
+                cells.append(f"{ppl['wikitext2'] - fp['metrics']['ppl']['wikitext2']:+.2f}" if "wikitext2" in ppl else "–")
+            size = r["metrics"].get("size_bytes")
+            cells.append(f"{size / 1e6:.2f}" if size else "–")
+            fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
+            cells.append(f"{size / fps:.3f}" if size and fps else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="results folders or row files")
+    p.add_argument("--out", type=Path, help="write the Markdown here too")
+    args = p.parse_args(argv)
+    rows = read_rows(args.paths)
+    if not rows:
+        raise SystemExit(f"no results rows under {args.paths}")
+    text = render(rows)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

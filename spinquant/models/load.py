@@ -1,0 +1,61 @@
+"""Load a HF causal LM + tokenizer from a local folder, a shipped name, or (when online) a hub id."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .adapter import adapter_for_model_type
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def models_root() -> Path:
+    """Folder of extra local models: $SPINQUANT_MODELS, else ../shared/models beside the checkout."""
+    if os.environ.get("SPINQUANT_MODELS"):
+        return Path(os.environ["SPINQUANT_MODELS"]).expanduser()
+    return Path(__file__).resolve().parents[3] / "shared" / "models"
+
+
+def named_models() -> dict[str, Path]:
+    """Short names: the shipped reference model and the shared pretrained stories260K."""
+    return {"ref-llama": ASSETS / "ref-llama", "stories260k": models_root() / "stories260K"}
+
+
+def resolve_path(name_or_path: str) -> Path | str:
+    names = named_models()
+    if name_or_path in names:
+        p = names[name_or_path]
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model {name_or_path!r} not found at {p} (set SPINQUANT_MODELS for stories260k; "
+                                    f"ref-llama ships in the package: python scripts/train_reference_model.py rebuilds it)")
+        return p
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
+        return p
+    if "/" in name_or_path and not name_or_path.startswith((".", "/")):
+        return name_or_path  # hub id; only works online
+    raise FileNotFoundError(f"model {name_or_path!r}: no such folder, and not a known name ({', '.join(names)})")
+
+
+def read_model_type(path: Path | str) -> str:
+    if isinstance(path, Path):
+        return json.loads((path / "config.json").read_text()).get("model_type", "<missing>")
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path).model_type
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) in eval mode. The architecture is checked before any weight is read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_path(str(name_or_path))
+    adapter_for_model_type(read_model_type(path))  # clear error for unsupported families
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,142 @@
+"""`quantize_(model, config, calib)`: swap a model's linears for fake-quant ones, in place.
+
+Weights that need calibration (GPTQ) are processed decoder layer by decoder layer: the calibration
+activations entering layer i are produced by the already-quantized layers < i, and within a layer the
+linears go in forward order ([q,k,v] -> o -> [gate,up] -> down), so memory stays at one layer's
+activations. Activation quantizers are installed after all weights are done.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..models.adapter import FamilyAdapter, get_adapter
+from ..models.attention import use_spinquant_attention
+from .gptq import HessianAccumulator
+from .linear import KVQuantizer, QuantEmbedding, QuantLinear
+from .registry import get_weight_quantizer
+from .rtn import rtn
+from .schemes import QuantConfig
+
+SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+
+
+def _set(parent: nn.Module, path: str, module: nn.Module) -> None:
+    head, _, leaf = path.rpartition(".")
+    setattr(parent.get_submodule(head) if head else parent, leaf, module)
+
+
+def _check_shapes(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for role, lin in adapter.layer_linears(layer).items():
+            config.weight_spec_for(lin.in_features, f"layer {i} {role}_proj weight")
+            config.act.check_shape(lin.in_features, f"layer {i} {role}_proj input")
+    hd = adapter.head_dim(model)
+    config.kv.check_shape(hd, "keys/values (head_dim)")
+
+
+@torch.no_grad()
+def _capture_layer_inputs(model, adapter: FamilyAdapter, calib: torch.Tensor, batch_size: int):
+    """Run calib [n, seq] up to the first decoder layer; return per-batch (hidden, kwargs)."""
+    layers = adapter.decoder_layers(model)
+    caught = []
+
+    class Stop(Exception):
+        pass
+
+    class Catcher(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden, **kwargs):
+            caught.append((hidden, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}))
+            raise Stop
+
+    layers[0] = Catcher(layers[0])
+    try:
+        for i in range(0, calib.shape[0], batch_size):
+            try:
+                model(calib[i: i + batch_size].to(model.device), use_cache=False)
+            except Stop:
+                pass
+    finally:
+        layers[0] = layers[0].inner
+    return caught
+
+
+@torch.no_grad()
+def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress):
+    wq = get_weight_quantizer(config.method)
+    inputs = _capture_layer_inputs(model, adapter, calib, batch_size)
+    layers = adapter.decoder_layers(model)
+    for li in tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress):
+        layer = layers[li]
+        paths = adapter.linear_names()
+        for group in SEQUENTIAL_GROUPS:
+            accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
+            hooks = [layer.get_submodule(paths[r]).register_forward_hook(
+                lambda m, inp, out, r=r: accs[r].add(inp[0])) for r in group]
+            for hidden, kw in inputs:
+                layer(hidden, **kw)
+            for h in hooks:
+                h.remove()
+            for role in group:
+                lin = layer.get_submodule(paths[role])
+                qw = wq.fn(lin.weight.data.float(), config.weight_spec_for(lin.in_features),
+                           hessian=accs[role].hessian(), **config.method_options)
+                _set(layer, paths[role], QuantLinear.from_linear(lin, qw))
+            del accs
+        inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
+
+
+def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None, batch_size: int = 8,
+              progress: bool = True) -> nn.Module:
+    """Quantize `model` in place according to `config`; `calib` [n, seq] token ids for calibrated methods."""
+    adapter = get_adapter(model)
+    _check_shapes(model, adapter, config)
+    wq = get_weight_quantizer(config.method)
+    use_spinquant_attention(model)
+    layers = adapter.decoder_layers(model)
+
+    if config.weight.enabled and wq.needs_hessian:
+        if calib is None:
+            raise ValueError(f"weight quantizer {config.method!r} needs calibration data (calib token ids [n, seq])")
+        _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress)
+    else:
+        for layer in layers:
+            for role, path in adapter.linear_names().items():
+                lin = layer.get_submodule(path)
+                spec = config.weight_spec_for(lin.in_features)
+                qw = wq.fn(lin.weight.data.float(), spec, **config.method_options) if spec.enabled else None
+                _set(layer, path, QuantLinear.from_linear(lin, qw))
+
+    for layer in layers:  # activation and KV quantizers
+        for path in adapter.linear_names().values():
+            ql = layer.get_submodule(path)
+            ql.act_spec = config.act if config.act.enabled else None
+        attn = adapter.attention(layer)
+        attn.kv_quantizer = KVQuantizer(config.kv, config.kv) if config.kv.enabled else None
+
+    _quantize_embeddings(model, adapter, config)
+    model.quant_config = config
+    return model
+
+
+def _quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
+    """Embedding / lm_head at 8-bit (or whatever the config says); unties them if only one is quantized."""
+    if not (config.embed.enabled or config.lm_head.enabled):
+        return
+    if adapter.tied_embeddings(model):
+        head = adapter.head(model)
+        head.weight = nn.Parameter(head.weight.data.clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    if config.embed.enabled:
+        emb = adapter.embedding(model)
+        qw = rtn(emb.weight.data.float(), config.embed)
+        _set(model, adapter.embed, QuantEmbedding(qw, emb.padding_idx))
+    if config.lm_head.enabled:
+        head = adapter.head(model)
+        qw = rtn(head.weight.data.float(), config.lm_head)
+        _set(model, adapter.lm_head, QuantLinear.from_linear(head, qw, config.lm_head_act))

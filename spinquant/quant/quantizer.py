@@ -1,0 +1,102 @@
+"""Quantize / dequantize math shared by PTQ, activation/KV quantization and QAT.
+
+Everything reduces over the last dimension: a tensor [..., n] is viewed as [..., n_groups, g] and each
+group gets one (scale, zero). Codes live in [qmin, qmax]; `fake_quant` = dequantize(quantize(x)) with a
+clipped straight-through estimator (gradient 1 inside the representable range, 0 outside) that is also
+differentiable in `scale` (which is what LSQ-style learnable scales need).
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantSpec
+
+
+def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """[..., n] -> [..., n_groups, g] according to the granularity (tensor: one group of everything)."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "group":
+        spec.check_shape(x.shape[-1])
+        return x.reshape(*x.shape[:-1], x.shape[-1] // spec.group_size, spec.group_size)
+    return x.unsqueeze(-2)  # channel / token: one group per row
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity."""
+    return (x.round() - x).detach() + x
+
+
+def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):
+    """Scale and (float, integer-valued) zero point for ranges [xmin, xmax] (both include 0)."""
+    if spec.symmetric:
+        amax = torch.maximum(xmax.abs(), xmin.abs())
+        scale = amax / spec.qmax
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (xmax - xmin) / spec.qmax
+        zero = torch.round(-xmin / scale.clamp(min=torch.finfo(scale.dtype).tiny))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
+    return scale, zero
+
+
+def _minmax(xg: torch.Tensor, ratio: float | torch.Tensor = 1.0):
+    xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0) * ratio
+    xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0) * ratio
+    return xmin, xmax
+
+
+def fake_quant_grouped(xg: torch.Tensor, scale, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """dequant(quant(x)) on a grouped view; STE in x (clipped) and differentiable in scale (LSQ)."""
+    q = torch.clamp(round_ste(xg / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def compute_qparams(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 80, mse_min_ratio: float = 0.2,
+                    mse_norm: float = 2.0):
+    """(scale, zero) for x, each shaped like the grouped view with a trailing 1: [..., n_groups, 1].
+
+    With clip_search="mse" every group picks, among ratios clip_ratio·{1, 1-1/grid, ..., mse_min_ratio},
+    the one with the smallest sum |fq(x)-x|^mse_norm (ratio 1 is always a candidate, so never worse).
+    """
+    with torch.no_grad():
+        xg = _group_view(x, spec).float()
+        xmin, xmax = _minmax(xg, spec.clip_ratio)
+        scale, zero = qparams_from_range(xmin, xmax, spec)
+        if spec.clip_search == "mse":
+            best = (fake_quant_grouped(xg, scale, zero, spec.qmin, spec.qmax) - xg).abs().pow(mse_norm).sum(-1, keepdim=True)
+            n_steps = int(round(mse_grid * (1 - mse_min_ratio)))
+            for i in range(1, n_steps + 1):
+                r = 1 - i / mse_grid
+                s, z = qparams_from_range(xmin * r, xmax * r, spec)
+                err = (fake_quant_grouped(xg, s, z, spec.qmin, spec.qmax) - xg).abs().pow(mse_norm).sum(-1, keepdim=True)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale = torch.where(better, s, scale)
+                zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (int8 storage, values in [qmin, qmax]) with x's shape."""
+    xg = _group_view(x, spec).float()
+    q = torch.clamp(torch.round(xg / scale) + zero, spec.qmin, spec.qmax)
+    return q.to(torch.int8 if spec.qmax <= 127 else torch.int16).reshape(x.shape)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    qg = _group_view(q, spec).float()
+    return ((qg - zero) * scale).reshape(q.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """x -> dequant(quant(x)) with parameters computed from x itself (dynamic / RTN), clipped STE gradient.
+
+    Returns x unchanged when the spec is None or 16-bit, so W16A16 is exactly the FP model.
+    """
+    if spec is None or not spec.enabled:
+        return x
+    scale, zero = compute_qparams(x.detach(), spec)
+    xg = _group_view(x, spec)
+    return fake_quant_grouped(xg.float(), scale, zero, spec.qmin, spec.qmax).reshape(x.shape).to(x.dtype)

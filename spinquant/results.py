@@ -1,0 +1,72 @@
+"""The results row: one JSON object per run (schema in shared/DESIGN.md), written atomically."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .data import REPO_ROOT
+
+# keys that do not change what a run computes, excluded from the run id
+NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device")
+REQUIRED_KEYS = ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config")
+
+
+def run_id(config: dict) -> str:
+    """Stable hash of the resolved config (minus non-semantic keys)."""
+    c = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_row(row: dict, path: Path) -> None:
+    """Write JSON atomically (temp file + rename) so a killed run never leaves a half row."""
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"results row lacks required keys {missing}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(row, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class MalformedRowError(ValueError):
+    pass
+
+
+def read_rows(paths) -> list[dict]:
+    """Load rows from files or folders of *.json; a malformed row is an error naming its file."""
+    files = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no results at {p}")
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+    rows = []
+    for f in files:
+        try:
+            row = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise MalformedRowError(f"{f}: not valid JSON ({e})") from None
+        missing = [k for k in REQUIRED_KEYS if k not in row] if isinstance(row, dict) else list(REQUIRED_KEYS)
+        if missing:
+            raise MalformedRowError(f"{f}: results row lacks required keys {missing}")
+        if not isinstance(row["metrics"], dict) or not isinstance(row["metrics"].get("ppl", {}), dict):
+            raise MalformedRowError(f"{f}: 'metrics' must be an object with a 'ppl' object")
+        row["_file"] = str(f)
+        rows.append(row)
+    return rows

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+
+def make_tiny(family: str = "llama", tied: bool = False, seed: int = 0, hidden: int = 64, layers: int = 2,
+              heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128):
+    """A small random decoder of the Llama family (llama / qwen2 with q/k/v bias / mistral)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+              tie_word_embeddings=tied, attn_implementation="sdpa")
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "mistral": (MistralConfig, MistralForCausalLM)}[family]
+    model = cls[1](cls[0](**kw)).eval()
+    with torch.no_grad():  # non-trivial norms and biases so fusions and quantizers see real structure
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def stories():
+    from spinquant.models import load
+    return load("stories260k")

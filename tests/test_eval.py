@@ -1,0 +1,108 @@
+"""Perplexity against a naive float64 loop; size accounting; data errors; memory measurement."""
+import math
+
+import pytest
+import torch
+
+from spinquant.data import DataError, dataset_path, load_text, tokenize
+from spinquant.eval import PeakMemory, perplexity_of_ids, size_bits, size_on_disk
+from spinquant.kernels.packing import pack_bits, unpack_bits
+from spinquant.quant import QuantConfig, QuantSpec, quantize_
+from tests.conftest import make_tiny
+
+
+def naive_ppl(model, ids, seq_len, stride):
+    """Score each token once: token t is predicted by the window that ends earliest while containing t-1."""
+    ids = ids.reshape(-1)
+    n = ids.numel()
+    scored = set()
+    nll, count = 0.0, 0
+    starts = range(0, n - seq_len + 1, seq_len) if stride == seq_len else range(0, n - 1, stride)
+    for s in starts:
+        e = min(s + seq_len, n)
+        with torch.no_grad():
+            logits = model(ids[s:e].unsqueeze(0)).logits[0].double()
+        for j in range(s + 1, e):
+            if j in scored:
+                continue
+            scored.add(j)
+            nll -= torch.log_softmax(logits[j - s - 1], -1)[ids[j]].item()
+            count += 1
+        if e == n:
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.mark.parametrize("seq_len,stride", [(16, 16), (16, 8), (20, 5)])
+def test_perplexity_matches_naive_loop(seq_len, stride):
+    torch.manual_seed(0)
+    model = make_tiny("llama", vocab=64)
+    ids = torch.randint(0, 64, (1, 101))
+    ppl, count = naive_ppl(model, ids, seq_len, stride)
+    r = perplexity_of_ids(model, ids, seq_len, stride, batch_size=3, progress=False)
+    assert r.tokens_scored == count
+    assert r.ppl == pytest.approx(ppl, rel=1e-5)
+    if stride < seq_len:
+        assert count == 100  # every token but the first is scored exactly once
+
+
+def test_missing_data_file_and_unknown_dataset(tmp_path):
+    (tmp_path / "wikitext-2").mkdir()
+    with pytest.raises(DataError, match="missing data file for 'wikitext2'.*wiki.test.joined.txt.*SPINQUANT_DATA"):
+        dataset_path("wikitext2", root=tmp_path)
+    with pytest.raises(DataError, match="unknown dataset 'c4'"):
+        dataset_path("c4", root=tmp_path)
+
+
+def test_no_data_root_is_a_clear_error(monkeypatch, tmp_path):
+    from spinquant.data import data_root
+    monkeypatch.setenv("SPINQUANT_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="no data root found.*SPINQUANT_DATA"):
+        data_root()
+
+
+def test_empty_text_is_a_clear_error(tmp_path, stories):
+    _, tok = stories
+    f = tmp_path / "empty.txt"
+    f.write_text("\n \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_text(str(f))
+    with pytest.raises(ValueError, match="empty"):
+        tokenize(tok, "   ")
+
+
+def test_text_shorter_than_a_window_is_a_clear_error():
+    with pytest.raises(ValueError, match="fewer than one window"):
+        perplexity_of_ids(make_tiny("llama"), torch.randint(0, 128, (1, 10)), seq_len=32, progress=False)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_roundtrip(bits):
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (37, 11))
+    packed = pack_bits(codes, bits, offset=2 ** (bits - 1))
+    assert packed.numel() == math.ceil(codes.numel() * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, codes.numel(), offset=2 ** (bits - 1)).reshape(37, 11),
+                       codes.to(torch.int32))
+
+
+def test_size_counts_bits_scales_and_zeros():
+    fp = make_tiny("llama", hidden=64, intermediate=128, layers=2)
+    n_all = sum(p.numel() for p in fp.parameters())
+    assert size_bits(fp)["total_bits"] == 16 * n_all
+    cfg = QuantConfig(weight=QuantSpec(bits=4, granularity="group", group_size=32, symmetric=False))
+    q = quantize_(make_tiny("llama", hidden=64, intermediate=128, layers=2), cfg, progress=False)
+    lin = [m for m in q.modules() if hasattr(m, "qweight") and m.qweight is not None]
+    n_q = sum(m.weight.numel() for m in lin)
+    n_groups = n_q // 32
+    expected = 4 * n_q + n_groups * (16 + 4) + 16 * (n_all - n_q)
+    assert size_bits(q)["total_bits"] == expected
+    disk = size_on_disk(q)
+    assert expected / 8 <= disk < expected / 8 + 20_000  # plus the safetensors header
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory("cpu", interval=0.001) as m:
+        x = torch.ones(64 * 1024 * 1024 // 4 * 4)  # 256 MB
+        x += 1
+        del x
+    assert m.peak_delta_bytes > 150e6

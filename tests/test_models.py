@@ -1,0 +1,57 @@
+"""Loading and family adapters."""
+import json
+
+import pytest
+import torch
+
+from spinquant.models import UnsupportedModelError, get_adapter, load, supported_model_types
+from tests.conftest import make_tiny
+
+
+def test_stories260k_loads_with_its_real_shape(stories):
+    model, tok = stories
+    a = get_adapter(model)
+    assert (a.head_dim(model), a.num_heads(model), a.num_kv_heads(model)) == (8, 8, 4)
+    assert a.tied_embeddings(model)
+    assert a.layer_linears(a.decoder_layers(model)[0])["down"].in_features == 172
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == tok.bos_token_id
+    with torch.no_grad():
+        nxt = model(ids).logits[0, -1].argmax().item()
+    assert tok.decode([nxt]).strip() != ""
+
+
+def test_shipped_reference_model_shape_and_quality():
+    from spinquant.eval import perplexity
+    model, tok = load("ref-llama")
+    c = model.config
+    assert c.hidden_size == 384 and c.hidden_size & (c.hidden_size - 1) != 0  # not a power of two
+    assert c.num_key_value_heads < c.num_attention_heads and c.head_dim == 64
+    assert 10e6 < sum(p.numel() for p in model.parameters()) < 20e6
+    # a trained checkpoint, not random weights (random init would be ~vocab size = 8192)
+    assert perplexity(model, tok, "wikitext2", seq_len=512, max_windows=4, progress=False).ppl < 150
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)])
+def test_adapter_finds_every_linear(family, tied):
+    model = make_tiny(family, tied=tied)
+    a = get_adapter(model)
+    layer = a.decoder_layers(model)[0]
+    lins = a.layer_linears(layer)
+    assert set(lins) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert (lins["q"].bias is not None) == (family == "qwen2")
+    assert a.tied_embeddings(model) == tied
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match="unsupported architecture 'gpt2'.*llama"):
+        load(str(tmp_path))
+    assert {"llama", "qwen2", "mistral"} <= set(supported_model_types())
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a known name"):
+        load("no-such-model")

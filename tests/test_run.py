@@ -1,0 +1,72 @@
+"""experiments/run.py end to end (through Hydra's compose API) and the table renderer."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _cfg(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=["model=stories260k", f"results_dir={tmp_path}", "experiment_name=t",
+                                            "eval.max_windows=2", "eval.seq_len=128", "data.calib_samples=4",
+                                            "progress=false", *overrides])
+
+
+def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):
+    import make_tables
+    import run as run_mod
+
+    fp = run_mod.run(_cfg(tmp_path, "quant=w16a16"))
+    q = run_mod.run(_cfg(tmp_path, "quant=w4a4kv4_gptq"))
+    for row in (fp, q):
+        for k in ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config"):
+            assert k in row
+        assert set(row["metrics"]["ppl"]) == {"wikitext2", "wikitext2-tok", "python-docs"}
+        for k in ("size_bytes", "size_on_disk_bytes", "peak_mem_bytes", "wall_s"):
+            assert row["metrics"][k] > 0
+        assert set(row["spec"]) >= {"w_bits", "w_group", "a_bits", "kv_bits"}
+    assert q["scheme"] == "W4A4KV4" and q["method"] == {"rotation": "none", "weights": "gptq", "qat": "none"}
+    assert fp["scheme"] == "W16A16" and fp["method"]["weights"] == "none"
+    assert q["metrics"]["ppl"]["wikitext2"] > fp["metrics"]["ppl"]["wikitext2"]
+    assert q["metrics"]["size_bytes"] < 0.45 * fp["metrics"]["size_bytes"] or q["model"] == "stories260k"
+    files = sorted((tmp_path / "t").glob("*.json"))
+    assert len(files) == 2
+    mtime = files[0].stat().st_mtime_ns
+    again = run_mod.run(_cfg(tmp_path, "quant=w16a16"))
+    assert again["run_id"] == fp["run_id"] and files[0].stat().st_mtime_ns == mtime
+
+    table = make_tables.render(make_tables.read_rows([tmp_path / "t"]))
+    lines = [ln for ln in table.splitlines() if ln.startswith("| W")]
+    assert lines[0].startswith("| W16A16 | FP") and lines[1].startswith("| W4A4KV4 | gptq")
+    assert f"{q['metrics']['ppl']['wikitext2']:.2f}" in lines[1]
+
+
+def test_malformed_row_is_a_clear_error(tmp_path):
+    from spinquant.results import MalformedRowError, read_rows
+    (tmp_path / "bad.json").write_text(json.dumps({"experiment": "x", "metrics": {}}))
+    with pytest.raises(MalformedRowError, match="bad.json.*lacks required keys"):
+        read_rows([tmp_path])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MalformedRowError, match="not valid JSON"):
+        read_rows([tmp_path])
+
+
+def test_unknown_rotation_and_scheme_are_clear_errors(tmp_path):
+    import run as run_mod
+    from omegaconf import open_dict
+    cfg = _cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.rotation.name = "flatquant"
+    with pytest.raises(ValueError, match="unknown rotation 'flatquant'"):
+        run_mod.run(cfg)
+    cfg = _cfg(tmp_path)
+    with open_dict(cfg):
+        cfg.quant.scheme = "W3A3"
+    with pytest.raises(KeyError, match="unknown quantization scheme"):
+        run_mod.run(cfg)
