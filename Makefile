@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python scripts/make_tables.py results/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check spinquant qat experiments scripts tests

@@ -60,8 +60,32 @@ def dataset_path(name: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
+# named datasets that can also come from the hub when online: name -> (dataset, config, split)
+HUB_FALLBACK = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "test")}
+
+
+def _from_hub(name: str) -> str | None:
+    """The papers' text ("\\n\\n".join of the rows) from the hub, or None when offline / unavailable."""
+    if name not in HUB_FALLBACK or os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        from datasets import load_dataset
+        ds = load_dataset(*HUB_FALLBACK[name][:2], split=HUB_FALLBACK[name][2])
+        return "\n\n".join(ds["text"])
+    except Exception:  # noqa: BLE001 - offline or no datasets: fall back to the clear local error
+        return None
+
+
 def load_text(name: str, root: str | os.PathLike | None = None) -> str:
-    text = dataset_path(name, root).read_text(encoding="utf-8")
+    """Text of a named dataset (local file under the data root; `wikitext2` from the hub if missing and online)."""
+    try:
+        path = dataset_path(name, root)
+    except DataError:
+        text = _from_hub(name)
+        if text is None:
+            raise
+        return text
+    text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"dataset {name!r} is empty: nothing to evaluate or calibrate on")
     return text
@@ -83,11 +107,14 @@ _TOKEN_CACHE: dict = {}
 def tokenize_dataset(tokenizer, name: str, root=None, add_bos: bool = True) -> torch.Tensor:
     """tokenize(load_text(name)) memoised per (tokenizer, file, mtime) within the process: a sweep in one
     process tokenizes each text once."""
-    path = dataset_path(name, root)
-    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), str(path), path.stat().st_mtime_ns,
-           add_bos)
+    try:
+        path = dataset_path(name, root)
+        source = (str(path), path.stat().st_mtime_ns)
+    except DataError:
+        path, source = None, ("hub", name)  # load_text below tries the hub, or raises the clear error
+    key = (getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer), *source, add_bos)
     if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = tokenize(tokenizer, load_text(str(path)), add_bos=add_bos)
+        _TOKEN_CACHE[key] = tokenize(tokenizer, load_text(str(path) if path else name, root), add_bos=add_bos)
     return _TOKEN_CACHE[key]
 
 

@@ -106,3 +106,17 @@ def test_peak_memory_sees_an_allocation():
         x += 1
         del x
     assert m.peak_delta_bytes > 150e6
+
+
+def test_activation_statistics_against_scipy_and_planted_outlier():
+    from scipy.stats import kurtosis
+
+    from spinquant.eval.activations import activation_stats, summarize
+    x = torch.randn(500, 32)
+    x[:, 7] *= 40  # a planted outlier channel
+    s = summarize(x)
+    assert s["kurtosis"] == pytest.approx(kurtosis(x.reshape(-1).numpy().astype("float64"), fisher=False), rel=1e-6)
+    assert s["top_channels"][0] == 7 and s["channel_max_ratio"] > 10
+    stats = activation_stats(make_tiny("llama", layers=2), torch.randint(0, 128, (4, 16)))
+    assert [(r["layer"], r["input"]) for r in stats][:4] == [(0, "down"), (0, "gate_up"), (0, "o"), (0, "qkv")]
+    assert len(stats) == 8

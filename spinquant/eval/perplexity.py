@@ -70,12 +70,12 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
             groups = [chunk]
         for g in groups:
             x = torch.stack([ids[s:e] for s, e, _ in g]).to(device)
-            logits = model(x, use_cache=False).logits.float()
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
-            tgt_lp = logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)  # [b, L-1]; index j predicts token j+1
+            logits = model(x, use_cache=False).logits[:, :-1]
+            tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                                      reduction="none").view(x.shape[0], -1)  # [b, L-1]; j predicts token j+1
             for row, (_, _, first) in enumerate(g):
-                nll -= tgt_lp[row, first - 1:].double().sum().item()
-                count += tgt_lp.shape[1] - (first - 1)
+                nll += tok_nll[row, first - 1:].double().sum().item()
+                count += tok_nll.shape[1] - (first - 1)
     return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride)
 
 
