@@ -27,6 +27,12 @@ def _set(parent: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent.get_submodule(head) if head else parent, leaf, module)
 
 
+def _weight_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the weight multiplies: the input after the module's online transform, if it has one."""
+    t = getattr(module, "input_transform", None)
+    return t(x) if t is not None else x
+
+
 def _check_shapes(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for role, lin in adapter.layer_linears(layer).items():
@@ -77,7 +83,7 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
         for group in SEQUENTIAL_GROUPS:
             accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
             hooks = [layer.get_submodule(paths[r]).register_forward_hook(
-                lambda m, inp, out, r=r: accs[r].add(inp[0])) for r in group]
+                lambda m, inp, out, r=r: accs[r].add(_weight_input(m, inp[0]))) for r in group]
             for hidden, kw in inputs:
                 layer(hidden, **kw)
             for h in hooks:

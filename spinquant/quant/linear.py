@@ -38,7 +38,9 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, qweight: QuantizedWeight | None, act_spec: QuantSpec | None = None):
         w = linear.weight.data if qweight is None else qweight.dequantize(linear.weight.dtype)
         b = None if linear.bias is None else linear.bias.data.clone()
-        return cls(qweight, w.to(linear.weight.device), b, act_spec)
+        q = cls(qweight, w.to(linear.weight.device), b, act_spec)
+        q.input_transform = getattr(linear, "input_transform", None)  # keep an online rotation (R4)
+        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:

@@ -1,7 +1,10 @@
-"""Rotations (QuaRot / SpinQuant). Only `none` is available in this version; see the rotations issue."""
+"""Rotations: `none` and `quarot` (random Hadamard R1/R2 + online R3/R4). SpinQuant (learned R1/R2) is
+not implemented yet."""
 from __future__ import annotations
 
-ROTATIONS = {"none": lambda model, cfg, calib=None: model}
+from .quarot import quarot
+
+ROTATIONS = {"none": lambda model, cfg, calib=None: model, "quarot": quarot}
 
 
 def apply(model, cfg, calib=None):

@@ -1,0 +1,100 @@
+"""Rotations are exact in full precision: logits before == after each fusion step (float64)."""
+import pytest
+import torch
+
+from spinquant.quant import QuantConfig, QuantLinear, QuantSpec, preset, quantize_
+from spinquant.rotation.fuse import add_down_hadamard, add_qk_hadamard, fuse_norms, rotate_heads, rotate_residual
+from spinquant.rotation.hadamard import random_hadamard
+from spinquant.rotation.online import OnlineHadamard, block_sizes
+from tests.conftest import make_tiny
+
+
+def random_orthogonal(n, seed):
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family,tied,intermediate", [("llama", False, 128), ("llama", True, 128),
+                                                      ("qwen2", False, 128), ("mistral", True, 172)])
+def test_every_rotation_step_preserves_the_function(family, tied, intermediate):
+    model = make_tiny(family, tied=tied, hidden=48, heads=4, kv_heads=2, intermediate=intermediate).double()
+    ids = torch.randint(0, 128, (2, 24))
+    ref = _logits(model, ids)
+    emb_before = model.model.embed_tokens.weight.clone()
+
+    def same(tag):
+        # HF's RMSNorm computes in float32 even in a float64 model, so agreement is ~1e-7, not 1e-15
+        out = _logits(model, ids)
+        assert (out - ref).abs().max() < 1e-6 * ref.abs().max(), (tag, (out - ref).abs().max())
+
+    fuse_norms(model)
+    assert torch.all(model.model.layers[0].input_layernorm.weight == 1)
+    same("fuse_norms")
+    rotate_residual(model, random_hadamard(48, seed=1))  # 48 = 12·4: a non-power-of-two Hadamard
+    same("R1")
+    assert not torch.allclose(model.model.embed_tokens.weight, emb_before)
+    rotate_heads(model, [random_orthogonal(12, seed=i) for i in range(2)])
+    same("R2")
+    add_qk_hadamard(model, fallback="block_diagonal")  # head_dim 12
+    same("R3")
+    add_down_hadamard(model, fallback="block_diagonal")  # 172 -> blocks
+    same("R4")
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    quantize_(model, preset("W16A16"), progress=False)
+    assert model.model.layers[0].mlp.down_proj.input_transform is not None
+    same("W16A16 after rotation")
+
+
+def test_rotation_then_quantization_keeps_online_transforms_and_gptq_sees_them():
+    torch.manual_seed(0)
+    model = make_tiny("llama", hidden=64, intermediate=128)
+    fuse_norms(model)
+    rotate_residual(model, random_hadamard(64, seed=0).float())
+    add_qk_hadamard(model)
+    add_down_hadamard(model)
+    ref = _logits(model, torch.randint(0, 128, (2, 16)))
+    cfg = QuantConfig.from_dict({"scheme": "W8A8", "method": "gptq"})
+    quantize_(model, cfg, calib=torch.randint(0, 128, (8, 32)), progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down.input_transform, OnlineHadamard) and down.qweight is not None
+    out = _logits(model, torch.randint(0, 128, (2, 16)))
+    assert out.shape == ref.shape
+
+
+def test_rotating_an_already_quantized_model_is_an_error():
+    model = quantize_(make_tiny("llama"), QuantConfig(weight=QuantSpec(bits=4)), progress=False)
+    with pytest.raises(ValueError, match="rotate before quantizing"):
+        add_down_hadamard(model)
+
+
+def test_block_diagonal_fallback_is_orthogonal_and_explicit():
+    from spinquant.rotation.hadamard import UnsupportedHadamardSize
+    assert block_sizes(172) == [168, 4] and sum(block_sizes(1000)) == 1000
+    h = OnlineHadamard(172, fallback="block_diagonal")
+    M = h.matrix()
+    assert torch.allclose(M @ M.T, torch.eye(172, dtype=torch.float64), atol=1e-12)
+    x = torch.randn(3, 172, dtype=torch.float64)
+    assert torch.allclose(h(x), x @ M, atol=1e-12)
+    with pytest.raises(UnsupportedHadamardSize, match="172"):
+        OnlineHadamard(172)
+
+
+def test_quarot_is_exact_and_unsupported_sizes_fail_before_touching_the_model(stories):
+    from spinquant import rotation
+    from spinquant.models import load
+    from spinquant.rotation.hadamard import UnsupportedHadamardSize
+    model, _ = load("stories260k")
+    ids = torch.randint(3, 512, (2, 32))
+    ref = _logits(model, ids)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedHadamardSize, match="172"):  # stories260K's MLP width
+        rotation.apply(model, {"name": "quarot", "fallback": "error"})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rotation.apply(model, {"name": "quarot", "fallback": "block_diagonal", "seed": 0})
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
