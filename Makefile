@@ -30,7 +30,7 @@ lint: $(STAMP)
 
 # Re-render the committed tables from the committed rows.
 tables: $(STAMP)
-	$(BIN)/python scripts/make_tables.py paper/results/demo paper/results/demo_stories260k --out paper/demo_table.md
+	$(BIN)/python scripts/make_tables.py paper/results/foundation --out paper/foundation_table.md
 
 clean:
 	rm -rf $(VENV) results outputs multirun

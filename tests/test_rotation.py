@@ -98,3 +98,32 @@ def test_quarot_is_exact_and_unsupported_sizes_fail_before_touching_the_model(st
     rotation.apply(model, {"name": "quarot", "fallback": "block_diagonal", "seed": 0})
     out = _logits(model, ids)
     assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_spinquant_learns_orthogonal_rotations_keeps_fp_function_and_reuses_them(tmp_path):
+    from spinquant import rotation
+    from spinquant.rotation.cayley import orthogonality_error
+    from spinquant.rotation.spinquant import load_rotations
+    ids = torch.randint(0, 128, (2, 24))
+    calib = torch.randint(0, 128, (16, 32))
+    model = make_tiny("llama", hidden=48, intermediate=128)
+    ref = _logits(model, ids)
+    cfg = {"name": "spinquant", "steps": 10, "lr": 1.0, "seed": 0, "progress": False,
+           "train_quant": {"scheme": "W4A4KV4"}, "save": str(tmp_path / "rot.pt")}
+    rotation.apply(model, cfg, calib)
+    st = model.spinquant_stats
+    assert st["orthogonality_error"] < 1e-4 and len(st["losses"]) == 10
+    out = _logits(model, ids)  # no quantization applied yet: the rotated model computes the same function
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+    again = make_tiny("llama", hidden=48, intermediate=128)
+    rotation.apply(again, {"name": "spinquant", "load": str(tmp_path / "rot.pt"), "seed": 0})
+    assert torch.allclose(_logits(again, ids), out, atol=1e-5)
+    R1, R2s = load_rotations(tmp_path / "rot.pt", make_tiny("llama", hidden=48, intermediate=128))
+    assert orthogonality_error(R1) < 1e-4 and len(R2s) == 2
+    with pytest.raises(ValueError, match="saved for another model.*embedding_sha"):
+        rotation.apply(make_tiny("llama", hidden=48, intermediate=128, seed=1), {"name": "spinquant",
+                                                                               "load": str(tmp_path / "rot.pt")})
+    with pytest.raises(ValueError, match="saved for another model.*hidden"):
+        load_rotations(tmp_path / "rot.pt", make_tiny("llama", hidden=64))
+

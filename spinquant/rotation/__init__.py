@@ -1,10 +1,10 @@
-"""Rotations: `none` and `quarot` (random Hadamard R1/R2 + online R3/R4). SpinQuant (learned R1/R2) is
-not implemented yet."""
+"""Rotations: `none`, `quarot` (random Hadamard R1/R2 + online R3/R4), `spinquant` (learned R1/R2)."""
 from __future__ import annotations
 
 from .quarot import quarot
+from .spinquant import spinquant
 
-ROTATIONS = {"none": lambda model, cfg, calib=None: model, "quarot": quarot}
+ROTATIONS = {"none": lambda model, cfg, calib=None: model, "quarot": quarot, "spinquant": spinquant}
 
 
 def apply(model, cfg, calib=None):

@@ -1,0 +1,167 @@
+"""SpinQuant: learn R1 (residual) and R2 (per head) with Cayley SGD, then fuse them (Liu et al. 2024).
+
+The loss is next-token cross-entropy of the model with activations / KV (and, if asked, weights) fake-
+quantized at the target spec; the FP weights stay frozen and are rotated on the fly from the current
+R1/R2 (`torch.func.functional_call`), so gradients reach only the rotations. R3/R4 are online Hadamards
+as in QuaRot. Rotations start from random Hadamards and stay orthogonal (Cayley retraction). Learned
+rotations can be saved and reused; a file saved for another model is rejected.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models.adapter import get_adapter
+from ..quant.apply import quantize_
+from ..quant.quantizer import fake_quantize
+from ..quant.schemes import QuantConfig
+from .cayley import CayleySGD, orthogonality_error
+from .fuse import add_down_hadamard, add_qk_hadamard, fuse_norms, rotate_heads, rotate_residual
+from .online import OnlineHadamard, random_orthogonal_hadamard
+
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model) -> dict:
+    """Shape facts plus a hash of the embedding table, to refuse rotations learned on another model."""
+    a = get_adapter(model)
+    emb = a.embedding(model).weight.detach().float()
+    digest = hashlib.sha256(emb[: min(64, emb.shape[0])].contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"model_type": model.config.model_type, "hidden": model.config.hidden_size, "head_dim": a.head_dim(model),
+            "layers": len(a.decoder_layers(model)), "vocab": emb.shape[0], "embedding_sha": digest}
+
+
+def save_rotations(path, R1: torch.Tensor, R2s: list[torch.Tensor], fingerprint: dict, meta: dict | None = None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": FORMAT_VERSION, "R1": R1.cpu(), "R2": [r.cpu() for r in R2s],
+                "fingerprint": fingerprint, "meta": meta or {}}, path)
+
+
+def load_rotations(path, model) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(R1, R2s) from a file saved by `save_rotations`, checked against `model` (before any fusion)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rotation file {path} does not exist")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a spinquant rotation file (format_version {FORMAT_VERSION} expected)")
+    want, got = model_fingerprint(model), blob["fingerprint"]
+    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if diff:
+        raise ValueError(f"{path} was saved for another model: mismatched {', '.join(f'{k} (file {a!r} vs model {b!r})' for k, (a, b) in diff.items())}")
+    return blob["R1"], blob["R2"]
+
+
+def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
+    """{param name: rotated (and optionally fake-quantized) weight} for functional_call."""
+    a = get_adapter(model)
+    out = {}
+    hd = a.head_dim(model)
+
+    def wq(W):
+        return fake_quantize(W, weight_spec) if weight_spec is not None and weight_spec.enabled else W
+
+    out[a.embed + ".weight"] = base[a.embed + ".weight"] @ R1
+    out[a.lm_head + ".weight"] = base[a.lm_head + ".weight"] @ R1  # lm_head stays 16-bit
+    for i, R2 in enumerate(R2s):
+        pre = f"{a.layers}.{i}."
+        names = a.linear_names()
+        for role in ("q", "k", "gate", "up"):
+            out[pre + names[role] + ".weight"] = wq(base[pre + names[role] + ".weight"] @ R1)
+        Wv = base[pre + names["v"] + ".weight"] @ R1
+        out[pre + names["v"] + ".weight"] = wq((R2.T @ Wv.reshape(-1, hd, Wv.shape[1])).reshape(Wv.shape))
+        vb = pre + names["v"] + ".bias"
+        if vb in base:
+            out[vb] = (base[vb].reshape(-1, hd) @ R2).reshape(-1)
+        Wo = base[pre + names["o"] + ".weight"]
+        Wo = (Wo.reshape(Wo.shape[0], -1, hd) @ R2).reshape(Wo.shape)
+        out[pre + names["o"] + ".weight"] = wq(R1.T @ Wo)
+        out[pre + names["down"] + ".weight"] = wq(R1.T @ base[pre + names["down"] + ".weight"])
+        for role in ("o", "down"):
+            b = pre + names[role] + ".bias"
+            if b in base:
+                out[b] = base[b] @ R1
+    return out
+
+
+def spinquant(model, cfg: dict, calib: torch.Tensor | None = None):
+    """Rotate `model` in place with learned R1/R2. cfg keys (defaults from the SpinQuant recipe):
+    steps 100, lr 1.5, batch_size 1, seed, fallback, r3, r4, train_quant (a quant config dict, e.g.
+    {scheme: W4A4KV4, weight: {bits: 16}} for W16A4KV4 when GPTQ follows), load (a saved rotation file
+    to reuse instead of training), save (where to write the learned rotations), progress."""
+    a = get_adapter(model)
+    seed, fallback = int(cfg.get("seed", 0)), cfg.get("fallback", "error")
+    hidden, hd = model.config.hidden_size, a.head_dim(model)
+    n_layers = len(a.decoder_layers(model))
+    inter = a.layer_linears(a.decoder_layers(model)[0])["down"].in_features
+    for n in (hidden, hd, inter):
+        OnlineHadamard(n, fallback)
+    fingerprint = model_fingerprint(model)
+
+    if cfg.get("load"):
+        R1, R2s = load_rotations(cfg["load"], model)
+        stats = {"loaded_from": str(cfg["load"])}
+    else:
+        if calib is None:
+            raise ValueError("spinquant needs calibration token ids to learn rotations (or rotation.load=<file>)")
+        R1, R2s, stats = _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers)
+        if cfg.get("save"):
+            save_rotations(cfg["save"], R1, R2s, fingerprint, stats)
+    fuse_norms(model)
+    rotate_residual(model, R1.double())
+    rotate_heads(model, [r.double() for r in R2s])
+    if cfg.get("r3", True):
+        add_qk_hadamard(model, fallback)
+    if cfg.get("r4", True):
+        add_down_hadamard(model, fallback)
+    model.spinquant_stats = stats
+    return model
+
+
+def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
+    import copy
+    torch.manual_seed(seed)
+    work = copy.deepcopy(model)  # a scratch copy carries the training-time quantizers
+    fuse_norms(work)
+    if cfg.get("r3", True):
+        add_qk_hadamard(work, fallback)
+    if cfg.get("r4", True):
+        add_down_hadamard(work, fallback)
+    tq = QuantConfig.from_dict(dict(cfg.get("train_quant") or {"scheme": "W4A4KV4"}))
+    weight_spec = tq.weight
+    quantize_(work, QuantConfig(act=tq.act, kv=tq.kv), progress=False)  # activation / KV quantizers only
+    for p in work.parameters():
+        p.requires_grad_(False)
+    base = {k: v.detach() for k, v in work.named_parameters()}
+    device = next(work.parameters()).device
+    R1 = nn.Parameter(random_orthogonal_hadamard(hidden, seed, fallback).float().to(device))
+    R2s = [nn.Parameter(random_orthogonal_hadamard(hd, seed + 1 + i, fallback).float().to(device))
+           for i in range(n_layers)]
+    opt = CayleySGD([R1, *R2s], lr=float(cfg.get("lr", 1.5)))
+    steps, bs = int(cfg.get("steps", 100)), int(cfg.get("batch_size", 1))
+    g = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.time()
+    bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True))
+    for _ in bar:
+        idx = torch.randint(0, calib.shape[0], (bs,), generator=g)
+        x = calib[idx].to(device)
+        params = _rotated_params(work, base, R1, R2s, weight_spec)
+        logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    err = max(orthogonality_error(R) for R in [R1, *R2s])
+    stats = {"steps": steps, "lr": float(cfg.get("lr", 1.5)), "train_s": time.time() - t0, "loss_first": losses[0],
+             "loss_last": losses[-1], "losses": losses, "orthogonality_error": err, "train_quant": tq.to_dict()}
+    del work
+    return R1.detach(), [r.detach() for r in R2s], stats
