@@ -81,6 +81,8 @@ def run(cfg: DictConfig) -> dict:
         metrics["size_on_disk_bytes"] = size_on_disk(model)
         metrics["fp16_size_bytes"] = fp16_size_bits(model) // 8
     metrics.update(wall_s=time.time() - t0, quant_s=quant_s, rotation_s=rotation_s)
+    if hasattr(model, "spinquant_stats"):
+        metrics["rotation_train"] = model.spinquant_stats
 
     w = qcfg.weight
     row = {

@@ -15,9 +15,17 @@ NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device")
 REQUIRED_KEYS = ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config")
 
 
+def _semantic(c):
+    if isinstance(c, dict):
+        return {k: _semantic(v) for k, v in c.items() if k not in NON_SEMANTIC}
+    if isinstance(c, list):
+        return [_semantic(v) for v in c]
+    return c
+
+
 def run_id(config: dict) -> str:
-    """Stable hash of the resolved config (minus non-semantic keys)."""
-    c = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    """Stable hash of the resolved config, minus non-semantic keys at any depth (progress bars, paths)."""
+    c = _semantic(config)
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

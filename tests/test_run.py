@@ -70,3 +70,11 @@ def test_unknown_rotation_and_scheme_are_clear_errors(tmp_path):
         cfg.quant.scheme = "W3A3"
     with pytest.raises(KeyError, match="unknown quantization scheme"):
         run_mod.run(cfg)
+
+
+def test_run_id_ignores_display_and_path_keys_at_any_depth():
+    from spinquant.results import run_id
+    a = {"seed": 0, "progress": True, "results_dir": "x", "rotation": {"name": "spinquant", "progress": True}}
+    b = {"seed": 0, "progress": False, "results_dir": "y", "rotation": {"name": "spinquant", "progress": False}}
+    assert run_id(a) == run_id(b)
+    assert run_id(a) != run_id({**a, "seed": 1})
