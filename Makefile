@@ -30,7 +30,8 @@ lint: $(STAMP)
 
 # Re-render the committed tables from the committed rows.
 tables: $(STAMP)
-	$(BIN)/python scripts/make_tables.py paper/results/foundation --out paper/foundation_table.md
+	$(BIN)/python scripts/make_tables.py paper/results/foundation --out paper/foundation_table.md \
+		--splice README.md:foundation_table
 
 clean:
 	rm -rf $(VENV) results outputs multirun

@@ -23,18 +23,27 @@ def _method(row) -> str:
     return "+".join(parts) if parts else "FP"
 
 
+METHOD_RANK = {"FP": 0, "rtn": 1, "gptq": 2}
+
+
+def _fallback(row) -> bool:
+    return bool(row["spec"].get("w_group")) and row.get("quant", {}).get("group_fallback") == "channel"
+
+
 def _spec(row) -> str:
     s = row["spec"]
     if s.get("w_bits", 16) >= 16:
-        w = "-"
-    else:
-        w = f"g{s['w_group']}" if s.get("w_group") else "per-ch"
-    return w
+        return "-"
+    if not s.get("w_group"):
+        return "per-ch"
+    return f"g{s['w_group']}" + ("*" if _fallback(row) else "")
 
 
 def _sort_key(row):
     s = row["spec"]
-    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")), _method(row))
+    m = _method(row)
+    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")),
+            METHOD_RANK.get(m.split("+")[-1], 9), m)
 
 
 def render(rows: list[dict]) -> str:
@@ -59,6 +68,9 @@ def render(rows: list[dict]) -> str:
             fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
             cells.append(f"{size / fps:.3f}" if size and fps else "–")
             lines.append("| " + " | ".join(cells) + " |")
+        if any(_fallback(r) for r in mrows):
+            lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "
+                          "(`quant.group_fallback=channel`)."]
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -67,6 +79,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results folders or row files")
     p.add_argument("--out", type=Path, help="write the Markdown here too")
+    p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER",
+                   help="replace the text between <!-- BEGIN MARKER --> and <!-- END MARKER --> in FILE")
     args = p.parse_args(argv)
     rows = read_rows(args.paths)
     if not rows:
@@ -76,6 +90,18 @@ def main(argv=None):
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    for target in args.splice:
+        splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
+
+
+def splice(path: Path, marker: str, text: str) -> None:
+    """Put `text` between the BEGIN/END marker comments of `path` (clear error if they are missing)."""
+    begin, end = f"<!-- BEGIN {marker} -->", f"<!-- END {marker} -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to splice the table into")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
