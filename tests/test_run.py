@@ -78,3 +78,16 @@ def test_run_id_ignores_display_and_path_keys_at_any_depth():
     b = {"seed": 0, "progress": False, "results_dir": "y", "rotation": {"name": "spinquant", "progress": False}}
     assert run_id(a) == run_id(b)
     assert run_id(a) != run_id({**a, "seed": 1})
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "configs" / "quant").glob("*.yaml")))
+def test_every_quant_config_composes_into_its_preset(tmp_path, option):
+    from omegaconf import OmegaConf
+
+    from spinquant.quant import QuantConfig
+    cfg = _cfg(tmp_path, f"quant={option}")
+    q = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
+    base = option.removesuffix("_gptq")
+    assert q.method == ("gptq" if option.endswith("_gptq") else "rtn")
+    assert q.scheme.lower().replace("-", "_") == base
+    assert q.label().startswith(f"W{q.weight.bits}A{q.act.bits}")
