@@ -57,7 +57,8 @@ def render(rows: list[dict]) -> str:
         head = ["Scheme", "Method", "W groups"] + [f"PPL {d}" for d in datasets]
         head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
         head += ["Size (MB)", "× FP size"]
-        lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+        rule = "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"
+        lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", rule]
         for r in mrows:
             ppl = r["metrics"]["ppl"]
             cells = [r["scheme"], _method(r), _spec(r)] + [f"{ppl[d]:.2f}" if d in ppl else "–" for d in datasets]

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from spinquant.rotation.hadamard import (UnsupportedHadamardSize, base_matrix, fwht, hadamard, is_supported,
-                                         random_hadamard)
+from spinquant.rotation.hadamard import UnsupportedHadamardSize, base_matrix, fwht, hadamard, is_supported, random_hadamard
 
 # orders named in the rotations issue that Paley / Sylvester / Kronecker reach (156, 172 need Williamson)
 BASES = [12, 20, 28, 36, 40, 52, 60, 76, 108, 140, 148]

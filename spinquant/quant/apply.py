@@ -83,7 +83,7 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
         for group in SEQUENTIAL_GROUPS:
             accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
             hooks = [layer.get_submodule(paths[r]).register_forward_hook(
-                lambda m, inp, out, r=r: accs[r].add(_weight_input(m, inp[0]))) for r in group]
+                lambda m, inp, out, r=r, accs=accs: accs[r].add(_weight_input(m, inp[0]))) for r in group]
             for hidden, kw in inputs:
                 layer(hidden, **kw)
             for h in hooks:
@@ -93,7 +93,6 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
                 qw = wq.fn(lin.weight.data.float(), config.weight_spec_for(lin.in_features),
                            hessian=accs[role].hessian(), **config.method_options)
                 _set(layer, paths[role], QuantLinear.from_linear(lin, qw))
-            del accs
         inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
 
 

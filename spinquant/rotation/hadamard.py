@@ -16,7 +16,6 @@ import math
 
 import torch
 
-
 # ---- finite fields GF(p^k) --------------------------------------------------------------------------------
 
 def _prime_power(q: int) -> tuple[int, int] | None:

@@ -55,7 +55,8 @@ def load_rotations(path, model) -> tuple[torch.Tensor, list[torch.Tensor]]:
     want, got = model_fingerprint(model), blob["fingerprint"]
     diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
     if diff:
-        raise ValueError(f"{path} was saved for another model: mismatched {', '.join(f'{k} (file {a!r} vs model {b!r})' for k, (a, b) in diff.items())}")
+        what = ", ".join(f"{k} (file {a!r} vs model {b!r})" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was saved for another model: mismatched {what}")
     return blob["R1"], blob["R2"]
 
 
