@@ -91,3 +91,16 @@ def test_every_quant_config_composes_into_its_preset(tmp_path, option):
     assert q.method == ("gptq" if option.endswith("_gptq") else "rtn")
     assert q.scheme.lower().replace("-", "_") == base
     assert q.label().startswith(f"W{q.weight.bits}A{q.act.bits}")
+
+
+def test_committed_table_and_readme_are_rendered_from_the_committed_rows():
+    import make_tables
+    rows = make_tables.read_rows([ROOT / "paper" / "results" / "foundation"])
+    assert {r["model"] for r in rows} == {"ref-llama", "stories260k"} and len(rows) == 16
+    text = make_tables.render(rows)
+    assert (ROOT / "paper" / "foundation_table.md").read_text() == text
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- BEGIN foundation_table -->\n", 1)[1].split("<!-- END foundation_table -->", 1)[0]
+    assert block == text
+    fp = next(r for r in rows if r["model"] == "ref-llama" and r["scheme"] == "W16A16")
+    assert f"{fp['metrics']['ppl']['wikitext2']:.2f}" in readme.split("## Results")[0]  # reported FP ppl
