@@ -23,7 +23,8 @@ def test_base_orders_are_hadamard(m):
     assert torch.equal(H @ H.T, m * torch.eye(m, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("n", [m * 2**k for m in BASES for k in (0, 3)] + [2**k for k in range(0, 11)])
+# 1904 = 28·68 and 3952 = 52·76 need two Paley bases: the dense matrix and the FWHT must use the same order
+@pytest.mark.parametrize("n", [m * 2**k for m in BASES for k in (0, 3)] + [2**k for k in range(0, 11)] + [1904, 3952])
 def test_fwht_matches_dense_product(n):
     x = torch.randn(3, 2, n, dtype=torch.float64)
     ref = x @ hadamard(n) / math.sqrt(n)

@@ -217,13 +217,15 @@ def base_matrix(m: int) -> torch.Tensor:
     return H
 
 
-def hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
-    """Dense ±1 Hadamard matrix H_n = H_{2^k} ⊗ H_m (⊗ H_m2), shape [n, n]."""
+def _kron_factors(n: int) -> list[int]:
+    """Factor orders of H_n in Kronecker order: H_n = H_{b1} ⊗ [H_{b2} ⊗] H_{2^k} (shared by hadamard and fwht)."""
     r = _check(n)
-    H = torch.ones(1, 1, dtype=torch.float64)
-    for f in reversed(r):  # x @ H with H = H_base ⊗ H_pow2: the power-of-two factor is the inner (fast) one
-        H = torch.kron(H, base_matrix(f)) if H.numel() > 1 else base_matrix(f)
-    return H.to(dtype)
+    return [*r[1:], r[0]]
+
+
+def hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
+    """Dense ±1 Hadamard matrix H_n = H_base (⊗ H_base2) ⊗ H_{2^k}, shape [n, n]."""
+    return functools.reduce(torch.kron, [base_matrix(f) for f in _kron_factors(n)]).to(dtype)
 
 
 def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
@@ -242,9 +244,7 @@ def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
 def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """x [..., n] -> x @ H_n (divided by sqrt(n) if normalize: an orthogonal transform), O(n log n)."""
     n = x.shape[-1]
-    r = _check(n)
-    p = r[0]
-    bases = r[1:]
+    *bases, p = _kron_factors(n)
     if not bases:
         y = _fwht_pow2(x)
     else:
