@@ -129,3 +129,20 @@ def test_spinquant_learns_orthogonal_rotations_keeps_fp_function_and_reuses_them
     with pytest.raises(ValueError, match="saved for another model.*hidden"):
         load_rotations(tmp_path / "rot.pt", make_tiny("llama", hidden=64))
 
+
+
+def test_spinquant_functional_rotation_equals_in_place_fusion():
+    from spinquant.rotation.spinquant import _rotated_params
+    a_model = make_tiny("qwen2", hidden=48, intermediate=128).double()  # biases on q/k/v
+    b_model = make_tiny("qwen2", hidden=48, intermediate=128).double()
+    fuse_norms(a_model)
+    fuse_norms(b_model)
+    R1, R2s = random_orthogonal(48, 0), [random_orthogonal(12, i + 1) for i in range(2)]
+    base = {k: v.detach() for k, v in b_model.named_parameters()}
+    functional = _rotated_params(b_model, base, R1, R2s, weight_spec=None)
+    rotate_residual(a_model, R1)
+    rotate_heads(a_model, R2s)
+    in_place = dict(a_model.named_parameters())
+    assert len(functional) > 10
+    for name, value in functional.items():
+        assert torch.allclose(value, in_place[name], atol=1e-12), name

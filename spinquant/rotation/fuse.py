@@ -31,6 +31,32 @@ def _update(mod: nn.Module, name: str, fn) -> None:
     p.data = fn(p.data.double()).to(p.dtype)
 
 
+# ---- the rotation formulas, as pure functions (used in place here and functionally by SpinQuant) ----
+
+def rotate_reader(W: torch.Tensor, R1: torch.Tensor) -> torch.Tensor:
+    """A linear reading the residual stream (or the embedding table): W ← W R1."""
+    return W @ R1
+
+
+def rotate_writer(W: torch.Tensor, R1: torch.Tensor) -> torch.Tensor:
+    """A linear writing to the residual stream: W ← R1ᵀ W (its bias: `rotate_reader(b, R1)`)."""
+    return R1.T @ W
+
+
+def rotate_v_heads(W: torch.Tensor, R2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """v_proj weight [kv_heads·hd, in]: each head's rows ← R2ᵀ W_h."""
+    return (R2.T @ W.reshape(-1, head_dim, W.shape[1])).reshape(W.shape)
+
+
+def rotate_v_bias(b: torch.Tensor, R2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (b.reshape(-1, head_dim) @ R2).reshape(-1)
+
+
+def rotate_o_heads(W: torch.Tensor, R2: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj weight [out, heads·hd]: each head's columns ← W_h R2."""
+    return (W.reshape(W.shape[0], -1, head_dim) @ R2).reshape(W.shape)
+
+
 def untie_embeddings(model) -> None:
     a = get_adapter(model)
     if a.tied_embeddings(model):
@@ -63,15 +89,15 @@ def rotate_residual(model, R1: torch.Tensor) -> None:
     """Apply R1 [hidden, hidden] (orthogonal) to the residual stream; requires fuse_norms first."""
     a = get_adapter(model)
     R = R1.double()
-    _update(a.embedding(model), "weight", lambda E: E @ R)
+    _update(a.embedding(model), "weight", lambda E: rotate_reader(E, R))
     for layer in a.decoder_layers(model):
         lins = a.layer_linears(layer)
         for role in ("q", "k", "v", "gate", "up"):
-            _update(lins[role], "weight", lambda W: W @ R)
+            _update(lins[role], "weight", lambda W: rotate_reader(W, R))
         for role in ("o", "down"):
-            _update(lins[role], "weight", lambda W: R.T @ W)
-            _update(lins[role], "bias", lambda b: b @ R)
-    _update(a.head(model), "weight", lambda W: W @ R)
+            _update(lins[role], "weight", lambda W: rotate_writer(W, R))
+            _update(lins[role], "bias", lambda b: rotate_reader(b, R))
+    _update(a.head(model), "weight", lambda W: rotate_reader(W, R))
 
 
 @torch.no_grad()
@@ -83,9 +109,9 @@ def rotate_heads(model, R2s: list[torch.Tensor]) -> None:
         R = R2.double()
         lins = a.layer_linears(layer)
         v, o = lins["v"], lins["o"]
-        _update(v, "weight", lambda W: (R.T @ W.reshape(-1, hd, W.shape[1])).reshape(W.shape))
-        _update(v, "bias", lambda b: (b.reshape(-1, hd) @ R).reshape(-1))
-        _update(o, "weight", lambda W: (W.reshape(W.shape[0], -1, hd) @ R).reshape(W.shape))
+        _update(v, "weight", lambda W: rotate_v_heads(W, R, hd))
+        _update(v, "bias", lambda b: rotate_v_bias(b, R, hd))
+        _update(o, "weight", lambda W: rotate_o_heads(W, R, hd))
 
 
 def add_qk_hadamard(model, fallback: str = "error") -> None:
@@ -112,3 +138,24 @@ def add_down_hadamard(model, fallback: str = "error") -> None:
         ql.input_transform = had
         head, _, leaf = path.rpartition(".")
         setattr(layer.get_submodule(head), leaf, ql)
+
+
+def check_sizes(model, fallback: str = "error") -> None:
+    """Raise (naming the size) before anything is modified if hidden, head_dim or the MLP width has no
+    Hadamard under `fallback`."""
+    a = get_adapter(model)
+    inter = a.layer_linears(a.decoder_layers(model)[0])["down"].in_features
+    for n in (model.config.hidden_size, a.head_dim(model), inter):
+        OnlineHadamard(n, fallback)
+
+
+def rotate_model(model, R1: torch.Tensor, R2s: list[torch.Tensor], fallback: str = "error", r3: bool = True,
+                 r4: bool = True) -> None:
+    """The full sequence: fold norms, R1, R2 per layer, then the online R3 (Q/K) and R4 (down_proj)."""
+    fuse_norms(model)
+    rotate_residual(model, R1)
+    rotate_heads(model, R2s)
+    if r3:
+        add_qk_hadamard(model, fallback)
+    if r4:
+        add_down_hadamard(model, fallback)

@@ -22,8 +22,19 @@ from ..quant.apply import quantize_
 from ..quant.quantizer import fake_quantize
 from ..quant.schemes import QuantConfig
 from .cayley import CayleySGD, orthogonality_error
-from .fuse import add_down_hadamard, add_qk_hadamard, fuse_norms, rotate_heads, rotate_residual
-from .online import OnlineHadamard, random_orthogonal_hadamard
+from .fuse import (
+    add_down_hadamard,
+    add_qk_hadamard,
+    check_sizes,
+    fuse_norms,
+    rotate_model,
+    rotate_o_heads,
+    rotate_reader,
+    rotate_v_bias,
+    rotate_v_heads,
+    rotate_writer,
+)
+from .online import random_orthogonal_hadamard
 
 FORMAT_VERSION = 1
 
@@ -69,26 +80,22 @@ def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
     def wq(W):
         return fake_quantize(W, weight_spec) if weight_spec is not None and weight_spec.enabled else W
 
-    out[a.embed + ".weight"] = base[a.embed + ".weight"] @ R1
-    out[a.lm_head + ".weight"] = base[a.lm_head + ".weight"] @ R1  # lm_head stays 16-bit
+    out[a.embed + ".weight"] = rotate_reader(base[a.embed + ".weight"], R1)
+    out[a.lm_head + ".weight"] = rotate_reader(base[a.lm_head + ".weight"], R1)  # lm_head stays 16-bit
+    names = a.linear_names()
     for i, R2 in enumerate(R2s):
         pre = f"{a.layers}.{i}."
-        names = a.linear_names()
+        w = {role: base[pre + path + ".weight"] for role, path in names.items()}
         for role in ("q", "k", "gate", "up"):
-            out[pre + names[role] + ".weight"] = wq(base[pre + names[role] + ".weight"] @ R1)
-        Wv = base[pre + names["v"] + ".weight"] @ R1
-        out[pre + names["v"] + ".weight"] = wq((R2.T @ Wv.reshape(-1, hd, Wv.shape[1])).reshape(Wv.shape))
-        vb = pre + names["v"] + ".bias"
-        if vb in base:
-            out[vb] = (base[vb].reshape(-1, hd) @ R2).reshape(-1)
-        Wo = base[pre + names["o"] + ".weight"]
-        Wo = (Wo.reshape(Wo.shape[0], -1, hd) @ R2).reshape(Wo.shape)
-        out[pre + names["o"] + ".weight"] = wq(R1.T @ Wo)
-        out[pre + names["down"] + ".weight"] = wq(R1.T @ base[pre + names["down"] + ".weight"])
+            out[pre + names[role] + ".weight"] = wq(rotate_reader(w[role], R1))
+        out[pre + names["v"] + ".weight"] = wq(rotate_v_heads(rotate_reader(w["v"], R1), R2, hd))
+        out[pre + names["o"] + ".weight"] = wq(rotate_writer(rotate_o_heads(w["o"], R2, hd), R1))
+        out[pre + names["down"] + ".weight"] = wq(rotate_writer(w["down"], R1))
+        if pre + names["v"] + ".bias" in base:
+            out[pre + names["v"] + ".bias"] = rotate_v_bias(base[pre + names["v"] + ".bias"], R2, hd)
         for role in ("o", "down"):
-            b = pre + names[role] + ".bias"
-            if b in base:
-                out[b] = base[b] @ R1
+            if pre + names[role] + ".bias" in base:
+                out[pre + names[role] + ".bias"] = rotate_reader(base[pre + names[role] + ".bias"], R1)
     return out
 
 
@@ -101,9 +108,7 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None):
     seed, fallback = int(cfg.get("seed", 0)), cfg.get("fallback", "error")
     hidden, hd = model.config.hidden_size, a.head_dim(model)
     n_layers = len(a.decoder_layers(model))
-    inter = a.layer_linears(a.decoder_layers(model)[0])["down"].in_features
-    for n in (hidden, hd, inter):
-        OnlineHadamard(n, fallback)
+    check_sizes(model, fallback)
     fingerprint = model_fingerprint(model)
 
     if cfg.get("load"):
@@ -115,13 +120,7 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None):
         R1, R2s, stats = _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers)
         if cfg.get("save"):
             save_rotations(cfg["save"], R1, R2s, fingerprint, stats)
-    fuse_norms(model)
-    rotate_residual(model, R1.double())
-    rotate_heads(model, [r.double() for r in R2s])
-    if cfg.get("r3", True):
-        add_qk_hadamard(model, fallback)
-    if cfg.get("r4", True):
-        add_down_hadamard(model, fallback)
+    rotate_model(model, R1.double(), [r.double() for r in R2s], fallback, cfg.get("r3", True), cfg.get("r4", True))
     model.spinquant_stats = stats
     return model
 
