@@ -20,7 +20,7 @@ def _logits(model, ids):
 
 
 @pytest.mark.parametrize("family,tied,intermediate", [("llama", False, 128), ("llama", True, 128),
-                                                      ("qwen2", False, 128), ("mistral", True, 172)])
+                                                      ("qwen2", False, 128), ("mistral", True, 188)])
 def test_every_rotation_step_preserves_the_function(family, tied, intermediate):
     model = make_tiny(family, tied=tied, hidden=48, heads=4, kv_heads=2, intermediate=intermediate).double()
     ids = torch.randint(0, 128, (2, 24))
@@ -42,7 +42,7 @@ def test_every_rotation_step_preserves_the_function(family, tied, intermediate):
     same("R2")
     add_qk_hadamard(model, fallback="block_diagonal")  # head_dim 12
     same("R3")
-    add_down_hadamard(model, fallback="block_diagonal")  # 172 -> blocks
+    add_down_hadamard(model, fallback="block_diagonal")  # 188 = 4·47 -> blocks [184, 4]
     same("R4")
     assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     quantize_(model, preset("W16A16"), progress=False)
@@ -76,30 +76,41 @@ def test_rotating_an_already_quantized_model_is_an_error():
 
 def test_block_diagonal_fallback_is_orthogonal_and_explicit():
     from spinquant.rotation.hadamard import UnsupportedHadamardSize
-    assert block_sizes(172) == [168, 4] and sum(block_sizes(1000)) == 1000
-    h = OnlineHadamard(172, fallback="block_diagonal")
+    assert block_sizes(188) == [184, 4] and sum(block_sizes(1000)) == 1000
+    h = OnlineHadamard(188, fallback="block_diagonal")
     M = h.matrix()
-    assert torch.allclose(M @ M.T, torch.eye(172, dtype=torch.float64), atol=1e-12)
-    x = torch.randn(3, 172, dtype=torch.float64)
+    assert torch.allclose(M @ M.T, torch.eye(188, dtype=torch.float64), atol=1e-12)
+    assert torch.count_nonzero(M[:184, 184:]) == 0  # really block-diagonal
+    x = torch.randn(3, 188, dtype=torch.float64)
     assert torch.allclose(h(x), x @ M, atol=1e-12)
-    with pytest.raises(UnsupportedHadamardSize, match="172"):
-        OnlineHadamard(172)
+    with pytest.raises(UnsupportedHadamardSize, match="188"):
+        OnlineHadamard(188)
 
 
-def test_quarot_is_exact_and_unsupported_sizes_fail_before_touching_the_model(stories):
+def test_quarot_is_exact_on_stories260k(stories):
     from spinquant import rotation
     from spinquant.models import load
-    from spinquant.rotation.hadamard import UnsupportedHadamardSize
     model, _ = load("stories260k")
     ids = torch.randint(3, 512, (2, 32))
     ref = _logits(model, ids)
+    rotation.apply(model, {"name": "quarot", "fallback": "error", "seed": 0})  # MLP 172 = 4·43: Goethals–Seidel
+    assert model.model.layers[0].mlp.down_proj.input_transform.blocks == [172]
+    out = _logits(model, ids)
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_unsupported_sizes_fail_before_touching_the_model():
+    from spinquant import rotation
+    from spinquant.rotation.hadamard import UnsupportedHadamardSize
+    model = make_tiny("llama", hidden=48, intermediate=188)
+    ids = torch.randint(0, 128, (2, 16))
+    ref = _logits(model, ids)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedHadamardSize, match="172"):  # stories260K's MLP width
+    with pytest.raises(UnsupportedHadamardSize, match="188"):
         rotation.apply(model, {"name": "quarot", "fallback": "error"})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     rotation.apply(model, {"name": "quarot", "fallback": "block_diagonal", "seed": 0})
-    out = _logits(model, ids)
-    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    assert (_logits(model, ids) - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
 def test_spinquant_learns_orthogonal_rotations_keeps_fp_function_and_reuses_them(tmp_path):

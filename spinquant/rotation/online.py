@@ -12,7 +12,7 @@ FALLBACKS = ("error", "block_diagonal")
 
 
 def block_sizes(n: int) -> list[int]:
-    """Split n greedily into supported Hadamard sizes, largest first (e.g. 172 -> [168, 4]); always
+    """Split n greedily into supported Hadamard sizes, largest first (e.g. 188 -> [184, 4]); always
     terminates because 1 (and every power of two) is supported."""
     out, rest = [], n
     while rest:
