@@ -9,6 +9,7 @@ results/<experiment>/<run_id>.json atomically. A rerun with the same resolved co
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -49,23 +50,32 @@ def run(cfg: DictConfig) -> dict:
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.model.dtype!r}")
     t0 = time.time()
-    model, tok = load(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=cfg.device)
+    # under `accelerate launch` / torchrun: each process its own GPU; rotation training is data-parallel,
+    # everything after it (quantization, evaluation, the row) runs on the main process only
+    rank, local_rank = int(os.environ.get("RANK", 0)), os.environ.get("LOCAL_RANK")
+    device = f"cuda:{local_rank}" if cfg.device == "cuda" and local_rank is not None else cfg.device
+    model, tok = load(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
 
     needs_calib = qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian
-    calib = None
-    if needs_calib or cfg.rotation.name != "none":
+    calib = rot_calib = None
+    if needs_calib:
         calib = calibration_batch(tok, cfg.data.calib, cfg.data.calib_samples, cfg.data.calib_seq_len, cfg.seed,
                                   cfg.data.root)
+    if cfg.rotation.name == "spinquant" and not cfg.rotation.get("load"):
+        rot_calib = calibration_batch(tok, cfg.data.calib, cfg.rotation.samples, cfg.rotation.seq_len, cfg.seed,
+                                      cfg.data.root)
     t = time.time()
-    rotation.apply(model, config["rotation"], calib)
+    rotation.apply(model, config["rotation"], rot_calib, target=qcfg)
     rotation_s = time.time() - t
+    if rank != 0:
+        return {}
     t = time.time()
     quantize_(model, qcfg, calib, progress=cfg.progress)
     quant_s = time.time() - t
     qat.train(model, config["qat"], tok)
 
     metrics: dict = {"ppl": {}, "ppl_detail": {}}
-    with PeakMemory(cfg.device) as mem:
+    with PeakMemory(device) as mem:
         for ds in cfg.eval.datasets:
             r = perplexity(model, tok, ds, cfg.eval.seq_len, cfg.eval.stride, cfg.eval.batch_size,
                            cfg.eval.max_windows, cfg.data.root, progress=cfg.progress)

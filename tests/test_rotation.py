@@ -157,3 +157,44 @@ def test_spinquant_functional_rotation_equals_in_place_fusion():
     assert len(functional) > 10
     for name, value in functional.items():
         assert torch.allclose(value, in_place[name], atol=1e-12), name
+
+
+def test_spinquant_trains_against_the_target_scheme_with_16bit_weights_before_gptq():
+    from spinquant.rotation.spinquant import train_quant_for
+    rtn = QuantConfig.from_dict({"scheme": "W4A4KV4"})
+    gptq = QuantConfig.from_dict({"scheme": "W4A8KV8", "method": "gptq"})
+    assert QuantConfig.from_dict(train_quant_for(rtn)) == rtn  # RTN follows: train with weights quantized
+    t = QuantConfig.from_dict(train_quant_for(gptq))
+    assert not t.weight.enabled and t.act == gptq.act and t.kv == gptq.kv  # GPTQ follows: W16A8KV8
+    from spinquant import rotation
+    with pytest.raises(ValueError, match="train_quant=auto needs the target"):
+        rotation.apply(make_tiny("llama"), {"name": "spinquant", "steps": 1}, torch.randint(0, 128, (2, 8)))
+
+
+def _train_rotations_in_rank(out_dir):
+    """Runs in every process of the 2-process launch below."""
+    import torch.distributed as dist
+
+    from spinquant.rotation.spinquant import _train
+    torch.set_num_threads(1)
+    model = make_tiny("llama", hidden=48, intermediate=128)
+    calib = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))
+    cfg = {"steps": 3, "lr": 1.0, "batch_size": 1, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
+    R1, R2s, stats = _train(model, cfg, calib, 0, "error", 48, 12, 2)
+    torch.save({"R1": R1, "R2": R2s, "losses": stats["losses"]}, f"{out_dir}/rank{dist.get_rank()}.pt")
+
+
+def test_two_process_rotation_training_equals_one_process_with_the_same_global_batch(tmp_path):
+    from accelerate import debug_launcher
+
+    from spinquant.rotation.spinquant import _train
+    debug_launcher(_train_rotations_in_rank, args=(str(tmp_path),), num_processes=2)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0["R1"], r1["R1"])  # processes stay in sync
+    model = make_tiny("llama", hidden=48, intermediate=128)
+    calib = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))
+    cfg = {"steps": 3, "lr": 1.0, "batch_size": 2, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
+    R1, R2s, stats = _train(model, cfg, calib, 0, "error", 48, 12, 2)
+    assert stats["losses"][0] != stats["losses"][-1]  # the rotations did move
+    assert torch.allclose(r0["R1"], R1, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(r0["R2"], R2s))
+    assert stats["losses"] == pytest.approx(r0["losses"], rel=1e-5)

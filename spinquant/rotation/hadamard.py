@@ -5,8 +5,8 @@ Constructions (each result is checked: H·Hᵀ = n·I):
 - Paley I: q ≡ 3 (mod 4) a prime power -> order q + 1 (12, 20, 28, 44, 60, 68, 72, 84, 108, 140, ...).
 - Paley II: q ≡ 1 (mod 4) a prime power -> order 2(q + 1) (12, 20, 28, 36, 52, 60, 76, 100, 108, 148, 924, ...).
 - Goethals–Seidel: order 4t from four ±1 circulants of order t whose periodic autocorrelations sum to zero
-  (156 = 4·39, 172 = 4·43, 292 = 4·73, ...; 116 and 188 stay out of reach). The circulants are found by a small deterministic search:
-  sequences constant on the orbits of a multiplier subgroup of Z_t^* (few orbits -> few candidates),
+  (156 = 4·39, 172 = 4·43, 292 = 4·73, ...; 116 and 188 stay out of reach). The circulants are found by a
+  small deterministic search: sequences constant on the orbits of a multiplier subgroup of Z_t^* (few orbits -> few candidates),
   quadruples matched meet-in-the-middle on their autocorrelations. Used where Paley gives nothing.
 - Kronecker products: n = m · 2^k with m one of the above (e.g. 384 = 12·32, 11008 = 172·64 = 344·32),
   and products of two base orders.
@@ -291,7 +291,8 @@ def _check(n: int) -> tuple[int, ...]:
     if r is None:
         raise UnsupportedHadamardSize(
             f"no Hadamard construction for size {n} (= {n & -n}·{n // (n & -n)}): its odd part needs a base order "
-            f"that Paley I/II, Goethals–Seidel or their Kronecker products do not give. Sizes near it that work: {supported_near(n)}. "
+            f"that Paley I/II, Goethals–Seidel or their Kronecker products do not give. "
+            f"Sizes near it that work: {supported_near(n)}. "
             f"Use the block-diagonal orthogonal fallback (rotation.fallback=block_diagonal) or another size.")
     return r
 

@@ -99,11 +99,23 @@ def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
     return out
 
 
-def spinquant(model, cfg: dict, calib: torch.Tensor | None = None):
+def train_quant_for(target: QuantConfig) -> dict:
+    """The quantization seen while learning rotations for a `target` config (SpinQuant's recipe): the
+    target's activation / KV specs, and its weight spec only when RTN follows; when GPTQ (or any
+    Hessian-based quantizer) follows, weights stay 16-bit during training (W16A4KV4 for W4A4KV4)."""
+    from ..quant.registry import get_weight_quantizer
+    d = target.to_dict()
+    if not target.weight.enabled or get_weight_quantizer(target.method).needs_hessian:
+        d["weight"] = {"bits": 16}
+    return d
+
+
+def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: QuantConfig | None = None):
     """Rotate `model` in place with learned R1/R2. cfg keys (defaults from the SpinQuant recipe):
-    steps 100, lr 1.5, batch_size 1, seed, fallback, r3, r4, train_quant (a quant config dict, e.g.
-    {scheme: W4A4KV4, weight: {bits: 16}} for W16A4KV4 when GPTQ follows), load (a saved rotation file
-    to reuse instead of training), save (where to write the learned rotations), progress."""
+    steps 100, lr 1.5, batch_size 1, seed, fallback, r3, r4, train_quant ('auto': derived from `target`
+    by `train_quant_for`, or a quant config dict such as {scheme: W4A4KV4, weight: {bits: 16}}), load
+    (a saved rotation file to reuse instead of training), save (where to write the learned rotations),
+    progress. calib: token ids [samples, seq_len] to train on."""
     a = get_adapter(model)
     seed, fallback = int(cfg.get("seed", 0)), cfg.get("fallback", "error")
     hidden, hd = model.config.hidden_size, a.head_dim(model)
@@ -117,24 +129,51 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None):
     else:
         if calib is None:
             raise ValueError("spinquant needs calibration token ids to learn rotations (or rotation.load=<file>)")
-        R1, R2s, stats = _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers)
-        if cfg.get("save"):
+        tq = cfg.get("train_quant") or "auto"
+        if tq == "auto":
+            if target is None:
+                raise ValueError("rotation.train_quant=auto needs the target quantization config; pass target= "
+                                 "or give train_quant explicitly (e.g. {scheme: W4A4KV4, weight: {bits: 16}})")
+            tq = train_quant_for(target)
+        R1, R2s, stats = _train(model, {**cfg, "train_quant": tq}, calib, seed, fallback, hidden, hd, n_layers)
+        if cfg.get("save") and _data_parallel()[0] == 0:
             save_rotations(cfg["save"], R1, R2s, fingerprint, stats)
     rotate_model(model, R1.double(), [r.double() for r in R2s], fallback, cfg.get("r3", True), cfg.get("r4", True))
     model.spinquant_stats = stats
     return model
 
 
+def _data_parallel():
+    """(rank, world size, device) when launched by `accelerate launch` / torchrun, else (0, 1, None).
+
+    Rotation training is data-parallel: every process holds the frozen model and the same R1/R2, takes
+    its share of each global batch, and the (tiny) rotation gradients are averaged before the identical
+    Cayley step, so all processes stay in sync without wrapping the model."""
+    import os
+
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():  # a process group set up by the caller
+        return dist.get_rank(), dist.get_world_size(), None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+    state = PartialState()  # joins the process group (gloo on CPU, nccl on GPUs)
+    return state.process_index, state.num_processes, state.device
+
+
 def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     import copy
     torch.manual_seed(seed)
+    rank, world, dp_device = _data_parallel()
     work = copy.deepcopy(model)  # a scratch copy carries the training-time quantizers
+    if dp_device is not None:
+        work.to(dp_device)
     fuse_norms(work)
     if cfg.get("r3", True):
         add_qk_hadamard(work, fallback)
     if cfg.get("r4", True):
         add_down_hadamard(work, fallback)
-    tq = QuantConfig.from_dict(dict(cfg.get("train_quant") or {"scheme": "W4A4KV4"}))
+    tq = QuantConfig.from_dict(dict(cfg["train_quant"]))
     weight_spec = tq.weight
     quantize_(work, QuantConfig(act=tq.act, kv=tq.kv), progress=False)  # activation / KV quantizers only
     for p in work.parameters():
@@ -144,24 +183,35 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     R1 = nn.Parameter(random_orthogonal_hadamard(hidden, seed, fallback).float().to(device))
     R2s = [nn.Parameter(random_orthogonal_hadamard(hd, seed + 1 + i, fallback).float().to(device))
            for i in range(n_layers)]
-    opt = CayleySGD([R1, *R2s], lr=float(cfg.get("lr", 1.5)))
-    steps, bs = int(cfg.get("steps", 100)), int(cfg.get("batch_size", 1))
-    g = torch.Generator().manual_seed(seed)
+    rotations = [R1, *R2s]
+    opt = CayleySGD(rotations, lr=float(cfg.get("lr", 1.5)))
+    steps, bs = int(cfg.get("steps", 100)), int(cfg.get("batch_size", 1))  # bs per process
+    g = torch.Generator().manual_seed(seed)  # same draws on every process: one global batch per step
     losses, t0 = [], time.time()
-    bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True))
+    bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True) or rank != 0)
     for _ in bar:
-        idx = torch.randint(0, calib.shape[0], (bs,), generator=g)
+        idx = torch.randint(0, calib.shape[0], (bs * world,), generator=g)[rank::world]
         x = calib[idx].to(device)
         params = _rotated_params(work, base, R1, R2s, weight_spec)
         logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss = loss.detach()
+        if world > 1:  # equal shares: the mean of the per-process means is the global mean
+            import torch.distributed as dist
+            for R in rotations:
+                dist.all_reduce(R.grad)
+                R.grad /= world
+            dist.all_reduce(loss)
+            loss /= world
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
-    err = max(orthogonality_error(R) for R in [R1, *R2s])
-    stats = {"steps": steps, "lr": float(cfg.get("lr", 1.5)), "train_s": time.time() - t0, "loss_first": losses[0],
-             "loss_last": losses[-1], "losses": losses, "orthogonality_error": err, "train_quant": tq.to_dict()}
+    err = max(orthogonality_error(R) for R in rotations)
+    stats = {"steps": steps, "lr": float(cfg.get("lr", 1.5)), "batch_size": bs * world, "processes": world,
+             "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "train_s": time.time() - t0,
+             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "orthogonality_error": err,
+             "train_quant": tq.to_dict()}
     del work
-    return R1.detach(), [r.detach() for r in R2s], stats
+    return R1.detach().cpu(), [r.detach().cpu() for r in R2s], stats
