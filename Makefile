@@ -32,6 +32,8 @@ lint: $(STAMP)
 tables: $(STAMP)
 	$(BIN)/python scripts/make_tables.py paper/results/foundation --out paper/foundation_table.md \
 		--splice README.md:foundation_table
+	$(BIN)/python scripts/make_tables.py paper/results/rotation --layout rotation --out paper/rotation_table.md \
+		--splice README.md:rotation_table
 
 clean:
 	rm -rf $(VENV) results outputs multirun

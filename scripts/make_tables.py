@@ -1,9 +1,12 @@
 """Render results rows into Markdown tables (one table per model).
 
     python scripts/make_tables.py results/demo [more dirs or files] [--out paper/demo_table.md]
+    python scripts/make_tables.py paper/results/rotation --layout rotation   # methods x schemes
 
-Rows are sorted FP first, then by weight bits, activation bits, KV bits (descending) and method. Columns:
-perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio to FP.
+Default layout: rows sorted FP first, then by weight bits, activation bits, KV bits (descending) and
+method; columns: perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio
+to FP. Rotation layout (the papers' rotation table): one row per {rotation} x {weight quantizer}, one
+column per WxAyKVz scheme, cells = perplexity on one dataset, FP on top, rotation time per row.
 """
 from __future__ import annotations
 
@@ -76,17 +79,61 @@ def render(rows: list[dict]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+ROTATION_NAMES = {"none": "", "quarot": "QuaRot-", "spinquant": "SpinQuant-"}
+
+
+def _wakv(row) -> str:
+    s = row["spec"]
+    return f"W{s.get('w_bits', 16)}A{s.get('a_bits', 16)}KV{s.get('kv_bits', 16)}"
+
+
+def render_rotation(rows: list[dict], dataset: str = "wikitext2") -> str:
+    """Methods x schemes pivot of `dataset` perplexity; rotation seconds (SpinQuant: training) per cell."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
+        fp = [r for r in mrows if _wakv(r) == "W16A16KV16" and r["method"]["rotation"] == "none"]
+        q = [r for r in mrows if _wakv(r) != "W16A16KV16"]
+        cols = sorted({_wakv(r) for r in q}, key=lambda c: [-int(x) for x in c[1:].replace("A", " ").replace("KV", " ").split()])
+        cells: dict[tuple[str, str], dict] = {}
+        for r in q:
+            key = (r["method"]["rotation"], r["method"]["weights"])
+            if (key, _wakv(r)) in cells:
+                raise SystemExit(f"two rows for {model} {key} {_wakv(r)}: {cells[(key, _wakv(r))]['run_id']} and "
+                                 f"{r['run_id']}; keep one results folder per table")
+            cells[(key, _wakv(r))] = r
+        methods = sorted({k for k, _ in cells}, key=lambda k: (list(ROTATION_NAMES).index(k[0]) if k[0] in ROTATION_NAMES
+                                                                 else 9, METHOD_RANK.get(k[1], 9), k))
+        head = ["Method"] + cols + ["Rotation s (per column)"]
+        lines = [f"**{model}** — {dataset} perplexity", "", "| " + " | ".join(head) + " |",
+                 "|---|" + "|".join(["---:"] * len(cols)) + "|---:|"]
+        if fp:
+            v = fp[0]["metrics"]["ppl"][dataset]
+            lines.append("| FP | " + " | ".join(f"{v:.2f}" for _ in cols) + " | – |")
+        for k in methods:
+            name = ROTATION_NAMES.get(k[0], k[0] + "-") + k[1].upper()
+            ppl = [f"{cells[(k, c)]['metrics']['ppl'][dataset]:.2f}" if (k, c) in cells else "–" for c in cols]
+            secs = [cells[(k, c)]["metrics"].get("rotation_s") for c in cols if (k, c) in cells]
+            rot = " / ".join(f"{s:.0f}" for s in secs) if k[0] != "none" and secs else "–"
+            lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results folders or row files")
     p.add_argument("--out", type=Path, help="write the Markdown here too")
+    p.add_argument("--layout", choices=["schemes", "rotation"], default="schemes",
+                   help="schemes: one row per run; rotation: methods x WxAyKVz schemes (the rotation table)")
+    p.add_argument("--dataset", default="wikitext2", help="the perplexity shown by --layout rotation")
     p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER",
                    help="replace the text between <!-- BEGIN MARKER --> and <!-- END MARKER --> in FILE")
     args = p.parse_args(argv)
     rows = read_rows(args.paths)
     if not rows:
         raise SystemExit(f"no results rows under {args.paths}")
-    text = render(rows)
+    text = render(rows) if args.layout == "schemes" else render_rotation(rows, args.dataset)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

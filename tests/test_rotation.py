@@ -198,3 +198,44 @@ def test_two_process_rotation_training_equals_one_process_with_the_same_global_b
     assert stats["losses"][0] != stats["losses"][-1]  # the rotations did move
     assert torch.allclose(r0["R1"], R1, atol=1e-5) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(r0["R2"], R2s))
     assert stats["losses"] == pytest.approx(r0["losses"], rel=1e-5)
+
+
+def test_gptq_hessian_is_built_from_the_online_transformed_input_on_a_real_model(stories):
+    """stories260K after QuaRot: down_proj multiplies x·H4, so its GPTQ Hessian must be (x·H4)ᵀ(x·H4)."""
+    from spinquant import rotation
+    from spinquant.data import calibration_batch
+    from spinquant.models import load
+    from spinquant.quant.gptq import gptq
+    from spinquant.quant.registry import WEIGHT_QUANTIZERS, register_weight_quantizer
+    from spinquant.quant.rtn import rtn
+
+    seen = {}
+    if "hessian_probe" not in WEIGHT_QUANTIZERS:
+        @register_weight_quantizer("hessian_probe", needs_hessian=True)
+        def _probe(weight, spec, hessian=None):
+            seen.setdefault(tuple(weight.shape), []).append(hessian.double())
+            return rtn(weight, spec)
+    else:
+        pytest.skip("probe registered by an earlier run in this process")
+    model, tok = load("stories260k")
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    calib = calibration_batch(tok, "wikitext2-valid", 8, 128, 0)  # the small split: tokenizes fast
+    down = model.model.layers[0].mlp.down_proj
+    W = down.weight.detach().double().clone()  # rotated FP weight
+    quantize_(model, QuantConfig.from_dict({"scheme": "W4A16", "method": "hessian_probe"}), calib, progress=False)
+    H_used = seen[tuple(down.weight.shape)][0]  # layer 0's down_proj comes first
+    xs = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: xs.append(i[0].detach()))
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    x = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double()
+    xt = model.model.layers[0].mlp.down_proj.input_transform(x)
+    H_t, H_raw = 2 * xt.T @ xt / len(x), 2 * x.T @ x / len(x)
+    assert torch.allclose(H_used, H_t, rtol=1e-4, atol=1e-4 * H_t.abs().max())
+    assert (H_used - H_raw).abs().max() > 0.1 * H_raw.abs().max()
+    # and it matters: GPTQ with the transformed Hessian reconstructs the real layer output better
+    spec = QuantConfig.from_dict({"scheme": "W4A16"}).weight
+    err = {k: ((xt @ W.T - xt @ gptq(W.float(), spec, H.float()).dequantize(torch.float64).T).norm() / (xt @ W.T).norm()).item()
+           for k, H in (("transformed", H_t), ("raw", H_raw))}
+    assert err["transformed"] < 0.9 * err["raw"], err

@@ -104,3 +104,44 @@ def test_committed_table_and_readme_are_rendered_from_the_committed_rows():
     assert block == text
     fp = next(r for r in rows if r["model"] == "ref-llama" and r["scheme"] == "W16A16")
     assert f"{fp['metrics']['ppl']['wikitext2']:.2f}" in readme.split("## Results")[0]  # reported FP ppl
+
+
+def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(tmp_path):
+    """The README's one command, on a local folder (stories260K stands in for the user's checkpoint)."""
+    import run as run_mod
+
+    from spinquant.models.load import models_root
+    path = models_root() / "stories260K"
+    if not path.is_dir():
+        pytest.skip("stories260K checkpoint not present")
+    rot = tmp_path / "rot.pt"
+    common = ["model=local", f"model.path={path}", "model.name=my-llama", "model.seq_len=128", "eval.datasets=[wikitext2]",
+              "rotation=spinquant", "quant=w4a4kv4_gptq", "rotation.steps=3", "rotation.samples=8"]
+    row = run_mod.run(_cfg(tmp_path, *common, f"rotation.save={rot}"))
+    st = row["metrics"]["rotation_train"]
+    assert row["model"] == "my-llama" and row["method"] == {"rotation": "spinquant", "weights": "gptq", "qat": "none"}
+    assert len(st["losses"]) == 3 and st["orthogonality_error"] < 1e-4 and st["samples"] == 8
+    assert st["train_quant"]["weight"]["bits"] == 16 and st["train_quant"]["act"]["bits"] == 4  # W16A4KV4
+    assert rot.is_file()
+    again = run_mod.run(_cfg(tmp_path, *common, f"rotation.load={rot}", "experiment_name=t2"))
+    assert again["metrics"]["rotation_train"] == {"loaded_from": str(rot)}
+    assert again["metrics"]["ppl"]["wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"], rel=1e-4)
+    with pytest.raises(Exception, match="model.path"):
+        run_mod.run(_cfg(tmp_path, "model=local"))
+
+
+def _fake_row(rot, weights, w, a, kv, ppl, rid):
+    return {"model": "m", "run_id": rid, "method": {"rotation": rot, "weights": weights, "qat": "none"},
+            "spec": {"w_bits": w, "a_bits": a, "kv_bits": kv}, "metrics": {"ppl": {"wikitext2": ppl}, "rotation_s": 7.0}}
+
+
+def test_rotation_layout_pivots_methods_against_schemes_and_refuses_duplicates():
+    import make_tables
+    rows = [_fake_row("none", "none", 16, 16, 16, 10.0, "a"), _fake_row("none", "rtn", 4, 4, 4, 30.0, "b"),
+            _fake_row("spinquant", "gptq", 4, 4, 4, 12.5, "c"), _fake_row("quarot", "rtn", 4, 16, 16, 11.0, "d")]
+    lines = make_tables.render_rotation(rows).splitlines()
+    assert lines[2] == "| Method | W4A16KV16 | W4A4KV4 | Rotation s (per column) |"
+    assert lines[4] == "| FP | 10.00 | 10.00 | – |"
+    assert lines[5:] == ["| RTN | – | 30.00 | – |", "| QuaRot-RTN | 11.00 | – | 7 |", "| SpinQuant-GPTQ | – | 12.50 | 7 |"]
+    with pytest.raises(SystemExit, match="two rows for m"):
+        make_tables.render_rotation(rows + [_fake_row("none", "rtn", 4, 4, 4, 31.0, "e")])

@@ -351,8 +351,12 @@ def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     return y / math.sqrt(n) if normalize else y
 
 
+def random_signs(n: int, seed: int = 0) -> torch.Tensor:
+    """n random ±1 (float64) from `seed`: the diagonal of a randomized Hadamard."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+
+
 def random_hadamard(n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     """Randomized orthogonal Hadamard: diag(±1) · H_n / sqrt(n) (QuaRot's R1/R2)."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return (signs[:, None] * hadamard(n) / math.sqrt(n)).to(dtype)
+    return (random_signs(n, seed)[:, None] * hadamard(n) / math.sqrt(n)).to(dtype)

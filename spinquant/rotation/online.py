@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .hadamard import fwht, hadamard, is_supported
+from .hadamard import fwht, hadamard, is_supported, random_signs
 
 FALLBACKS = ("error", "block_diagonal")
 
@@ -59,6 +59,4 @@ class OnlineHadamard(nn.Module):
 
 def random_orthogonal_hadamard(n: int, seed: int = 0, fallback: str = "error", dtype=torch.float64) -> torch.Tensor:
     """diag(±1) · M with M the orthonormal (block-)Hadamard of `OnlineHadamard(n, fallback)`: [n, n]."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return (signs[:, None] * OnlineHadamard(n, fallback).matrix()).to(dtype)
+    return (random_signs(n, seed)[:, None] * OnlineHadamard(n, fallback).matrix()).to(dtype)
