@@ -16,6 +16,7 @@ class QuantLinear(nn.Module):
     `weight` holds the dequantized weights (float) so the forward is a plain matmul; `qweight` keeps the
     integer codes and scales for size accounting and packing. `input_transform` is an optional online
     transform of the input (e.g. the R4 Hadamard before down_proj), applied before activation quantization.
+    `adapter` is an optional 16-bit side path on the same input (a LoRA kept beside the quantized base).
     """
 
     def __init__(self, qweight: QuantizedWeight | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -29,6 +30,7 @@ class QuantLinear(nn.Module):
         if self.act_spec is not None:
             self.act_spec.check_shape(self.in_features, "activation")
         self.input_transform: nn.Module | None = None
+        self.adapter: nn.Module | None = None
 
     @property
     def weight_spec(self) -> QuantSpec:
@@ -46,7 +48,8 @@ class QuantLinear(nn.Module):
         if self.input_transform is not None:
             x = self.input_transform(x)
         x = fake_quantize(x, self.act_spec)
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.adapter is None else y + self.adapter(x)
 
     def extra_repr(self) -> str:
         a = self.act_spec.short() if self.act_spec else "fp16"
