@@ -1,0 +1,76 @@
+"""The QAT loop: a kill-and-resume run equals an uninterrupted one; 2 CPU processes equal 1 process with
+the same global batch; distillation and bad batch sizes."""
+import pytest
+import torch
+from conftest import make_tiny
+
+from qat.fake_quant import QATConfig, prepare
+from qat.train import TrainConfig, train
+from spinquant.quant import QuantConfig
+
+TOKENS = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(0))
+
+
+def _model(mode="lora"):
+    return prepare(make_tiny("llama", hidden=64, intermediate=128), QuantConfig.from_dict({"scheme": "W4A8"}),
+                   QATConfig(mode=mode, lora_rank=4, scales="learnable"))
+
+
+def _cfg(**kw):
+    base = dict(steps=4, batch_size=4, micro_batch_size=2, seq_len=32, lr=1e-2, warmup=1, progress=False,
+                wandb_mode="disabled", mixed_precision="no")
+    return TrainConfig(**{**base, **kw})
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or ".lora." in n
+            or n.endswith(".scale")}
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
+    import qat.train as qt
+    full, _ = train(_model(), TOKENS, _cfg(out_dir=str(tmp_path / "a")))
+    real = qt.batch_for_step
+
+    def killed_at_step_3(tokens, step, cfg):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return real(tokens, step, cfg)
+
+    monkeypatch.setattr(qt, "batch_for_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):  # dies after the checkpoint at step 2, during step 3
+        train(_model(), TOKENS, _cfg(checkpoint_every=2, out_dir=str(tmp_path / "b")))
+    monkeypatch.setattr(qt, "batch_for_step", real)
+    resumed, st = train(_model(), TOKENS, _cfg(checkpoint_every=2, out_dir=str(tmp_path / "b")))
+    assert st["resumed_from"] == 2 and len(st["losses"]) == 4
+    a, b = _trainable(full), _trainable(resumed)
+    fresh = _trainable(_model())
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], fresh[k]) for k in a)
+
+
+def _train_in_rank(out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    model, _ = train(_model("full"), TOKENS, _cfg())
+    torch.save(_trainable(model), f"{out}/rank{dist.get_rank()}.pt")
+
+
+def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    from accelerate import debug_launcher
+    debug_launcher(_train_in_rank, args=(str(tmp_path),), num_processes=2)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    one, _ = train(_model("full"), TOKENS, _cfg())
+    ref = _trainable(one)
+    before = _trainable(_model("full"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert all(torch.allclose(r0[k], ref[k], atol=1e-5, rtol=1e-4) for k in ref)
+    assert any(not torch.allclose(before[k], ref[k]) for k in ref)
+
+
+def test_distillation_and_bad_batch_sizes():
+    teacher = make_tiny("llama", hidden=64, intermediate=128)
+    _, st = train(_model(), TOKENS, _cfg(steps=2, kd_weight=0.5), teacher=teacher)
+    assert len(st["losses"]) == 2 and st["trainable_params"] > 0
+    with pytest.raises(ValueError, match="batch_size 5 must be a multiple"):
+        train(_model(), TOKENS, _cfg(batch_size=5))
