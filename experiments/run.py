@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qat  # noqa: E402
 from spinquant import rotation  # noqa: E402
-from spinquant.data import calibration_batch  # noqa: E402
+from spinquant.data import calibration_batch, tokenize_dataset  # noqa: E402
 from spinquant.eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk  # noqa: E402
 from spinquant.models import load  # noqa: E402
 from spinquant.quant import QuantConfig, get_weight_quantizer, quantize_  # noqa: E402
@@ -70,9 +70,14 @@ def run(cfg: DictConfig) -> dict:
     if rank != 0:
         return {}
     t = time.time()
-    quantize_(model, qcfg, calib, progress=cfg.progress)
+    qat_stats = None
+    if cfg.qat.name == "none":
+        quantize_(model, qcfg, calib, progress=cfg.progress)
+    else:  # QAT starts from the (rotated) FP model: prepare -> train -> convert; checkpoints beside the row
+        tokens = tokenize_dataset(tok, cfg.qat.data, cfg.data.root, add_bos=False)[0]
+        qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
+                            run_config=config)
     quant_s = time.time() - t
-    qat.train(model, config["qat"], tok)
 
     metrics: dict = {"ppl": {}, "ppl_detail": {}}
     with PeakMemory(device) as mem:
@@ -93,6 +98,8 @@ def run(cfg: DictConfig) -> dict:
     metrics.update(wall_s=time.time() - t0, quant_s=quant_s, rotation_s=rotation_s)
     if hasattr(model, "spinquant_stats"):
         metrics["rotation_train"] = model.spinquant_stats
+    if qat_stats is not None:
+        metrics["qat_train"] = qat_stats
 
     w = qcfg.weight
     row = {

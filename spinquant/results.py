@@ -11,7 +11,7 @@ from pathlib import Path
 from .data import REPO_ROOT
 
 # keys that do not change what a run computes, excluded from the run id
-NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device")
+NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device", "checkpoint_dir")
 REQUIRED_KEYS = ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config")
 
 

@@ -124,7 +124,7 @@ def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(t
     assert st["train_quant"]["weight"]["bits"] == 16 and st["train_quant"]["act"]["bits"] == 4  # W16A4KV4
     assert rot.is_file()
     again = run_mod.run(_cfg(tmp_path, *common, f"rotation.load={rot}", "experiment_name=t2"))
-    assert again["metrics"]["rotation_train"] == {"loaded_from": str(rot)}
+    assert again["metrics"]["rotation_train"] == {"loaded_from": str(rot), "train_quant": st["train_quant"]}
     assert again["metrics"]["ppl"]["wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"], rel=1e-4)
     with pytest.raises(Exception, match="model.path"):
         run_mod.run(_cfg(tmp_path, "model=local"))
@@ -145,3 +145,20 @@ def test_rotation_layout_pivots_methods_against_schemes_and_refuses_duplicates()
     assert lines[5:] == ["| RTN | – | 30.00 | – |", "| QuaRot-RTN | 11.00 | – | 7 |", "| SpinQuant-GPTQ | – | 12.50 | 7 |"]
     with pytest.raises(SystemExit, match="two rows for m"):
         make_tables.render_rotation(rows + [_fake_row("none", "rtn", 4, 4, 4, 31.0, "e")])
+
+
+def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_path):
+    import run as run_mod
+    common = ["quant=w4a8", "quant.group_fallback=channel", "eval.datasets=[wikitext2]", f"checkpoint_dir={tmp_path}/ck",
+              "qat.train.steps=3", "qat.train.batch_size=2", "qat.train.micro_batch_size=1", "qat.train.seq_len=64",
+              "qat.train.wandb_mode=disabled"]
+    row = run_mod.run(_cfg(tmp_path, *common, "qat=lora", "qat.lora.rank=4"))
+    st = row["metrics"]["qat_train"]
+    assert row["method"]["qat"] == "lora" and len(st["losses"]) == 3 and st["train_tokens"] == 3 * 2 * 64
+    assert 0 < st["trainable_params"] < 30_000  # adapters only (stories260K has 260K parameters)
+    assert (tmp_path / "ck" / "t" / row["run_id"] / "checkpoint" / "trainer.json").is_file()
+    full = run_mod.run(_cfg(tmp_path, *common, "qat=full"))
+    assert full["metrics"]["qat_train"]["trainable_params"] > 100_000
+    with pytest.raises(ValueError, match="unknown qat method"):
+        import qat
+        qat.run(None, {"name": "qlora"}, None, None)

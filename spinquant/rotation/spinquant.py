@@ -55,8 +55,9 @@ def save_rotations(path, R1: torch.Tensor, R2s: list[torch.Tensor], fingerprint:
                 "fingerprint": fingerprint, "meta": meta or {}}, path)
 
 
-def load_rotations(path, model) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(R1, R2s) from a file saved by `save_rotations`, checked against `model` (before any fusion)."""
+def load_rotations(path, model, with_meta: bool = False):
+    """(R1, R2s) from a file saved by `save_rotations`, checked against `model` (before any fusion);
+    with_meta: (R1, R2s, meta) where meta holds the training stats (incl. the train_quant spec)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rotation file {path} does not exist")
@@ -68,7 +69,7 @@ def load_rotations(path, model) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if diff:
         what = ", ".join(f"{k} (file {a!r} vs model {b!r})" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was saved for another model: mismatched {what}")
-    return blob["R1"], blob["R2"]
+    return (blob["R1"], blob["R2"], blob.get("meta", {})) if with_meta else (blob["R1"], blob["R2"])
 
 
 def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
@@ -124,8 +125,8 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: Quant
     fingerprint = model_fingerprint(model)
 
     if cfg.get("load"):
-        R1, R2s = load_rotations(cfg["load"], model)
-        stats = {"loaded_from": str(cfg["load"])}
+        R1, R2s, meta = load_rotations(cfg["load"], model, with_meta=True)
+        stats = {"loaded_from": str(cfg["load"]), "train_quant": meta.get("train_quant")}
     else:
         if calib is None:
             raise ValueError("spinquant needs calibration token ids to learn rotations (or rotation.load=<file>)")
