@@ -128,3 +128,15 @@ def test_bad_qat_input_is_a_clear_error():
     plain = prepare(make_tiny("llama", hidden=64, intermediate=128), q, QATConfig(lora_rank=2))
     with pytest.raises(ValueError, match="only QA-LoRA adapters"):
         convert(plain, merge=True)
+
+
+def test_qat_refuses_a_spec_other_than_the_loaded_rotations(tmp_path):
+    import qat
+    from spinquant import rotation
+    cfg = {"name": "spinquant", "steps": 1, "progress": False, "train_quant": "auto", "save": str(tmp_path / "r.pt")}
+    rotation.apply(make_tiny("llama", hidden=48), cfg, torch.randint(0, 128, (2, 16)),
+                   target=QuantConfig.from_dict({"scheme": "W4A4KV4", "method": "gptq"}))
+    model = rotation.apply(make_tiny("llama", hidden=48), {"name": "spinquant", "load": str(tmp_path / "r.pt")})
+    qat.check_rotation_spec(model, QuantConfig.from_dict({"scheme": "W4A4KV4"}))  # same A/KV bits: fine
+    with pytest.raises(ValueError, match="QAT spec A8KV16 disagrees with the rotation .*r.pt, learned for A4KV4"):
+        qat.check_rotation_spec(model, QuantConfig.from_dict({"scheme": "W4A8"}))

@@ -91,6 +91,9 @@ SCHEMES: dict[str, QuantConfig] = {
     "W4A16-g128": QuantConfig(weight=_w(4, 128, clip="mse"), scheme="W4A16-g128"),
     # Meta's on-device Llama 3.2 recipe: int4 sym g32 weights, int8 asym per-token dynamic activations.
     "W4A8": QuantConfig(weight=_w(4, 32, clip="mse"), act=_a(8), scheme="W4A8"),
+    # weight-only low-bit rows of the QAT table (group 64)
+    "W3A16-g64": QuantConfig(weight=_w(3, 64, clip="mse"), scheme="W3A16-g64"),
+    "W2A16-g64": QuantConfig(weight=_w(2, 64, clip="mse"), scheme="W2A16-g64"),
     # the rotation table's middle column: per-channel int4 weights, int8 activations and KV cache
     "W4A8KV8": QuantConfig(weight=_w(4, clip="mse"), act=_a(8),
                            kv=QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True),
