@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     t = time.time()
     rotation.apply(model, config["rotation"], rot_calib, target=qcfg)
     rotation_s = time.time() - t
-    if rank != 0:
+    if rank != 0 and cfg.qat.name == "none":
         return {}
     t = time.time()
     qat_stats = None
@@ -78,6 +78,8 @@ def run(cfg: DictConfig) -> dict:
         qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
                             run_config=config)
     quant_s = time.time() - t
+    if rank != 0:  # QAT trained on every process; evaluation and the row are the main process's
+        return {}
 
     metrics: dict = {"ppl": {}, "ppl_detail": {}}
     with PeakMemory(device) as mem:
