@@ -239,3 +239,16 @@ def test_gptq_hessian_is_built_from_the_online_transformed_input_on_a_real_model
     err = {k: ((xt @ W.T - xt @ gptq(W.float(), spec, H.float()).dequantize(torch.float64).T).norm() / (xt @ W.T).norm()).item()
            for k, H in (("transformed", H_t), ("raw", H_raw))}
     assert err["transformed"] < 0.9 * err["raw"], err
+
+
+def test_spinquant_trains_a_bfloat16_model_and_keeps_its_function():
+    from spinquant import rotation
+    model = make_tiny("llama", hidden=48, intermediate=128).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16))
+    ref = _logits(model, ids).float()
+    cfg = {"name": "spinquant", "steps": 2, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
+    rotation.apply(model, cfg, torch.randint(0, 128, (4, 16)))
+    assert model.spinquant_stats["orthogonality_error"] < 1e-4
+    out = _logits(model, ids).float()
+    assert model.model.layers[0].self_attn.q_proj.act_spec is None  # training-time quantizers removed
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding only

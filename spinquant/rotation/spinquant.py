@@ -27,7 +27,9 @@ from .fuse import (
     add_qk_hadamard,
     check_sizes,
     fuse_norms,
+    rotate_heads,
     rotate_model,
+    rotate_residual,
     rotate_o_heads,
     rotate_reader,
     rotate_v_bias,
@@ -77,6 +79,8 @@ def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
     a = get_adapter(model)
     out = {}
     hd = a.head_dim(model)
+    dtype = base[a.embed + ".weight"].dtype  # rotate in the model's dtype (bf16 for large models)
+    R1, R2s = R1.to(dtype), [R2.to(dtype) for R2 in R2s]
 
     def wq(W):
         return fake_quantize(W, weight_spec) if weight_spec is not None and weight_spec.enabled else W
@@ -127,6 +131,7 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: Quant
     if cfg.get("load"):
         R1, R2s, meta = load_rotations(cfg["load"], model, with_meta=True)
         stats = {"loaded_from": str(cfg["load"]), "train_quant": meta.get("train_quant")}
+        rotate_model(model, R1.double(), [r.double() for r in R2s], fallback, cfg.get("r3", True), cfg.get("r4", True))
     else:
         if calib is None:
             raise ValueError("spinquant needs calibration token ids to learn rotations (or rotation.load=<file>)")
@@ -136,10 +141,12 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: Quant
                 raise ValueError("rotation.train_quant=auto needs the target quantization config; pass target= "
                                  "or give train_quant explicitly (e.g. {scheme: W4A4KV4, weight: {bits: 16}})")
             tq = train_quant_for(target)
+        # trains on `model` itself (norms folded, online Hadamards in place): no second copy of the weights
         R1, R2s, stats = _train(model, {**cfg, "train_quant": tq}, calib, seed, fallback, hidden, hd, n_layers)
+        rotate_residual(model, R1.double())
+        rotate_heads(model, [r.double() for r in R2s])
         if cfg.get("save") and _data_parallel()[0] == 0:
             save_rotations(cfg["save"], R1, R2s, fingerprint, stats)
-    rotate_model(model, R1.double(), [r.double() for r in R2s], fallback, cfg.get("r3", True), cfg.get("r4", True))
     model.spinquant_stats = stats
     return model
 
@@ -162,11 +169,22 @@ def _data_parallel():
     return state.process_index, state.num_processes, state.device
 
 
+def _strip_quantizers(model) -> None:
+    """Remove the training-time activation / KV quantizers; the linears stay FP (QuantLinear, no qweight)."""
+    a = get_adapter(model)
+    for layer in a.decoder_layers(model):
+        for lin in a.layer_linears(layer).values():
+            lin.act_spec = None
+        a.attention(layer).kv_quantizer = None
+    if hasattr(model, "quant_config"):
+        del model.quant_config
+
+
 def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
-    import copy
+    """Learn (R1, R2s) on `model`, which it leaves with norms folded and R3/R4 in place (FP function kept)."""
     torch.manual_seed(seed)
     rank, world, dp_device = _data_parallel()
-    work = copy.deepcopy(model)  # a scratch copy carries the training-time quantizers
+    work = model
     if dp_device is not None:
         work.to(dp_device)
     fuse_norms(work)
@@ -177,6 +195,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     tq = QuantConfig.from_dict(dict(cfg["train_quant"]))
     weight_spec = tq.weight
     quantize_(work, QuantConfig(act=tq.act, kv=tq.kv), progress=False)  # activation / KV quantizers only
+    requires = {n: p.requires_grad for n, p in work.named_parameters()}
     for p in work.parameters():
         p.requires_grad_(False)
     base = {k: v.detach() for k, v in work.named_parameters()}
@@ -209,10 +228,12 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
         opt.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    _strip_quantizers(work)
+    for n, p in work.named_parameters():
+        p.requires_grad_(requires.get(n, False))
     err = max(orthogonality_error(R) for R in rotations)
     stats = {"steps": steps, "lr": float(cfg.get("lr", 1.5)), "batch_size": bs * world, "processes": world,
              "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "train_s": time.time() - t0,
              "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "orthogonality_error": err,
              "train_quant": tq.to_dict()}
-    del work
     return R1.detach().cpu(), [r.detach().cpu() for r in R2s], stats
