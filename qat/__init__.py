@@ -6,7 +6,7 @@ import copy
 
 from .fake_quant import FakeQuantLinear, QATConfig, convert, prepare
 from .lora import LoRA
-from .train import TrainConfig, train
+from .loop import TrainConfig, train
 
 METHODS = ("none", "full", "lora")
 __all__ = ["FakeQuantLinear", "LoRA", "QATConfig", "TrainConfig", "check_rotation_spec", "convert", "prepare", "run",

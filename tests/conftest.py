@@ -32,3 +32,24 @@ def tiny_llama():
 def stories():
     from spinquant.models import load
     return load("stories260k")
+
+
+def _distributed_entry(rank, fn, world, port, args):
+    import os
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    fn(*args)
+
+
+def run_distributed(fn, *args, nprocs: int = 2) -> None:
+    """Run fn(*args) in `nprocs` fresh (spawned) processes with torchrun's environment, as
+    `torchrun --nproc_per_node nprocs` would: accelerate / torch.distributed set themselves up from it.
+    Spawned, not forked: a fork of a process that already ran OpenMP work can hang."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_distributed_entry, args=(fn, nprocs, port, args), nprocs=nprocs, start_method="spawn")

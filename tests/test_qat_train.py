@@ -2,10 +2,10 @@
 the same global batch; distillation and bad batch sizes."""
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, run_distributed
 
 from qat.fake_quant import QATConfig, prepare
-from qat.train import TrainConfig, train
+from qat.loop import TrainConfig, train
 from spinquant.quant import QuantConfig
 
 TOKENS = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(0))
@@ -28,7 +28,7 @@ def _trainable(model):
 
 
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
-    import qat.train as qt
+    import qat.loop as qt
     full, _ = train(_model(), TOKENS, _cfg(out_dir=str(tmp_path / "a")))
     real = qt.batch_for_step
 
@@ -49,20 +49,20 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
     assert not all(torch.allclose(a[k], fresh[k]) for k in a)
 
 
-def _train_in_rank(out):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    model, _ = train(_model("full"), TOKENS, _cfg())
-    torch.save(_trainable(model), f"{out}/rank{dist.get_rank()}.pt")
+def _train_in_rank(out, mode):
+    import os
+    model, st = train(_model(mode), TOKENS, _cfg())
+    torch.save({**_trainable(model), "processes": st["processes"]}, f"{out}/rank{os.environ['RANK']}.pt")
 
 
-def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    from accelerate import debug_launcher
-    debug_launcher(_train_in_rank, args=(str(tmp_path),), num_processes=2)
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
+    run_distributed(_train_in_rank, str(tmp_path), mode)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    one, _ = train(_model("full"), TOKENS, _cfg())
+    assert r0.pop("processes") == 2 and r1.pop("processes") == 2  # really data-parallel
+    one, _ = train(_model(mode), TOKENS, _cfg())
     ref = _trainable(one)
-    before = _trainable(_model("full"))
+    before = _trainable(_model(mode))
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert all(torch.allclose(r0[k], ref[k], atol=1e-5, rtol=1e-4) for k in ref)
     assert any(not torch.allclose(before[k], ref[k]) for k in ref)

@@ -175,8 +175,8 @@ def _train_rotations_in_rank(out_dir):
     """Runs in every process of the 2-process launch below."""
     import torch.distributed as dist
 
-    from spinquant.rotation.spinquant import _train
-    torch.set_num_threads(1)
+    from spinquant.rotation.spinquant import _data_parallel, _train
+    assert _data_parallel()[1] == 2  # joins the process group from torchrun's environment, really 2 processes
     model = make_tiny("llama", hidden=48, intermediate=128)
     calib = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))
     cfg = {"steps": 3, "lr": 1.0, "batch_size": 1, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
@@ -185,10 +185,10 @@ def _train_rotations_in_rank(out_dir):
 
 
 def test_two_process_rotation_training_equals_one_process_with_the_same_global_batch(tmp_path):
-    from accelerate import debug_launcher
+    from conftest import run_distributed
 
     from spinquant.rotation.spinquant import _train
-    debug_launcher(_train_rotations_in_rank, args=(str(tmp_path),), num_processes=2)
+    run_distributed(_train_rotations_in_rank, str(tmp_path))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(r0["R1"], r1["R1"])  # processes stay in sync
     model = make_tiny("llama", hidden=48, intermediate=128)

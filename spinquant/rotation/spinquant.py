@@ -165,7 +165,7 @@ def _data_parallel():
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
     from accelerate import PartialState
-    state = PartialState()  # joins the process group (gloo on CPU, nccl on GPUs)
+    state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group (gloo on CPU, nccl on GPUs)
     return state.process_index, state.num_processes, state.device
 
 

@@ -104,7 +104,10 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
     n_trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    # the scheduler is stepped by hand, once per optimizer step: accelerate's prepared scheduler would step
+    # once per process (it assumes more processes = fewer steps), changing the schedule with the world size
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 
