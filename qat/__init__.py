@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 from .fake_quant import FakeQuantLinear, QATConfig, convert, prepare
-from .lora import LoRA
 from .loop import TrainConfig, train
+from .lora import LoRA
 
 METHODS = ("none", "full", "lora")
 __all__ = ["FakeQuantLinear", "LoRA", "QATConfig", "TrainConfig", "check_rotation_spec", "convert", "prepare", "run",
