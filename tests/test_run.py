@@ -162,3 +162,18 @@ def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_p
     with pytest.raises(ValueError, match="unknown qat method"):
         import qat
         qat.run(None, {"name": "qlora"}, None, None)
+
+
+def test_committed_rotation_table_is_rendered_from_the_committed_rows():
+    import make_tables
+    rows = make_tables.read_rows([ROOT / "paper" / "results" / "rotation"])
+    assert {r["model"] for r in rows} == {"ref-llama", "stories260k"} and len(rows) == 38  # 2 x (FP + 3 x 6)
+    text = make_tables.render_rotation(rows)
+    assert (ROOT / "paper" / "rotation_table.md").read_text() == text
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split("<!-- BEGIN rotation_table -->\n", 1)[1].split("<!-- END rotation_table -->", 1)[0] == text
+    for model in ("ref-llama", "stories260k"):  # the acceptance order at W4A4KV4, per weight quantizer
+        ppl = {(r["method"]["rotation"], r["method"]["weights"]): r["metrics"]["ppl"]["wikitext2"]
+               for r in rows if r["model"] == model and r["scheme"] == "W4A4KV4"}
+        for w in ("rtn", "gptq"):
+            assert ppl[("spinquant", w)] <= ppl[("quarot", w)] <= ppl[("none", w)], (model, w)
