@@ -252,3 +252,15 @@ def test_spinquant_trains_a_bfloat16_model_and_keeps_its_function():
     out = _logits(model, ids).float()
     assert model.model.layers[0].self_attn.q_proj.act_spec is None  # training-time quantizers removed
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding only
+
+
+@pytest.mark.parametrize("name", ["quarot", "spinquant"])
+def test_rotating_an_unsupported_family_is_a_clear_error(name):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from spinquant import rotation
+    from spinquant.models import UnsupportedModelError
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
+        rotation.apply(model, {"name": name, "steps": 1}, torch.randint(0, 64, (2, 8)),
+                       target=QuantConfig.from_dict({"scheme": "W4A4KV4"}))
