@@ -90,13 +90,31 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Q
     return ((qg - zero) * scale).reshape(q.shape).to(dtype)
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """dequant(quant(x)) with the clipped STE gradient, saving only a boolean mask for backward (not the
+    float32 intermediates autograd would keep): activation memory in training stays ~x's own size."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        scale, zero = compute_qparams(x.detach(), spec)
+        xg = _group_view(x, spec).float()
+        v = torch.round(xg / scale) + zero
+        inside = (v >= spec.qmin) & (v <= spec.qmax)
+        ctx.save_for_backward(inside.reshape(x.shape))
+        return ((v.clamp(spec.qmin, spec.qmax) - zero) * scale).reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    """x -> dequant(quant(x)) with parameters computed from x itself (dynamic / RTN), clipped STE gradient.
+    """x -> dequant(quant(x)) with parameters computed from x itself (dynamic / RTN), clipped STE gradient
+    (1 where x's code is inside [qmin, qmax], 0 where it clamps; none to the scale).
 
     Returns x unchanged when the spec is None or 16-bit, so W16A16 is exactly the FP model.
     """
     if spec is None or not spec.enabled:
         return x
-    scale, zero = compute_qparams(x.detach(), spec)
-    xg = _group_view(x, spec)
-    return fake_quant_grouped(xg.float(), scale, zero, spec.qmin, spec.qmax).reshape(x.shape).to(x.dtype)
+    return _FakeQuantSTE.apply(x, spec)
