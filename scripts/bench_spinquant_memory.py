@@ -5,7 +5,9 @@
 Builds a Llama-shaped model with random weights (memory does not depend on weight values) in bf16,
 trains R1/R2 for a few steps at W16A4KV4 (the recipe before GPTQ) on one sequence of `--seq-len` random
 tokens, and records the process's peak RSS (VmHWM) against the weight bytes, so that the cost can be
-extrapolated: peak ≈ weights + rotated weight copy (kept for backward) + activations.
+extrapolated: peak ≈ weights + rotated weight copy (kept for backward) + activations. With --steps 1
+it also sums the bytes autograd saves for backward (storages other than the model's weights): the
+part a GPU must hold on top of the weights, free of CPU allocator effects.
 """
 from __future__ import annotations
 
@@ -52,13 +54,25 @@ def main(argv=None):
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     base = _rss("VmRSS")
     calib = torch.randint(0, args.vocab, (4, args.seq_len))
+    weight_ptrs = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    saved: dict[int, int] = {}  # storage -> bytes of every tensor autograd keeps for backward (all steps)
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weight_ptrs:
+            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
     t = time.time()
-    rotation.apply(model, {"name": "spinquant", "steps": args.steps, "progress": False, "train_quant": "auto"}, calib,
-                   target=QuantConfig.from_dict({"scheme": "W4A4KV4", "method": "gptq"}))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        rotation.apply(model, {"name": "spinquant", "steps": args.steps, "progress": False, "train_quant": "auto"},
+                       calib, target=QuantConfig.from_dict({"scheme": "W4A4KV4", "method": "gptq"}))
     peak = _rss("VmHWM")
     out = {"config": vars(args) | {"out": None}, "dtype": "bfloat16", "weight_bytes": weight_bytes,
            "rss_before_bytes": base, "peak_rss_bytes": peak, "training_overhead_bytes": peak - base,
-           "overhead_vs_weights": (peak - base) / weight_bytes, "train_s": time.time() - t, "git_rev": git_rev(),
+           "overhead_vs_weights": (peak - base) / weight_bytes,
+           # exact, device-independent: what autograd holds for one backward (steps=1), beyond the weights
+           "saved_for_backward_bytes": sum(saved.values()) if args.steps == 1 else None, "train_s": time.time() - t, "git_rev": git_rev(),
            "torch": torch.__version__}
     print(json.dumps(out, indent=1))
     if args.out:
