@@ -72,8 +72,8 @@ def main(argv=None):
            "rss_before_bytes": base, "peak_rss_bytes": peak, "training_overhead_bytes": peak - base,
            "overhead_vs_weights": (peak - base) / weight_bytes,
            # exact, device-independent: what autograd holds for one backward (steps=1), beyond the weights
-           "saved_for_backward_bytes": sum(saved.values()) if args.steps == 1 else None, "train_s": time.time() - t, "git_rev": git_rev(),
-           "torch": torch.__version__}
+           "saved_for_backward_bytes": sum(saved.values()) if args.steps == 1 else None,
+           "train_s": time.time() - t, "git_rev": git_rev(), "torch": torch.__version__}
     print(json.dumps(out, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
