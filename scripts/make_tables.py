@@ -60,6 +60,9 @@ def render(rows: list[dict]) -> str:
         head = ["Scheme", "Method", "W groups"] + [f"PPL {d}" for d in datasets]
         head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
         head += ["Size (MB)", "× FP size"]
+        trained = any("qat_train" in r["metrics"] for r in mrows)
+        if trained:  # QAT rows: what the training cost
+            head += ["Train tokens", "Trainable params", "Wall s"]
         rule = "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"
         lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", rule]
         for r in mrows:
@@ -71,6 +74,10 @@ def render(rows: list[dict]) -> str:
             cells.append(f"{size / 1e6:.2f}" if size else "–")
             fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
             cells.append(f"{size / fps:.3f}" if size and fps else "–")
+            if trained:
+                qt = r["metrics"].get("qat_train") or {}
+                cells += [f"{qt['train_tokens'] / 1e6:.2f}M" if qt else "–",
+                          f"{qt['trainable_params'] / 1e6:.2f}M" if qt else "–", f"{r['metrics'].get('wall_s', 0):.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if any(_fallback(r) for r in mrows):
             lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "

@@ -177,3 +177,16 @@ def test_committed_rotation_table_is_rendered_from_the_committed_rows():
                for r in rows if r["model"] == model and r["scheme"] == "W4A4KV4"}
         for w in ("rtn", "gptq"):
             assert ppl[("spinquant", w)] <= ppl[("quarot", w)] <= ppl[("none", w)], (model, w)
+
+
+def test_qat_rows_get_training_cost_columns():
+    import make_tables
+    fp = _fake_row("none", "none", 16, 16, 16, 10.0, "a")
+    q = {**_fake_row("none", "rtn", 4, 8, 16, 11.0, "b"), "scheme": "W4A8"}
+    q["method"]["qat"] = "lora"
+    q["metrics"] |= {"qat_train": {"train_tokens": 819200, "trainable_params": 651264}, "wall_s": 600.4}
+    fp["scheme"] = "W16A16"
+    lines = make_tables.render([fp, q]).splitlines()
+    assert lines[2].endswith("| Train tokens | Trainable params | Wall s |")
+    assert lines[5].startswith("| W4A8 | rtn+lora |") and lines[5].endswith("| 0.82M | 0.65M | 600 |")
+    assert lines[4].endswith("| – | – | 0 |")
