@@ -1,0 +1,61 @@
+"""Real low-bit execution: `pack(model)` swaps the fake-quant modules for packed ones (in place).
+
+The fake-quant path decides accuracy; the packed path reproduces it (to bf16 rounding, tested) and is
+what size, memory and speed are measured on.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..quant.apply import _set
+from ..quant.linear import QuantEmbedding, QuantLinear
+from .linear import KERNELS, PackedEmbedding, PackedLinear, choose_kernel, token_codes
+
+__all__ = ["KERNELS", "PackedEmbedding", "PackedLinear", "choose_kernel", "kernel_summary", "pack", "token_codes"]
+
+
+def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
+    """Quantized model (after `quantize_` or `qat.convert`) -> packed model computing in `dtype` (in place).
+
+    QuantLinear with integer weights -> PackedLinear, QuantEmbedding -> PackedEmbedding; everything else
+    (norms, 16-bit linears, an unquantized embedding) is cast to `dtype`. An int8 lm_head and embedding
+    holding the same codes (a tied model at 8 bit) share one table.
+    """
+    if not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("pack() needs a quantized model: run spinquant.quant.quantize_ (or qat.convert) first")
+    for p in model.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    from tqdm.auto import tqdm
+    for name, m in tqdm(targets, desc="pack", disable=not progress):
+        if isinstance(m, QuantEmbedding):
+            _set(model, name, PackedEmbedding.from_quant_embedding(m, dtype))
+        elif m.qweight is not None:
+            _set(model, name, PackedLinear.from_quant_linear(m))
+    share_tied_table(model)
+    model.packed_dtype = dtype
+    return model
+
+
+def share_tied_table(model: nn.Module) -> bool:
+    """Let an int8 embedding use the lm_head's int8 table when both hold the same codes and scales."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not (isinstance(emb, PackedEmbedding) and isinstance(head, PackedLinear) and head.kernel == "int8"):
+        return False
+    if emb.zero is not None or head.k_pad != head.in_features or emb.codes.shape != head.w_int8.shape:
+        return False
+    if torch.equal(emb.codes, head.w_int8) and torch.equal(emb.scale[:, 0], head.w_scale):
+        emb.codes = head.w_int8
+        return True
+    return False
+
+
+def kernel_summary(model: nn.Module) -> dict[str, int]:
+    """How many linears run on each kernel, e.g. {'int4': 112, 'int8': 1}."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            out[m.kernel] = out.get(m.kernel, 0) + 1
+    return out

@@ -1,0 +1,279 @@
+"""Packed linear / embedding modules: weights held at their real bit-width, computed by real kernels.
+
+`PackedLinear.from_quant_linear(ql)` takes a fake-quant `QuantLinear` (its integer codes and scales) and
+picks a kernel for its spec:
+
+| kernel  | weights                                   | activations             | op                           |
+|---------|-------------------------------------------|-------------------------|------------------------------|
+| `int4`  | <= 4 bits, per-channel or g32/64/128/256  | 16-bit, or int codes    | `_weight_int4pack_mm_for_cpu` |
+| `int8`  | 5-8 bits, per-channel, symmetric          | int8 per-token, >= 16 tokens | `torch._int_mm` (exact int32) |
+| `int8`  | 5-8 bits, per-channel, symmetric          | 16-bit, or < 16 tokens  | `_weight_int8pack_mm`         |
+| `dequant` | anything else (the reference path)      | as the spec says        | dequantize + `F.linear`       |
+
+Quantized activations are computed exactly as the fake-quant path does (same per-token scales and
+codes); with int4 weights the integer codes enter the kernel as bf16 (exact: |code| <= 255) and the
+per-token scale is applied to the output. Odd shapes are zero-padded to what the ops accept.
+`reference(x)` recomputes the same function densely in float32 (what the tests compare against).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quant.linear import QuantEmbedding, QuantLinear
+from ..quant.quantizer import compute_qparams
+from ..quant.spec import QuantSpec
+from . import cpu
+
+KERNELS = ("int4", "int8", "dequant")
+INT_MM_MIN_TOKENS = 16  # below this many tokens (decode) int8 weights run through _weight_int8pack_mm instead
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def token_codes(x: torch.Tensor, spec: QuantSpec):
+    """Per-token codes of x [M, K] under `spec` (as `fake_quantize` computes them): (v, zero, scale), v float
+    integer-valued in [qmin, qmax] [M, K], zero and scale [M, 1]; x ≈ (v - zero)·scale."""
+    scale, zero = compute_qparams(x, spec)  # [M, 1, 1] for per-token
+    scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    v = torch.clamp(torch.round(x.float() / scale) + zero, spec.qmin, spec.qmax)
+    return v, zero, scale
+
+
+def choose_kernel(w_spec: QuantSpec, in_features: int, act_spec: QuantSpec | None) -> str:
+    if not w_spec.enabled:
+        return "dequant"
+    if w_spec.bits <= 4 and (w_spec.granularity == "channel" or
+                             (w_spec.granularity == "group" and w_spec.group_size in cpu.INT4_GROUPS)):
+        return "int4"
+    if w_spec.bits <= 8 and w_spec.granularity == "channel" and w_spec.symmetric:
+        return "int8"
+    return "dequant"
+
+
+class PackedLinear(nn.Module):
+    """y = W_q · a + b with a real low-bit kernel; x [..., in] -> y [..., out] (x's dtype).
+
+    Buffers depend on the kernel (see the module docstring); `export_tensors()` / `from_export()` give the
+    portable form that `spinquant.export` writes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec, act_spec: QuantSpec | None,
+                 kernel: str, bias: torch.Tensor | None = None):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; available: {KERNELS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_spec, self.kernel = w_spec, kernel
+        self.act_spec = act_spec if act_spec is not None and act_spec.enabled else None
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
+        self.input_transform: nn.Module | None = None
+        self.adapter: nn.Module | None = None
+        self.group = self.k_pad = self.n_pad = None
+
+    # ---- building ---------------------------------------------------------------------------------
+    @classmethod
+    def from_quant_linear(cls, ql: QuantLinear, kernel: str | None = None) -> "PackedLinear":
+        qw = ql.qweight
+        if qw is None:
+            raise ValueError(f"{ql} has no quantized weight to pack (16-bit linears stay nn.Linear)")
+        spec = qw.spec
+        kernel = kernel or choose_kernel(spec, ql.in_features, ql.act_spec)
+        m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
+        N, K = ql.out_features, ql.in_features
+        codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
+        if spec.granularity == "tensor":
+            scale, zero = scale.expand(N, 1), zero.expand(N, 1)
+        if kernel == "int4":
+            # unsigned code u = c + off centred on 8, so the kernel's bf16 float zero (8 - zero - off)·s stays small
+            off = 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
+            m._set_int4(codes + off, scale, (8 - zero - off) * scale)
+        elif kernel == "int8":
+            if choose_kernel(spec, K, None) != "int8":
+                raise ValueError(f"kernel int8 needs symmetric per-channel weights of 5-8 bits, got {spec.short()}")
+            m._set_int8(codes.to(torch.int8), scale[:, 0])
+        else:
+            m.register_buffer("weight", qw.dequantize(torch.float32).to(torch.bfloat16))
+        m.input_transform = ql.input_transform
+        m.adapter = ql.adapter
+        return m
+
+    def _set_int4(self, u: torch.Tensor, scale: torch.Tensor, zero_f: torch.Tensor) -> None:
+        """u [N, K] unsigned 4-bit codes; scale, zero_f [N, G] with dequant = (u - 8)·scale + zero_f per group."""
+        N, K = u.shape
+        G = scale.shape[1]
+        if G == 1:  # per-channel: pad K to a multiple of 32 and repeat the scale over kernel-sized groups
+            self.k_pad = _ceil(K, 32)
+            self.group = next(g for g in cpu.INT4_GROUPS if self.k_pad % g == 0)
+        else:
+            self.k_pad, self.group = K, K // G
+        self.n_pad = _ceil(N, cpu.INT4_N_MULTIPLE)
+        reps = self.reps = self.k_pad // self.group // G
+        s = F.pad(scale.repeat_interleave(reps, 1), (0, 0, 0, self.n_pad - N), value=1.0)
+        z = F.pad(zero_f.repeat_interleave(reps, 1), (0, 0, 0, self.n_pad - N))
+        u = F.pad(u, (0, self.k_pad - K, 0, self.n_pad - N), value=8)  # padded inputs are zero anyway
+        self.register_buffer("packed", cpu.pack_int4(u))
+        self.register_buffer("scales_zeros", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
+
+    def _set_int8(self, w: torch.Tensor, scale: torch.Tensor) -> None:
+        """w [N, K] int8 codes, scale [N] (symmetric per-channel); K zero-padded for the ops."""
+        N, K = w.shape
+        self.k_pad = _ceil(K, cpu.INT8_K_MULTIPLE)
+        self.register_buffer("w_int8", F.pad(w, (0, self.k_pad - K)).contiguous())
+        self.register_buffer("colsum", w.to(torch.int32).sum(1))
+        self.register_buffer("w_scale", scale.float())
+        self.register_buffer("w_scale_bf16", scale.to(torch.bfloat16), persistent=False)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        a = self.act_spec
+        v = z = s = None
+        if a is not None:
+            v, z, s = token_codes(x, a)
+        if self.kernel == "int4":
+            xin = (v - z) if a is not None else x
+            xin = F.pad(xin.to(torch.bfloat16), (0, self.k_pad - self.in_features))
+            y = cpu.int4_mm(xin, self.packed, self.group, self.scales_zeros)[:, :self.out_features].float()
+            if a is not None:
+                y = y * s
+        elif self.kernel == "int8" and a is not None and a.bits <= 8 and x.shape[0] >= INT_MM_MIN_TOKENS:
+            shift = -128 - a.qmin  # codes v + shift fit int8; x = (v + shift - (shift + zero))·s
+            xq = F.pad((v + shift).to(torch.int8), (0, self.k_pad - self.in_features))
+            acc = cpu.int8_int8_mm(xq, self.w_int8.t()) - (z + shift).to(torch.int32) * self.colsum
+            y = acc.float() * s * self.w_scale
+        elif self.kernel == "int8":  # 16-bit activations, or too few tokens for _int_mm to pay off (decode)
+            xin = ((v - z) * s) if a is not None else x
+            xin = F.pad(xin.to(torch.bfloat16), (0, self.k_pad - self.in_features))
+            y = cpu.int8_weight_mm(xin, self.w_int8, self.w_scale_bf16).float()
+        else:
+            xin = ((v - z) * s) if a is not None else x
+            y = F.linear(xin.to(self.weight.dtype), self.weight).float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if self.adapter is not None:
+            y = y + self.adapter(((v - z) * s) if a is not None else x.float()).float()
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    # ---- the portable form ------------------------------------------------------------------------
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Device- and layout-independent tensors (what `spinquant.export` writes), weights at their bit-width:
+        int4: qweight uint8 [out, ceil(in/2)] (two codes a byte, low nibble first; u = code + 8 - offset),
+        scale bf16 [out, groups] and, if asymmetric, zero bf16 [out, groups] with w = (u - 8)·scale + zero;
+        int8: qweight int8 [out, in], scale float32 [out]; dequant: weight bf16 [out, in]."""
+        N, K = self.out_features, self.in_features
+        out = {} if self.bias is None else {"bias": self.bias}
+        if self.kernel == "int4":
+            u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K]
+            u = F.pad(u, (0, K % 2), value=8)
+            out["qweight"] = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+            sz = self.scales_zeros[::self.reps, :N]  # one entry per spec group
+            out["scale"] = sz[..., 0].t().contiguous()
+            if not self.w_spec.symmetric:
+                out["zero"] = sz[..., 1].t().contiguous()
+        elif self.kernel == "int8":
+            out["qweight"] = self.w_int8[:, :K].contiguous()
+            out["scale"] = self.w_scale
+        else:
+            out["weight"] = self.weight
+        return out
+
+    @classmethod
+    def from_export(cls, t: dict[str, torch.Tensor], in_features: int, out_features: int, w_spec: QuantSpec,
+                    act_spec: QuantSpec | None, kernel: str) -> "PackedLinear":
+        """Inverse of `export_tensors` (shapes already checked by the caller)."""
+        m = cls(in_features, out_features, w_spec, act_spec, kernel, t.get("bias"))
+        N, K = out_features, in_features
+        if kernel == "int4":
+            q = t["qweight"]
+            u = torch.stack([q & 0xF, q >> 4], -1).reshape(N, -1)[:, :K].to(torch.int32)
+            scale = t["scale"].float()
+            zero = t["zero"].float() if "zero" in t else torch.zeros_like(scale)
+            m._set_int4(u, scale, zero)  # bf16 -> float32 -> bf16 is exact: the same kernel tensors as saved
+        elif kernel == "int8":
+            m._set_int8(t["qweight"], t["scale"])
+        else:
+            m.register_buffer("weight", t["weight"].to(torch.bfloat16))
+        return m
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
+        N, K = self.out_features, self.in_features
+        if self.kernel == "int4":
+            u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad).float()
+            sz = self.scales_zeros.float()  # [K/g, N, 2]
+            s = sz[..., 0].t().repeat_interleave(self.group, 1)
+            zf = sz[..., 1].t().repeat_interleave(self.group, 1)
+            return ((u - 8) * s + zf)[:N, :K]
+        if self.kernel == "int8":
+            return self.w_int8[:, :K].float() * self.w_scale[:, None]
+        return self.weight.float()
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in float32 with a dense dequantized weight (no kernel)."""
+        x = x.reshape(-1, self.in_features).float()
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        if self.act_spec is not None:
+            v, z, s = token_codes(x, self.act_spec)
+            x = (v - z) * s
+        y = x @ self.dequantized_weight().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if self.adapter is not None:
+            y = y + self.adapter(x).float()
+        return y
+
+    def extra_repr(self) -> str:
+        a = self.act_spec.short() if self.act_spec else "16-bit"
+        return f"in={self.in_features}, out={self.out_features}, w={self.w_spec.short()}, a={a}, kernel={self.kernel}"
+
+
+class PackedEmbedding(nn.Module):
+    """Embedding table stored as int8 codes [V, D] with per-row scale (and zero): ids -> rows [..., D].
+
+    Storage form: codes int8, rows = (codes - zero)·scale; asymmetric codes are shifted into int8's range
+    by `from_codes` (zero shifted alike)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if spec.granularity not in ("channel", "tensor"):
+            raise ValueError(f"packed embedding needs a per-row (channel) spec, got {spec.short()}")
+        if codes.dtype != torch.int8:
+            raise ValueError(f"packed embedding codes must be int8 (storage form), got {codes.dtype}")
+        self.spec, self.dtype = spec, dtype
+        self.num_embeddings, self.embedding_dim = codes.shape
+        V = codes.shape[0]
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.reshape(-1, 1).float().expand(V, 1).contiguous())
+        self.register_buffer("zero", None if zero is None else zero.reshape(-1, 1).float().expand(V, 1).contiguous())
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, spec: QuantSpec, dtype=torch.bfloat16) -> "PackedEmbedding":
+        """From quantizer output: codes in [qmin, qmax] (any int dtype), zero None when symmetric."""
+        off = -(spec.qmin + 2 ** (spec.bits - 1))  # asymmetric codes [0, 2^b) are shifted into int8's range
+        if spec.symmetric != (zero is None):
+            raise ValueError("zero points are needed exactly when the embedding spec is asymmetric")
+        return cls((codes.to(torch.int32) + off).to(torch.int8), scale, None if zero is None else zero.float() + off,
+                   spec, dtype)
+
+    @classmethod
+    def from_quant_embedding(cls, qe: QuantEmbedding, dtype=torch.bfloat16) -> "PackedEmbedding":
+        qw = qe.qweight
+        return cls.from_codes(qw.codes, qw.scale, None if qw.spec.symmetric else qw.zero, qw.spec, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.codes).float()
+        if self.zero is not None:
+            rows = rows - F.embedding(ids, self.zero)
+        return (rows * F.embedding(ids, self.scale)).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.short()}"
