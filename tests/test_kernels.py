@@ -179,3 +179,28 @@ def test_stories260k_packs_and_keeps_perplexity(stories):
     assert "dequant" not in kernel_summary(model)
     pk = perplexity(model, tok, "wikitext2", seq_len=256, max_windows=4, progress=False).ppl
     assert abs(pk - fq) / fq < 5e-3, (fq, pk)
+
+
+@pytest.mark.parametrize("scheme,kv_bits", [("W4A4KV4", 4), ("W4A8KV8", 8)])
+def test_packed_kv_cache_decode_equals_full_forward(scheme, kv_bits):
+    """Prefill + token-by-token decode through the packed KV cache gives the logits of one full forward of the
+    fake-quant model (which quantizes K/V after RoPE and R3), and stores K/V at their bit-width."""
+    from spinquant import rotation
+    from spinquant.kernels.kv_cache import PackedKVLayer, cache_nbytes, packed_kv_cache
+    model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
+    rotation.apply(model, {"name": "quarot", "seed": 0})  # R3 on Q/K: the cache must store transformed keys
+    quantize_(model, QuantConfig.from_dict({"scheme": scheme}), progress=False)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        cache = packed_kv_cache(model)
+        assert all(isinstance(layer, PackedKVLayer) for layer in cache.layers)
+        steps = [model(ids[:, :16], past_key_values=cache, use_cache=True).logits]
+        for t in range(16, 24):
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    got = torch.cat(steps, dim=1)
+    assert _rel(got, want) < 1e-5
+    hd, kvh, layers = 16, 2, 2
+    fp16_bytes = 2 * layers * 2 * kvh * 24 * hd * 2  # K and V, batch 2, 24 tokens, 16-bit
+    assert 0 < cache_nbytes(cache) < fp16_bytes * (kv_bits + 2 * 32 / hd) / 16 + 1  # codes + fp32 scale/zero per token
+    assert cache.get_seq_length() == 24

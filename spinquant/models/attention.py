@@ -4,7 +4,7 @@ and after the KV cache update (so they see exactly what attention consumes):
 - `module.qk_transform(t)`: applied to queries and keys [b, heads, seq, head_dim] (online R3 rotation);
 - `module.kv_quantizer(k, v) -> (k, v)`: fake-quantizes keys and values (KV-cache quantization).
 
-With neither hook set, it is exactly sdpa.
+With neither hook set, it is exactly sdpa. K/V coming from a packed KV cache already went through both.
 """
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ NAME = "spinquant"
 
 
 def spinquant_attention(module, query, key, value, attention_mask, **kwargs):
+    # K/V from a packed KV cache (spinquant.kernels.kv_cache) were transformed and quantized on entry
+    done = getattr(key, "_spinquant_kv_done", False)
     transform = getattr(module, "qk_transform", None)
     if transform is not None:
-        query, key = transform(query), transform(key)
+        query = transform(query)
+        key = key if done else transform(key)
     kvq = getattr(module, "kv_quantizer", None)
-    if kvq is not None:
+    if kvq is not None and not done:
         key, value = kvq(key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

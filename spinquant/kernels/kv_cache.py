@@ -1,0 +1,113 @@
+"""A KV cache that stores keys and values at their bit-width (int8, or two 4-bit codes a byte) + scales.
+
+The fake-quant path quantizes the whole K/V after every cache update (per head and token, after the R3
+Hadamard); since each token is quantized on its own, quantizing every token once when it enters the
+cache gives the same values. `PackedKVLayer.update` does that: it applies the attention's `qk_transform`
+to the new keys, quantizes both, appends the codes, and returns the dequantized full K/V marked as
+done, so `spinquant_attention` skips its own transform of the keys and its KV quantizer.
+
+    cache = packed_kv_cache(model)
+    model.generate(ids, past_key_values=cache)      # or model(ids, past_key_values=cache, use_cache=True)
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..models.adapter import get_adapter
+from ..quant.quantizer import compute_qparams
+from ..quant.spec import QuantSpec
+
+DONE = "_spinquant_kv_done"  # attribute set on K/V tensors returned by a packed cache
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if old is None else torch.cat([old, new], dim=2)  # along the sequence
+
+
+class _Codes:
+    """Per-token codes of x [b, h, s, d] under spec: packed uint8/int8 storage + float32 scale/zero [b, h, s, G, 1]."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec, self.codes, self.scale, self.zero = spec, None, None, None
+
+    def append(self, x: torch.Tensor) -> None:
+        s = self.spec
+        scale, zero = compute_qparams(x, s)
+        g = x.shape[-1] if s.granularity != "group" else s.group_size
+        xg = x.float().reshape(*x.shape[:-1], -1, g)
+        u = (torch.clamp(torch.round(xg / scale) + zero, s.qmin, s.qmax) - s.qmin).to(torch.uint8).reshape(x.shape)
+        codes = (u[..., 0::2] | (u[..., 1::2] << 4)) if s.bits <= 4 else u
+        self.codes, self.scale, self.zero = _cat(self.codes, codes), _cat(self.scale, scale), _cat(self.zero, zero)
+
+    def values(self, dtype: torch.dtype) -> torch.Tensor:
+        s, c = self.spec, self.codes
+        u = torch.stack([c & 0xF, c >> 4], -1).reshape(*c.shape[:-1], -1) if s.bits <= 4 else c
+        ug = u.float().reshape(*self.scale.shape[:-1], -1)
+        return ((ug + s.qmin - self.zero) * self.scale).reshape(*u.shape).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+
+class PackedKVLayer(DynamicLayer):
+    """One decoder layer's K/V as codes; `update` returns the dequantized full K/V [b, kv_heads, seq, head_dim]."""
+
+    def __init__(self, k_spec: QuantSpec, v_spec: QuantSpec, key_transform=None):
+        super().__init__()
+        for name, s in (("keys", k_spec), ("values", v_spec)):
+            if not s.enabled or s.granularity not in ("token", "channel", "group"):
+                raise ValueError(f"packed KV cache needs a quantized per-token (or grouped) spec for {name}, "
+                                 f"got {s.short()}")
+        self.k_spec, self.v_spec, self.key_transform = k_spec, v_spec, key_transform
+        self.k, self.v = _Codes(k_spec), _Codes(v_spec)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.k, self.v = _Codes(self.k_spec), _Codes(self.v_spec)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.key_transform is not None:
+            key_states = self.key_transform(key_states)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        keys, values = self.k.values(self.dtype), self.v.values(self.dtype)
+        setattr(keys, DONE, True)
+        setattr(values, DONE, True)
+        self._len = keys.shape[-2]  # the codes are the storage; self.keys stays the empty placeholder
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return getattr(self, "_len", 0) if self.is_initialized else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.k, self.v, self._len = _Codes(self.k_spec), _Codes(self.v_spec), 0
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+
+def packed_kv_cache(model) -> Cache:
+    """A cache for `model` with a `PackedKVLayer` wherever attention quantizes K/V (plain layers elsewhere)."""
+    a = get_adapter(model)
+    layers = []
+    for layer in a.decoder_layers(model):
+        attn = a.attention(layer)
+        kvq = getattr(attn, "kv_quantizer", None)
+        layers.append(DynamicLayer() if kvq is None else
+                      PackedKVLayer(kvq.k_spec, kvq.v_spec, getattr(attn, "qk_transform", None)))
+    return Cache(layers=layers)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes the cache holds (codes + scales for packed layers, K/V tensors for plain ones)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, PackedKVLayer):
+            total += layer.nbytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+    return total
