@@ -167,7 +167,6 @@ def _linear_from(tensors, name, d, where) -> PackedLinear:
 
 def load(path: str | os.PathLike, device: str = "cpu"):
     """(packed model, tokenizer or None) from a folder written by `save`; the FP checkpoint is not needed."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -182,9 +181,11 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportFormatError(f"{path / META}: format_version {meta.get('format_version')!r} is not supported by "
                                 f"this spinquant (reads version {FORMAT_VERSION}); upgrade spinquant or re-export")
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types (SafetensorError, HeaderTooLarge, ...)
+    try:  # tensors are read one module at a time, keeping peak memory at the packed model's size
+        tensors = _LazyTensors(path / WEIGHTS)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        if isinstance(e, ExportFormatError):
+            raise
         raise ExportFormatError(f"{path / WEIGHTS} is corrupt or unreadable: {e}") from None
     dtype = DTYPES[meta["dtype"]]
     cfg = dict(meta["model_config"])
@@ -196,6 +197,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     for name, d in mods.items():  # linears first: a shared embedding reads the lm_head's table
         if d["kind"] == "linear":
             _set(model, name, _linear_from(tensors, name, d, where))
+            _trim()
     for name, d in mods.items():
         if d["kind"] != "embedding":
             continue
@@ -213,7 +215,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
                and not _is_tied_copy(model, k)]
     if missing:
         raise ExportFormatError(f"{where}: tensor(s) missing: {missing[:5]}{' …' if len(missing) > 5 else ''}")
-    model.load_state_dict(tensors, strict=False, assign=True)
+    model.load_state_dict(tensors.rest(), strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False) and not isinstance(model.get_output_embeddings(), PackedLinear):
         model.tie_weights()
     _rebuild_meta_buffers(model)
@@ -237,6 +239,57 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
+
+
+class _LazyTensors:
+    """The saved tensors, each read from the file (plain reads, no mmap) when `pop`ped: peak memory stays
+    at the packed model plus one module's buffers, and no file pages are counted in the process's RSS."""
+
+    DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+              "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        self.path, size = path, path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ExportFormatError(f"{path} is corrupt: header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.start, self.entries = 8 + n, header
+        for name, e in header.items():
+            if e.get("dtype") not in self.DTYPES or e["data_offsets"][1] > size - self.start:
+                raise ExportFormatError(f"{path} is corrupt or truncated: tensor {name!r} ({e.get('dtype')}, bytes "
+                                        f"{e['data_offsets']}) lies outside the file's {size - self.start} data bytes")
+        self.names = set(header)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def pop(self, name: str) -> torch.Tensor:
+        self.names.remove(name)
+        e = self.entries[name]
+        a, b = e["data_offsets"]
+        buf = bytearray(b - a)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + a)
+            f.readinto(buf)
+        if not buf:
+            return torch.empty(e["shape"], dtype=self.DTYPES[e["dtype"]])
+        return torch.frombuffer(buf, dtype=self.DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def rest(self) -> dict[str, torch.Tensor]:
+        return {n: self.pop(n) for n in sorted(self.names)}
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so transient unpacking buffers do not pile up in RSS."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _is_tied_copy(model, key: str) -> bool:

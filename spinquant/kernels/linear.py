@@ -122,8 +122,10 @@ class PackedLinear(nn.Module):
         """w [N, K] int8 codes, scale [N] (symmetric per-channel); K zero-padded for the ops."""
         N, K = w.shape
         self.k_pad = _ceil(K, cpu.INT8_K_MULTIPLE)
-        self.register_buffer("w_int8", F.pad(w, (0, self.k_pad - K)).contiguous())
-        self.register_buffer("colsum", w.to(torch.int32).sum(1))
+        self.register_buffer("w_int8", (F.pad(w, (0, self.k_pad - K)) if self.k_pad > K else w).contiguous())
+        # per-row code sums for the activation zero-point correction, in row chunks: a whole-matrix int32 /
+        # int64 copy of a 128K-vocabulary lm_head would be gigabytes of transient memory
+        self.register_buffer("colsum", torch.cat([c.to(torch.int32).sum(1, dtype=torch.int32) for c in w.split(4096)]))
         self.register_buffer("w_scale", scale.float())
         self.register_buffer("w_scale_bf16", scale.to(torch.bfloat16), persistent=False)
 
