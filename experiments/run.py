@@ -102,6 +102,8 @@ def run(cfg: DictConfig) -> dict:
         metrics["rotation_train"] = model.spinquant_stats
     if qat_stats is not None:
         metrics["qat_train"] = qat_stats
+    if cfg.kernels.name != "none":
+        metrics["packed"] = evaluate_packed(model, tok, cfg)
 
     w = qcfg.weight
     row = {
@@ -117,6 +119,33 @@ def run(cfg: DictConfig) -> dict:
     write_row(row, out)
     print(f"[done] {qcfg.label()} {row['method']['weights']}: {json.dumps(metrics['ppl'])} -> {out}")
     return row
+
+
+def evaluate_packed(model, tok, cfg: DictConfig) -> dict:
+    """Pack the quantized model onto real kernels (in place), save it, optionally reload it, and evaluate."""
+    import tempfile
+
+    from spinquant import export, kernels
+    if cfg.kernels.name != "cpu":
+        raise ValueError(f"unknown kernels {cfg.kernels.name!r}; available: none, cpu")
+    if cfg.kernels.dtype not in DTYPES:
+        raise ValueError(f"kernels.dtype must be one of {list(DTYPES)}, got {cfg.kernels.dtype!r}")
+    t = time.time()
+    kernels.pack(model, DTYPES[cfg.kernels.dtype])
+    out = {"kernels": kernels.kernel_summary(model), "dtype": cfg.kernels.dtype, "ppl": {}}
+    with tempfile.TemporaryDirectory() as d:
+        path = export.save(model, cfg.kernels.save or Path(d) / "packed", tok)
+        out["size_on_disk_bytes"] = (path / export.WEIGHTS).stat().st_size
+        if cfg.kernels.save and cfg.kernels.reload:
+            model, _ = export.load(path)
+            out["reloaded_from"] = str(path)
+    out["pack_s"] = time.time() - t
+    for ds in cfg.eval.datasets:
+        r = perplexity(model, tok, ds, cfg.eval.seq_len, cfg.eval.stride, cfg.eval.batch_size, cfg.eval.max_windows,
+                       cfg.data.root, progress=cfg.progress)
+        out["ppl"][ds] = r.ppl
+        print(f"  packed {ds}: ppl {r.ppl:.3f}")
+    return out
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
