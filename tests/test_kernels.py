@@ -204,3 +204,16 @@ def test_packed_kv_cache_decode_equals_full_forward(scheme, kv_bits):
     fp16_bytes = 2 * layers * 2 * kvh * 24 * hd * 2  # K and V, batch 2, 24 tokens, 16-bit
     assert 0 < cache_nbytes(cache) < fp16_bytes * (kv_bits + 2 * 32 / hd) / 16 + 1  # codes + fp32 scale/zero per token
     assert cache.get_seq_length() == 24
+
+
+@pytest.mark.parametrize("spec", [A8, A8S, A4, QuantSpec(bits=6, symmetric=False, granularity="token", dynamic=True,
+                                                           clip_ratio=0.8)])
+def test_token_codes_are_bit_identical_to_fake_quantize(spec):
+    from spinquant.kernels import token_codes
+    from spinquant.quant import fake_quantize
+    x = torch.randn(33, 96) * torch.rand(33, 1) * 5
+    x[4] = 0.0  # an all-zero token
+    x[7, 5] = 300.0
+    v, z, s = token_codes(x, spec)
+    assert torch.equal((v - z) * s, fake_quantize(x, spec))
+    assert v.min() >= spec.qmin and v.max() <= spec.qmax and torch.equal(v, v.round())

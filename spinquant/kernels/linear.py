@@ -35,12 +35,35 @@ def _ceil(n: int, m: int) -> int:
 
 
 def token_codes(x: torch.Tensor, spec: QuantSpec):
-    """Per-token codes of x [M, K] under `spec` (as `fake_quantize` computes them): (v, zero, scale), v float
-    integer-valued in [qmin, qmax] [M, K], zero and scale [M, 1]; x ≈ (v - zero)·scale."""
-    scale, zero = compute_qparams(x, spec)  # [M, 1, 1] for per-token
-    scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
-    v = torch.clamp(torch.round(x.float() / scale) + zero, spec.qmin, spec.qmax)
+    """Per-token codes of x [M, K] under `spec`, exactly as `fake_quantize` computes them: (v, zero, scale), v
+    float integer-valued in [qmin, qmax] [M, K], zero and scale [M, 1]; x ≈ (v - zero)·scale.
+
+    The per-token case (every activation spec of the presets) takes a lean path with the same float
+    operations as `compute_qparams` in the same order (bit-identical), in fewer, in-place ops: at decode
+    time these small ops, not the matmuls, are what the quantized activations cost."""
+    xf = x.float()
+    if spec.granularity not in ("token", "channel") or spec.clip_search != "none":
+        scale, zero = compute_qparams(xf, spec)
+        scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    else:
+        xmin, xmax = torch.aminmax(xf, dim=-1, keepdim=True)
+        xmin, xmax = xmin.clamp_(max=0), xmax.clamp_(min=0)
+        if spec.clip_ratio != 1.0:
+            xmin, xmax = xmin.mul_(spec.clip_ratio), xmax.mul_(spec.clip_ratio)
+        if spec.symmetric:
+            scale = torch.maximum(xmax.abs(), xmin.abs()).div_(spec.qmax)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = (xmax - xmin).div_(spec.qmax)
+            zero = torch.round(-xmin / scale.clamp(min=torch.finfo(scale.dtype).tiny))
+        scale = torch.where(scale > 0, scale, 1.0)
+    v = (xf / scale).round_().add_(zero).clamp_(spec.qmin, spec.qmax)
     return v, zero, scale
+
+
+def _pad_k(x: torch.Tensor, k_pad: int) -> torch.Tensor:
+    """Zero-pad the last dimension to k_pad (no copy when it already is k_pad)."""
+    return x if x.shape[-1] == k_pad else F.pad(x, (0, k_pad - x.shape[-1]))
 
 
 def choose_kernel(w_spec: QuantSpec, in_features: int, act_spec: QuantSpec | None) -> str:
@@ -141,19 +164,19 @@ class PackedLinear(nn.Module):
             v, z, s = token_codes(x, a)
         if self.kernel == "int4":
             xin = (v - z) if a is not None else x
-            xin = F.pad(xin.to(torch.bfloat16), (0, self.k_pad - self.in_features))
-            y = cpu.int4_mm(xin, self.packed, self.group, self.scales_zeros)[:, :self.out_features].float()
+            xin = _pad_k(xin.to(torch.bfloat16), self.k_pad)
+            y = cpu.int4_mm(xin, self.packed, self.group, self.scales_zeros)
+            y = (y if self.n_pad == self.out_features else y[:, :self.out_features]).float()
             if a is not None:
-                y = y * s
+                y = y.mul_(s)
         elif self.kernel == "int8" and a is not None and a.bits <= 8 and x.shape[0] >= INT_MM_MIN_TOKENS:
             shift = -128 - a.qmin  # codes v + shift fit int8; x = (v + shift - (shift + zero))·s
-            xq = F.pad((v + shift).to(torch.int8), (0, self.k_pad - self.in_features))
+            xq = _pad_k((v + shift).to(torch.int8), self.k_pad)
             acc = cpu.int8_int8_mm(xq, self.w_int8.t()) - (z + shift).to(torch.int32) * self.colsum
             y = acc.float() * s * self.w_scale
         elif self.kernel == "int8":  # 16-bit activations, or too few tokens for _int_mm to pay off (decode)
             xin = ((v - z) * s) if a is not None else x
-            xin = F.pad(xin.to(torch.bfloat16), (0, self.k_pad - self.in_features))
-            y = cpu.int8_weight_mm(xin, self.w_int8, self.w_scale_bf16).float()
+            y = cpu.int8_weight_mm(_pad_k(xin.to(torch.bfloat16), self.k_pad), self.w_int8, self.w_scale_bf16).float()
         else:
             xin = ((v - z) * s) if a is not None else x
             y = F.linear(xin.to(self.weight.dtype), self.weight).float()
