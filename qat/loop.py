@@ -76,6 +76,15 @@ def _loss(model, teacher, x, cfg: TrainConfig):
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl
 
 
+def _wandb_settings(wandb):
+    """start_method="thread" avoids hangs under Hydra on older wandb; newer wandb (pydantic settings) has
+    no such field and rejects it, so fall back to the defaults there."""
+    try:
+        return wandb.Settings(start_method="thread")
+    except Exception:  # pydantic ValidationError (wandb >= 0.19), TypeError on others
+        return wandb.Settings()
+
+
 def _peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -123,7 +132,7 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
         import wandb
         run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, mode=cfg.wandb_mode,
                          dir=cfg.out_dir or None, config={"train": asdict(cfg), **(run_config or {})},
-                         settings=wandb.Settings(start_method="thread"), resume="allow")
+                         settings=_wandb_settings(wandb), resume="allow")
 
     local = cfg.batch_size // world
     n_micro = local // cfg.micro_batch_size

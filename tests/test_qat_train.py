@@ -74,3 +74,14 @@ def test_distillation_and_bad_batch_sizes():
     assert len(st["losses"]) == 2 and st["trainable_params"] > 0
     with pytest.raises(ValueError, match="batch_size 5 must be a multiple"):
         train(_model(), TOKENS, _cfg(batch_size=5))
+
+
+def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
+    """The default (offline) wandb mode works with the installed wandb, and the run folder holds every step's
+    loss and the training stats the results row gets."""
+    from spinquant.tracking import read_offline_run
+    _, st = train(_model(), TOKENS, _cfg(steps=3, wandb_mode="offline", out_dir=str(tmp_path)))
+    history, summary = read_offline_run(tmp_path)
+    assert [h["train/loss"] for h in history] == pytest.approx(st["losses"])
+    for k in ("train_tokens", "trainable_params", "tokens_per_s", "loss_last"):
+        assert summary[k] == pytest.approx(st[k])
