@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter; set before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tiny(family: str = "llama", tied: bool = False, seed: int = 0, hidden: int = 64, layers: int = 2,

@@ -88,7 +88,7 @@ def _w4a16_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, q_stride, n_groups
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rh = tl.arange(0, BK // 2)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         xk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * K + xk[None, :], mask=(rm[:, None] < M) & (xk[None, :] < K), other=0.0)
@@ -142,7 +142,7 @@ def _int8_kernel(a_ptr, b_ptr, sa_ptr, za_ptr, sb_ptr, cs_ptr, y_ptr, M, N, K, H
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    acc = tl.full((BM, BN), 0, tl.int32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
