@@ -2,6 +2,7 @@
 
     python scripts/make_tables.py results/demo [more dirs or files] [--out paper/demo_table.md]
     python scripts/make_tables.py paper/results/rotation --layout rotation   # methods x schemes
+    python scripts/make_tables.py paper/results/qat --layout qat             # QAT table + training cost
 
 Default layout: rows sorted FP first, then by weight bits, activation bits, KV bits (descending) and
 method; columns: perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio
@@ -127,12 +128,89 @@ def render_rotation(rows: list[dict], dataset: str = "wikitext2") -> str:
     return "\n\n".join(out) + "\n"
 
 
+QAT_METHODS = [  # (rotation, weights, qat) -> label, in table order
+    (("none", "none", "none"), "FP"), (("none", "rtn", "none"), "PTQ RTN"), (("none", "gptq", "none"), "PTQ GPTQ"),
+    (("none", "rtn", "full"), "QAT (full)"), (("none", "rtn", "lora"), "QAT+LoRA"),
+    (("spinquant", "rtn", "lora"), "SpinQuant+QAT+LoRA")]
+
+
+QAT_SCHEME_ORDER = ["W4A8", "W4A4KV4", "W3A16-g64", "W2A16-g64"]
+
+
+def _method_key(r) -> tuple[str, str, str]:
+    """(rotation, weight quantizer, qat) of a row."""
+    return r["method"]["rotation"], r["method"]["weights"], r["method"]["qat"]
+
+
+def _qat_scheme(row) -> str:
+    s = row["spec"]
+    g = s.get("w_group")
+    return row["scheme"] + (f"-g{g}" if g and s.get("a_bits", 16) >= 16 else "")
+
+
+def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
+    """Methods x schemes pivot of `dataset` perplexity with the share of the RTN→FP gap each row recovers,
+    then the training cost of every trained row (tokens, trainable parameters, time, throughput)."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
+        fp = next((r for r in mrows if _method_key(r) == ("none", "none", "none")), None)
+        q = [r for r in mrows if r["spec"].get("w_bits", 16) < 16]
+        cols = sorted({_qat_scheme(r) for r in q}, key=lambda c: (QAT_SCHEME_ORDER.index(c) if c in QAT_SCHEME_ORDER
+                                                                  else len(QAT_SCHEME_ORDER), c))
+        cells = {}
+        for r in q:
+            k = (_method_key(r), _qat_scheme(r))
+            if k in cells:
+                raise SystemExit(f"two rows for {model} {k}: {cells[k]['run_id']} and {r['run_id']}")
+            cells[k] = r
+        def ppl(r):
+            return r["metrics"]["ppl"][dataset]
+
+        lines = [f"**{model}** — {dataset} perplexity (in brackets: share of the RTN→FP gap recovered)", "",
+                 "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
+        if fp:
+            lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
+        for mk, label in QAT_METHODS[1:]:
+            if not any((mk, c) in cells for c in cols):
+                continue
+            row = []
+            for c in cols:
+                r, rtn = cells.get((mk, c)), cells.get((("none", "rtn", "none"), c))
+                if r is None:
+                    row.append("–")
+                    continue
+                cell = f"{ppl(r):.2f}"
+                if mk[2] != "none" and fp and rtn and ppl(rtn) > ppl(fp):
+                    cell += f" ({100 * (ppl(rtn) - ppl(r)) / (ppl(rtn) - ppl(fp)):.0f}%)"
+                row.append(cell)
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
+                         key=lambda r: (cols.index(_qat_scheme(r)) if _qat_scheme(r) in cols else -1, str(_method_key(r))))
+        if trained:
+            labels = dict(QAT_METHODS)
+            lines += ["", "| Scheme | Method | Train tokens | Trainable params | Train s | Train tok/s | Wall s | "
+                      f"PPL {dataset} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in trained:
+                t = r["metrics"]["qat_train"]
+                name = labels.get(_method_key(r)) or ("FP + LoRA fine-tune" if r["method"]["qat"] == "lora" else
+                                              "FP fine-tune" if r["method"]["qat"] == "full" else str(_method_key(r)))
+                if r["spec"].get("w_bits", 16) >= 16:
+                    name += " (control)"
+                lines.append(f"| {_qat_scheme(r)} | {name} | {t['train_tokens'] / 1e6:.2f}M | "
+                             f"{t['trainable_params'] / 1e6:.2f}M | {t['train_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                             f"{r['metrics']['wall_s']:.0f} | {ppl(r):.2f} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results folders or row files")
     p.add_argument("--out", type=Path, help="write the Markdown here too")
-    p.add_argument("--layout", choices=["schemes", "rotation"], default="schemes",
-                   help="schemes: one row per run; rotation: methods x WxAyKVz schemes (the rotation table)")
+    p.add_argument("--layout", choices=["schemes", "rotation", "qat"], default="schemes",
+                   help="schemes: one row per run; rotation: methods x WxAyKVz schemes (the rotation table); "
+                        "qat: methods x schemes with the RTN→FP gap recovered and the training cost")
     p.add_argument("--dataset", default="wikitext2", help="the perplexity shown by --layout rotation")
     p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER",
                    help="replace the text between <!-- BEGIN MARKER --> and <!-- END MARKER --> in FILE")
@@ -140,7 +218,8 @@ def main(argv=None):
     rows = read_rows(args.paths)
     if not rows:
         raise SystemExit(f"no results rows under {args.paths}")
-    text = render(rows) if args.layout == "schemes" else render_rotation(rows, args.dataset)
+    text = {"schemes": render, "rotation": render_rotation, "qat": render_qat}[args.layout](
+        rows, *([] if args.layout == "schemes" else [args.dataset]))
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -213,3 +213,25 @@ def test_kernels_none_keeps_old_run_ids():
     from spinquant.results import run_id
     base = {"model": {"name": "m"}, "quant": {"scheme": "W4A8"}}
     assert run_id(base) == run_id({**base, "kernels": {"name": "none"}}) != run_id({**base, "kernels": {"name": "cpu"}})
+
+
+def test_qat_table_pivots_methods_and_reports_recovered_gap():
+    import make_tables
+
+    def row(scheme, w, a, rot, weights, qat_name, ppl, trained=False):
+        r = {"model": "m", "scheme": scheme, "run_id": f"{scheme}{rot}{weights}{qat_name}",
+             "method": {"rotation": rot, "weights": weights, "qat": qat_name},
+             "spec": {"w_bits": w, "w_group": 64 if a == 16 and w < 16 else None, "a_bits": a, "kv_bits": 16},
+             "metrics": {"ppl": {"wikitext2": ppl}, "wall_s": 10.0}}
+        if trained:
+            r["metrics"]["qat_train"] = {"train_tokens": 409600, "trainable_params": 650000, "train_s": 9.0,
+                                         "tokens_per_s": 45511.1}
+        return r
+    rows = [row("W16A16", 16, 16, "none", "none", "none", 100.0), row("W4A8", 4, 8, "none", "rtn", "none", 110.0),
+            row("W4A8", 4, 8, "none", "rtn", "lora", 103.0, True), row("W2A16", 2, 16, "none", "rtn", "none", 150.0),
+            row("W2A16", 2, 16, "spinquant", "rtn", "lora", 120.0, True)]
+    text = make_tables.render_qat(rows)
+    assert "| Method | W4A8 | W2A16-g64 |" in text
+    assert "| QAT+LoRA | 103.00 (70%) | – |" in text
+    assert "| SpinQuant+QAT+LoRA | – | 120.00 (60%) |" in text
+    assert "| W4A8 | QAT+LoRA | 0.41M | 0.65M | 9 | 45511 | 10 | 103.00 |" in text
