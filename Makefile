@@ -34,6 +34,9 @@ tables: $(STAMP)
 		--splice README.md:foundation_table
 	$(BIN)/python scripts/make_tables.py paper/results/rotation --layout rotation --out paper/rotation_table.md \
 		--splice README.md:rotation_table
+	$(BIN)/python scripts/make_tables.py paper/results/qat --layout qat --out paper/qat_table.md --splice README.md:qat_table
+	$(BIN)/python scripts/bench_table.py --e2e paper/results/bench_e2e.json --kernels paper/results/bench_kernels.json \
+		--out paper/bench_table.md --splice README.md:bench_table
 
 clean:
 	rm -rf $(VENV) results outputs multirun

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spinquant.kernels import PackedEmbedding, PackedLinear, choose_kernel, cpu, kernel_summary, pack
+from spinquant.kernels import PackedEmbedding, PackedLinear, choose_kernel, cpu, kernel_summary, pack, packed_kv_cache
 from spinquant.quant import QuantConfig, QuantLinear, QuantSpec, quantize_
 from spinquant.quant.rtn import rtn
 from spinquant.rotation.online import OnlineHadamard
@@ -181,6 +181,39 @@ def test_stories260k_packs_and_keeps_perplexity(stories):
     assert abs(pk - fq) / fq < 5e-3, (fq, pk)
 
 
+def test_rotated_key_cache_decode_equals_full_forward():
+    """R3 without KV quantization: keys are rotated once on entry (RotatedKeyLayer), same logits as the full
+    forward, and the attention does not rotate them a second time."""
+    from spinquant import rotation
+    from spinquant.kernels.kv_cache import RotatedKeyLayer
+    model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    quantize_(model, QuantConfig.from_dict({"scheme": "W4A8"}), progress=False)
+    pack(model, dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        cache = packed_kv_cache(model)
+        assert all(isinstance(layer, RotatedKeyLayer) for layer in cache.layers)
+        steps = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
+    assert _rel(torch.cat(steps, dim=1), want) < 1e-5
+
+
+def test_shared_activation_codes_are_reused_only_for_the_same_input():
+    from spinquant.kernels.linear import shared_token_codes
+    x = torch.randn(3, 64)
+    c1 = shared_token_codes(x, A8)
+    assert shared_token_codes(x, A8) is c1                      # q, k, v reading the same hidden states
+    assert shared_token_codes(x, A4) is not c1                  # another spec
+    y = x.clone()
+    assert shared_token_codes(y, A8) is not c1                  # another tensor with the same values
+    c2 = shared_token_codes(y, A8)
+    y.mul_(2)                                                   # modified in place: recomputed
+    c3 = shared_token_codes(y, A8)
+    assert c3 is not c2 and torch.equal(c3[2], c2[2] * 2)
+
+
 @pytest.mark.parametrize("scheme,kv_bits", [("W4A4KV4", 4), ("W4A8KV8", 8)])
 def test_packed_kv_cache_decode_equals_full_forward(scheme, kv_bits):
     """Prefill + token-by-token decode through the packed KV cache gives the logits of one full forward of the
@@ -217,3 +250,12 @@ def test_token_codes_are_bit_identical_to_fake_quantize(spec):
     v, z, s = token_codes(x, spec)
     assert torch.equal((v - z) * s, fake_quantize(x, spec))
     assert v.min() >= spec.qmin and v.max() <= spec.qmax and torch.equal(v, v.round())
+
+
+def test_pack_refuses_a_model_off_the_cpu():
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig.from_dict({"scheme": "W4A16"}), progress=False)
+    norm = model.model.norm
+    norm.weight = nn.Parameter(torch.empty_like(norm.weight, device="meta"))
+    with pytest.raises(ValueError, match="builds CPU kernels"):
+        pack(model)

@@ -192,13 +192,15 @@ def test_qat_rows_get_training_cost_columns():
     assert lines[4].endswith("| – | – | 0 |")
 
 
-def test_packed_evaluation_and_saved_round_trip(tmp_path):
+@pytest.mark.parametrize("model", ["stories260k", "ref-llama"])
+def test_packed_evaluation_and_saved_round_trip(tmp_path, model):
     """kernels=cpu: the packed model's perplexity sits beside the fake-quant one (bf16 kernels: within 1 %), and
     the model saved and loaded back gives exactly the perplexity of the in-memory packed model."""
     import run as run_mod
 
     from spinquant import export
-    common = ["quant=w4a8", "quant.group_fallback=channel", "kernels=cpu", "eval.datasets=[wikitext2]"]
+    common = [f"model={model}", "quant=w4a8", "quant.group_fallback=channel", "kernels=cpu", "eval.datasets=[wikitext2]",
+              "++quant.embed.bits=8", "++quant.lm_head.bits=8"]
     saved = run_mod.run(_cfg(tmp_path, *common, f"kernels.save={tmp_path / 'ckpt'}"))
     mem = run_mod.run(_cfg(tmp_path / "b", *common))
     fq, pk = saved["metrics"]["ppl"]["wikitext2"], saved["metrics"]["packed"]["ppl"]["wikitext2"]

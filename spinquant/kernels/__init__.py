@@ -10,9 +10,11 @@ import torch.nn as nn
 
 from ..quant.apply import _set
 from ..quant.linear import QuantEmbedding, QuantLinear
+from .kv_cache import PackedKVLayer, cache_nbytes, packed_kv_cache
 from .linear import KERNELS, PackedEmbedding, PackedLinear, choose_kernel, token_codes
 
-__all__ = ["KERNELS", "PackedEmbedding", "PackedLinear", "choose_kernel", "kernel_summary", "pack", "token_codes"]
+__all__ = ["KERNELS", "PackedEmbedding", "PackedKVLayer", "PackedLinear", "cache_nbytes", "choose_kernel",
+           "kernel_summary", "pack", "packed_kv_cache", "token_codes"]
 
 
 def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
@@ -24,6 +26,10 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
     """
     if not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
         raise ValueError("pack() needs a quantized model: run spinquant.quant.quantize_ (or qat.convert) first")
+    devices = {p.device.type for p in model.parameters()}
+    if devices != {"cpu"}:
+        raise ValueError(f"pack() builds CPU kernels; the model is on {sorted(devices)}. Move it to the CPU first "
+                         "(the Triton kernels in spinquant.kernels.triton_kernels are not wired into packed modules yet)")
     for p in model.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32
         if p.is_floating_point():
             p.data = p.data.to(dtype)

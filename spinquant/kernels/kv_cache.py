@@ -90,15 +90,33 @@ class PackedKVLayer(DynamicLayer):
         return self.k.nbytes() + self.v.nbytes()
 
 
+class RotatedKeyLayer(DynamicLayer):
+    """16-bit K/V whose keys are stored after the attention's online R3 transform: each key is rotated once
+    when it enters the cache, not again at every decoding step."""
+
+    def __init__(self, key_transform):
+        super().__init__()
+        self.key_transform = key_transform
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(self.key_transform(key_states), value_states, *args, **kwargs)
+        setattr(keys, DONE, True)
+        setattr(values, DONE, True)
+        return keys, values
+
+
 def packed_kv_cache(model) -> Cache:
-    """A cache for `model` with a `PackedKVLayer` wherever attention quantizes K/V (plain layers elsewhere)."""
+    """A cache for `model`: a `PackedKVLayer` wherever attention quantizes K/V, a `RotatedKeyLayer` where it
+    only rotates Q/K (R3), plain layers elsewhere."""
     a = get_adapter(model)
     layers = []
     for layer in a.decoder_layers(model):
         attn = a.attention(layer)
-        kvq = getattr(attn, "kv_quantizer", None)
-        layers.append(DynamicLayer() if kvq is None else
-                      PackedKVLayer(kvq.k_spec, kvq.v_spec, getattr(attn, "qk_transform", None)))
+        kvq, rot = getattr(attn, "kv_quantizer", None), getattr(attn, "qk_transform", None)
+        if kvq is not None:
+            layers.append(PackedKVLayer(kvq.k_spec, kvq.v_spec, rot))
+        else:
+            layers.append(RotatedKeyLayer(rot) if rot is not None else DynamicLayer())
     return Cache(layers=layers)
 
 
