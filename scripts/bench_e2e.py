@@ -11,7 +11,9 @@ folder, runs a 512-token prefill (batch 1) and decodes 128 tokens greedily with 
 its peak RSS (VmHWM: everything the process ever held, Python and torch included). All schemes of a
 model are measured in one run; ratios are to BF16 from the same run. The decode roofline is the
 measured memory bandwidth (a streaming read of a 1 GiB tensor) divided by the bytes of weights one
-decoded token reads.
+decoded token reads. Checkpoints are built first and then measured in `--rounds` interleaved rounds
+(every scheme once per round); each scheme reports its best prefill and decode speed, its highest peak RSS,
+and every round's numbers.
 """
 from __future__ import annotations
 
@@ -158,14 +160,37 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
             "threads": torch.get_num_threads()}
 
 
+def _prepared(model_name: str, scheme: str, folder: Path) -> dict:
+    """`prepare` once: a folder that already holds the checkpoint and its info.json (from --work-dir) is reused."""
+    done = folder / "bench_info.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    info = prepare(model_name, scheme, folder)
+    done.write_text(json.dumps(info))
+    return info
+
+
+def _measure(folder: Path, scheme: str, args) -> dict:
+    dtype_name, qcfg, _ = SCHEMES[scheme]
+    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, "--prefill", str(args.prefill),
+           "--decode", str(args.decode), "--seed", str(args.seed)] + (["--packed"] if qcfg is not None else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{folder} {scheme}: measuring subprocess failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2, help="measuring rounds over all schemes; best speed per scheme")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--work-dir", type=Path, help="keep the built checkpoints here and reuse them on the next run")
+    p.add_argument("--prepare-only", action="store_true", help="build (and keep, with --work-dir) the checkpoints only")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -178,30 +203,40 @@ def main():
     bw = measure_bandwidth()
     print(f"memory bandwidth (streaming read): {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
     rows, rev = [], git_rev()
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()
+    machine = " ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} cpus") if x)
     for model_name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = args.work_dir / model_name if args.work_dir else Path(tmp)
+            # build every checkpoint first, then measure the schemes in interleaved rounds: this machine's speed
+            # drifts over minutes, so each scheme keeps its best round and every round sees every scheme
+            info = {s: _prepared(model_name, s, d / s) for s in args.schemes}
+            if args.prepare_only:
+                continue
+            runs: dict[str, list[dict]] = {s: [] for s in args.schemes}
+            for rnd in range(args.rounds):
+                for scheme in args.schemes:
+                    runs[scheme].append(_measure(d / scheme, scheme, args))
+                    m = runs[scheme][-1]
+                    print(f"round {rnd}: {model_name:20s} {scheme:12s} prefill {m['prefill_tok_s']:8.1f} tok/s  decode "
+                          f"{m['decode_tok_s']:7.2f} tok/s  peak RSS {m['peak_rss_bytes'] / 2**20:8.1f} MiB", flush=True)
+        if args.prepare_only:
+            continue
         for scheme in args.schemes:
-            with tempfile.TemporaryDirectory() as d:
-                folder = Path(d) / "ckpt"
-                info = prepare(model_name, scheme, folder)
-                dtype_name, qcfg, _ = SCHEMES[scheme]
-                cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, "--prefill",
-                       str(args.prefill), "--decode", str(args.decode), "--seed", str(args.seed)]
-                if qcfg is not None:
-                    cmd.append("--packed")
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode:
-                    raise RuntimeError(f"{model_name} {scheme}: measuring subprocess failed:\n{res.stderr[-3000:]}")
-                m = json.loads(res.stdout.strip().splitlines()[-1])
-            row = {"model": model_name, "scheme": scheme, **info, **m, "machine": machine, "git_rev": rev,
-                   "torch": torch.__version__, "mem_bandwidth_bytes_s": bw,
-                   "roofline_decode_tok_s": bw / m["decode_weight_bytes"]}
+            ms = runs[scheme]
+            best = {k: max(m[k] for m in ms) for k in ("prefill_tok_s", "decode_tok_s")}
+            row = {"model": model_name, "scheme": scheme, **info[scheme], **ms[-1], **best,
+                   "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ms),
+                   "rounds": [{k: m[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")} for m in ms],
+                   "machine": machine, "git_rev": rev, "torch": torch.__version__, "mem_bandwidth_bytes_s": bw,
+                   "roofline_decode_tok_s": bw / ms[-1]["decode_weight_bytes"]}
             row["roofline_frac"] = row["decode_tok_s"] / row["roofline_decode_tok_s"]
             rows.append(row)
-            print(f"{model_name:20s} {scheme:12s} size {info['size_bytes'] / 2**20:9.1f} MiB  peak RSS "
-                  f"{m['peak_rss_bytes'] / 2**20:8.1f} MiB  prefill {m['prefill_tok_s']:8.1f} tok/s  decode "
-                  f"{m['decode_tok_s']:7.2f} tok/s  ({100 * row['roofline_frac']:.0f}% of the bandwidth roofline)",
+            print(f"{model_name:20s} {scheme:12s} size {row['size_bytes'] / 2**20:9.1f} MiB  peak RSS "
+                  f"{row['peak_rss_bytes'] / 2**20:8.1f} MiB  prefill {row['prefill_tok_s']:8.1f} tok/s  decode "
+                  f"{row['decode_tok_s']:7.2f} tok/s  ({100 * row['roofline_frac']:.0f}% of the bandwidth roofline)",
                   flush=True)
+    if args.prepare_only:
+        return
     for model_name in args.models:
         base = next(r for r in rows if r["model"] == model_name and r["scheme"] == "BF16")
         for r in rows:

@@ -47,7 +47,9 @@ KERNELS = {  # name -> (weight spec, activation spec); None = dense torch matmul
 
 
 def _time(fn, repeats: int, min_s: float = 0.2) -> float:
-    fn()
+    t_warm = time.perf_counter()
+    while time.perf_counter() - t_warm < 0.05:  # first uses of fresh weights run slower here (page faults)
+        fn()
     ts, t_all = [], time.perf_counter()
     while len(ts) < repeats or time.perf_counter() - t_all < min_s:
         t = time.perf_counter()
