@@ -93,7 +93,8 @@ def _pad_k(x: torch.Tensor, k_pad: int) -> torch.Tensor:
     return x if x.shape[-1] == k_pad else F.pad(x, (0, k_pad - x.shape[-1]))
 
 
-def choose_kernel(w_spec: QuantSpec, in_features: int, act_spec: QuantSpec | None) -> str:
+def choose_kernel(w_spec: QuantSpec) -> str:
+    """The kernel a weight spec runs on (table above); activation specs work with every kernel."""
     if not w_spec.enabled:
         return "dequant"
     if w_spec.bits <= 4 and (w_spec.granularity == "channel" or
@@ -131,9 +132,9 @@ class PackedLinear(nn.Module):
         if qw is None:
             raise ValueError(f"{ql} has no quantized weight to pack (16-bit linears stay nn.Linear)")
         spec = qw.spec
-        kernel = kernel or choose_kernel(spec, ql.in_features, ql.act_spec)
+        kernel = kernel or choose_kernel(spec)
         m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
-        N, K = ql.out_features, ql.in_features
+        N = ql.out_features
         codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
         if spec.granularity == "tensor":
             scale, zero = scale.expand(N, 1), zero.expand(N, 1)
@@ -142,7 +143,7 @@ class PackedLinear(nn.Module):
             off = 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
             m._set_int4(codes + off, scale, (8 - zero - off) * scale)
         elif kernel == "int8":
-            if choose_kernel(spec, K, None) != "int8":
+            if choose_kernel(spec) != "int8":
                 raise ValueError(f"kernel int8 needs symmetric per-channel weights of 5-8 bits, got {spec.short()}")
             m._set_int8(codes.to(torch.int8), scale[:, 0])
         else:
