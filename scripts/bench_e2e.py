@@ -11,7 +11,9 @@ folder, runs a 512-token prefill (batch 1) and decodes 128 tokens greedily with 
 its peak RSS (VmHWM: everything the process ever held, Python and torch included). All schemes of a
 model are measured in one run; ratios are to BF16 from the same run. The decode roofline is the
 measured memory bandwidth (a streaming read of a 1 GiB tensor) divided by the bytes of weights one
-decoded token reads. Checkpoints are built first and then measured in `--rounds` interleaved rounds
+decoded token reads. FP rows run with the same attention implementation as the packed ones (`spinquant`:
+sdpa, with a packed-query route for single-token GQA decoding that torch's bf16 CPU sdpa runs ~30x slower),
+so the ratios measure the linear layers. Checkpoints are built first and then measured in `--rounds` interleaved rounds
 (every scheme once per round); each scheme reports its best prefill and decode speed, its highest peak RSS,
 and every round's numbers.
 """
@@ -134,7 +136,10 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
         from spinquant.kernels.kv_cache import packed_kv_cache
         model, _ = export.load(folder)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        import spinquant.models.attention  # noqa: F401  (registers the attention the packed models use)
+        # the same attention code as the packed models, so that the ratios measure the linear kernels
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
+                                                     attn_implementation="spinquant").eval()
 
     def new_cache():  # K/V at their bit-width where the model quantizes them, plain 16-bit otherwise
         return packed_kv_cache(model) if packed else DynamicCache()

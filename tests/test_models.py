@@ -55,3 +55,20 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="not a known name"):
         load("no-such-model")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_attention_equals_sdpa_with_gqa(dtype):
+    """The packed-query route for one decoding token (GQA) computes what sdpa computes, with and without a mask."""
+    import torch.nn.functional as F
+
+    from spinquant.models.attention import _decode_gqa
+    q = torch.randn(2, 8, 1, 16, dtype=dtype)
+    k, v = torch.randn(2, 2, 37, 16, dtype=dtype), torch.randn(2, 2, 37, 16, dtype=dtype)
+    mask = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding of the first sequence
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, scale=0.3, enable_gqa=True)
+        got, _ = _decode_gqa(q, k, v, m, 0.3)
+        assert got.shape == (2, 1, 8, 16)
+        assert torch.allclose(got.float(), want.transpose(1, 2), atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
