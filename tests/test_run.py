@@ -237,3 +237,17 @@ def test_qat_table_pivots_methods_and_reports_recovered_gap():
     assert "| QAT+LoRA | 103.00 (70%) | – |" in text
     assert "| SpinQuant+QAT+LoRA | – | 120.00 (60%) |" in text
     assert "| W4A8 | QAT+LoRA | 0.41M | 0.65M | 9 | 45511 | 10 | 103.00 |" in text
+
+
+def test_committed_bench_table_is_rendered_from_the_committed_json():
+    import bench_table
+    e2e = json.loads((ROOT / "paper" / "results" / "bench_e2e.json").read_text())
+    kern = json.loads((ROOT / "paper" / "results" / "bench_kernels.json").read_text())
+    text = bench_table.render_e2e(e2e) + "\n" + bench_table.render_kernels(kern)
+    assert (ROOT / "paper" / "bench_table.md").read_text() == text
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split("<!-- BEGIN bench_table -->\n", 1)[1].split("<!-- END bench_table -->", 1)[0] == text
+    rows = {(r["model"], r["scheme"]): r for r in e2e}
+    w4a8 = rows[("llama-3.2-1b-shape", "W4A8")]  # the numbers the README states
+    assert round(w4a8["vs_bf16"]["size_bytes"], 2) == 0.33 and round(w4a8["vs_bf16"]["peak_rss_bytes"], 2) == 0.52
+    assert f"{w4a8['vs_bf16']['decode_tok_s']:.1f}×" in readme
