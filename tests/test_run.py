@@ -251,3 +251,17 @@ def test_committed_bench_table_is_rendered_from_the_committed_json():
     w4a8 = rows[("llama-3.2-1b-shape", "W4A8")]  # the numbers the README states
     assert round(w4a8["vs_bf16"]["size_bytes"], 2) == 0.33 and round(w4a8["vs_bf16"]["peak_rss_bytes"], 2) == 0.52
     assert f"{w4a8['vs_bf16']['decode_tok_s']:.1f}×" in readme
+
+
+def test_committed_qat_table_is_rendered_from_the_committed_rows():
+    import make_tables
+    rows = make_tables.read_rows([ROOT / "paper" / "results" / "qat"])
+    text = make_tables.render_qat(rows)
+    assert (ROOT / "paper" / "qat_table.md").read_text() == text
+    readme = (ROOT / "README.md").read_text()
+    assert readme.split("<!-- BEGIN qat_table -->\n", 1)[1].split("<!-- END qat_table -->", 1)[0] == text
+    ppl = {(r["scheme"], r["method"]["rotation"], r["method"]["qat"], r["method"]["weights"]): r["metrics"]["ppl"]["wikitext2"]
+           for r in rows}
+    fp, rtn, lora = ppl[("W16A16", "none", "none", "none")], ppl[("W4A4KV4", "none", "none", "rtn")], \
+        ppl[("W4A4KV4", "none", "lora", "rtn")]
+    assert (rtn - lora) / (rtn - fp) >= 0.70  # the acceptance: QAT+LoRA recovers >= 70 % of the RTN gap
