@@ -181,6 +181,16 @@ def test_stories260k_packs_and_keeps_perplexity(stories):
     assert abs(pk - fq) / fq < 5e-3, (fq, pk)
 
 
+def _decode_vs_full(model, ids, prefill: int):
+    """(logits of a prefill + one-token decode steps through packed_kv_cache, logits of one full forward, cache)."""
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        cache = packed_kv_cache(model)
+        steps = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, ids.shape[1])]
+    return torch.cat(steps, dim=1), want, cache
+
+
 def test_rotated_key_cache_decode_equals_full_forward():
     """R3 without KV quantization: keys are rotated once on entry (RotatedKeyLayer), same logits as the full
     forward, and the attention does not rotate them a second time."""
@@ -190,14 +200,9 @@ def test_rotated_key_cache_decode_equals_full_forward():
     rotation.apply(model, {"name": "quarot", "seed": 0})
     quantize_(model, QuantConfig.from_dict({"scheme": "W4A8"}), progress=False)
     pack(model, dtype=torch.float32)
-    ids = torch.randint(0, 128, (1, 20))
-    with torch.no_grad():
-        want = model(ids, use_cache=False).logits
-        cache = packed_kv_cache(model)
-        assert all(isinstance(layer, RotatedKeyLayer) for layer in cache.layers)
-        steps = [model(ids[:, :12], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(12, 20)]
-    assert _rel(torch.cat(steps, dim=1), want) < 1e-5
+    got, want, cache = _decode_vs_full(model, torch.randint(0, 128, (1, 20)), prefill=12)
+    assert all(isinstance(layer, RotatedKeyLayer) for layer in cache.layers)
+    assert _rel(got, want) < 1e-5
 
 
 def test_shared_activation_codes_are_reused_only_for_the_same_input():
@@ -219,19 +224,12 @@ def test_packed_kv_cache_decode_equals_full_forward(scheme, kv_bits):
     """Prefill + token-by-token decode through the packed KV cache gives the logits of one full forward of the
     fake-quant model (which quantizes K/V after RoPE and R3), and stores K/V at their bit-width."""
     from spinquant import rotation
-    from spinquant.kernels.kv_cache import PackedKVLayer, cache_nbytes, packed_kv_cache
+    from spinquant.kernels.kv_cache import PackedKVLayer, cache_nbytes
     model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
     rotation.apply(model, {"name": "quarot", "seed": 0})  # R3 on Q/K: the cache must store transformed keys
     quantize_(model, QuantConfig.from_dict({"scheme": scheme}), progress=False)
-    ids = torch.randint(0, 128, (2, 24))
-    with torch.no_grad():
-        want = model(ids, use_cache=False).logits
-        cache = packed_kv_cache(model)
-        assert all(isinstance(layer, PackedKVLayer) for layer in cache.layers)
-        steps = [model(ids[:, :16], past_key_values=cache, use_cache=True).logits]
-        for t in range(16, 24):
-            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
-    got = torch.cat(steps, dim=1)
+    got, want, cache = _decode_vs_full(model, torch.randint(0, 128, (2, 24)), prefill=16)
+    assert all(isinstance(layer, PackedKVLayer) for layer in cache.layers)
     assert _rel(got, want) < 1e-5
     hd, kvh, layers = 16, 2, 2
     fp16_bytes = 2 * layers * 2 * kvh * 24 * hd * 2  # K and V, batch 2, 24 tokens, 16-bit
