@@ -265,3 +265,6 @@ def test_committed_qat_table_is_rendered_from_the_committed_rows():
     fp, rtn, lora = ppl[("W16A16", "none", "none", "none")], ppl[("W4A4KV4", "none", "none", "rtn")], \
         ppl[("W4A4KV4", "none", "lora", "rtn")]
     assert (rtn - lora) / (rtn - fp) >= 0.70  # the acceptance: QAT+LoRA recovers >= 70 % of the RTN gap
+    for scheme in ("W4A8", "W4A4KV4"):  # and SpinQuant+QAT+LoRA is the best quantized row
+        quantized = {k: v for k, v in ppl.items() if k[0] == scheme}
+        assert min(quantized, key=quantized.get) == (scheme, "spinquant", "lora", "rtn")
