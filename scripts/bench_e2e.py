@@ -107,7 +107,7 @@ def _decode_weight_bytes(model) -> int:
     total, seen = 0, set()
     for m in model.modules():
         if isinstance(m, PackedLinear):
-            tensors = [b for n, b in m.named_buffers(recurse=False) if n not in ("colsum", "w_scale_bf16")]
+            tensors = m.weight_buffers()
         elif isinstance(m, torch.nn.Linear):
             tensors = [m.weight]
         else:

@@ -81,7 +81,7 @@ def _module(kernel: str, N: int, K: int):
         lin = lin.to(getattr(torch, w_spec))
         return lin, lin.weight.numel() * lin.weight.element_size(), lin.weight.dtype
     pl = PackedLinear.from_quant_linear(QuantLinear.from_linear(lin, rtn(lin.weight.data, w_spec), a_spec))
-    wbytes = sum(b.numel() * b.element_size() for n, b in pl.named_buffers() if n not in ("colsum", "w_scale_bf16"))
+    wbytes = sum(b.numel() * b.element_size() for b in pl.weight_buffers())
     return pl, wbytes, torch.bfloat16
 
 

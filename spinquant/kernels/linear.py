@@ -217,6 +217,11 @@ class PackedLinear(nn.Module):
             y = y + self.adapter(((v - z) * s) if a is not None else x.float()).float()
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
+    def weight_buffers(self) -> list[torch.Tensor]:
+        """The buffers a matmul reads as weights (codes, scales; not the derived row sums or bf16 scale copy)."""
+        return [b for n, b in self.named_buffers(recurse=False)
+                if b is not None and n not in ("bias", "colsum", "w_scale_bf16")]
+
     # ---- the portable form ------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """Device- and layout-independent tensors (what `spinquant.export` writes), weights at their bit-width:
