@@ -1,13 +1,18 @@
 """One experiment run -> one results row.
 
     python experiments/run.py model=ref-llama quant=w4a8_gptq
-    python experiments/run.py -m +experiment=demo            # a sweep (see configs/experiment/)
+    python experiments/run.py -m +experiment=demo            # a table's sweep (experiments/<table>.yaml)
+    python experiments/run.py -m +experiment=demo hydra/launcher=joblib   # its runs in parallel processes
 
-Load the model, rotate, quantize, (QAT), evaluate perplexity / size / memory, and write
-results/<experiment>/<run_id>.json atomically. A rerun with the same resolved config is skipped.
+Load the model, rotate, quantize, (QAT), evaluate perplexity / lm-eval tasks / size / memory, mirror the
+row into wandb (offline by default) and write results/<experiment>/<run_id>.json atomically. A rerun with
+the same resolved config is skipped, so a killed sweep rerun loses nothing; `sweep.skip` rules drop the
+combinations of a sweep that are not rows of its table (spinquant/sweeps.py).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -22,12 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qat  # noqa: E402
-from spinquant import rotation  # noqa: E402
+from spinquant import rotation, tracking  # noqa: E402
 from spinquant.data import calibration_batch, tokenize_dataset  # noqa: E402
 from spinquant.eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk  # noqa: E402
 from spinquant.models import load  # noqa: E402
 from spinquant.quant import QuantConfig, get_weight_quantizer, quantize_  # noqa: E402
 from spinquant.results import git_rev, run_id, write_row  # noqa: E402
+from spinquant.sweeps import hydra_choices, skip_rule  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,7 +44,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: DictConfig) -> dict:
+def load_plugins(names) -> None:
+    """Import user modules (dotted names or .py files) that register quantizers, families or rotations."""
+    for name in names or []:
+        name = str(name)
+        if name.endswith(".py"):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"plugin file {path} does not exist (plugins: {list(names)})")
+            spec = importlib.util.spec_from_file_location(f"spinquant_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(f"plugin {name!r} cannot be imported ({e}); give a module on the Python "
+                                          f"path or a path to a .py file") from None
+
+
+def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
+    """One run -> one row (returned). `choices`: the Hydra group options of this job (for `sweep.skip`)."""
+    choices = hydra_choices() if choices is None else choices
+    rule = skip_rule(cfg, choices, cfg.get("sweep", {}).get("skip"))
+    if rule is not None:
+        print(f"[skip] not a row of {cfg.experiment_name}: matches sweep.skip rule {dict(rule)}")
+        return {}
     config = OmegaConf.to_container(cfg, resolve=True)
     rid = run_id(config)
     out = Path(cfg.results_dir) / cfg.experiment_name / f"{rid}.json"
@@ -46,7 +78,14 @@ def run(cfg: DictConfig) -> dict:
         print(f"[skip] {out} exists (same resolved config)")
         return json.loads(out.read_text())
     seed_everything(cfg.seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    load_plugins(cfg.get("plugins"))
     qcfg = QuantConfig.from_dict(config["quant"])  # validate before loading anything
+    le = cfg.eval.get("lm_eval") or {}
+    if le.get("tasks"):
+        from spinquant.eval.harness import check_tasks
+        check_tasks(list(le.tasks), le.include_defaults, cfg.data.root)
     if cfg.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.model.dtype!r}")
     t0 = time.time()
@@ -69,6 +108,13 @@ def run(cfg: DictConfig) -> dict:
     rotation_s = time.time() - t
     if rank != 0 and cfg.qat.name == "none":
         return {}
+    w = cfg.get("wandb") or {"mode": "disabled"}
+    tracker = None
+    if rank == 0:  # QAT training logs into this run too; the row's metrics are added when it is written
+        tracker = tracking.start_run(config, w.get("mode", "offline"), w.get("project", "spinquant"),
+                                     w.get("group") or cfg.experiment_name, name=f"{qcfg.label()} {_method_name(cfg, qcfg)}",
+                                     run_dir=w.get("dir") or Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
+                                     run_id=f"{cfg.experiment_name}-{rid}")
     t = time.time()
     qat_stats = None
     if cfg.qat.name == "none":
@@ -102,6 +148,8 @@ def run(cfg: DictConfig) -> dict:
         metrics["rotation_train"] = model.spinquant_stats
     if qat_stats is not None:
         metrics["qat_train"] = qat_stats
+    if cfg.eval.get("lm_eval", {}).get("tasks"):
+        metrics["lm_eval"] = evaluate_lm_eval(model, tok, cfg)
     if cfg.kernels.name != "none":
         metrics["packed"] = evaluate_packed(model, tok, cfg)
 
@@ -117,8 +165,26 @@ def run(cfg: DictConfig) -> dict:
         "torch": torch.__version__, "config": config,
     }
     write_row(row, out)
+    tracking.log_row(tracker, row)
     print(f"[done] {qcfg.label()} {row['method']['weights']}: {json.dumps(metrics['ppl'])} -> {out}")
     return row
+
+
+def _method_name(cfg: DictConfig, qcfg) -> str:
+    parts = [cfg.rotation.name, qcfg.method if qcfg.weight.enabled else "none", cfg.qat.name]
+    return "+".join(p for p in parts if p != "none") or "fp"
+
+
+def evaluate_lm_eval(model, tok, cfg: DictConfig) -> dict:
+    """eval.lm_eval.tasks through lm-eval-harness on the model in memory: {task: {metric: value}}."""
+    from spinquant.eval.harness import evaluate_tasks
+    le = cfg.eval.lm_eval
+    res = evaluate_tasks(model, tok, list(le.tasks), max_length=cfg.eval.seq_len, batch_size=le.batch_size,
+                         limit=le.limit, num_fewshot=le.num_fewshot, include_defaults=le.include_defaults,
+                         add_bos_token=le.add_bos_token, data_root=cfg.data.root, seed=cfg.seed)
+    for task, m in res.items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    return res
 
 
 def evaluate_packed(model, tok, cfg: DictConfig) -> dict:
@@ -145,6 +211,8 @@ def evaluate_packed(model, tok, cfg: DictConfig) -> dict:
                        cfg.data.root, progress=cfg.progress)
         out["ppl"][ds] = r.ppl
         print(f"  packed {ds}: ppl {r.ppl:.3f}")
+    if cfg.eval.get("lm_eval", {}).get("tasks"):
+        out["lm_eval"] = evaluate_lm_eval(model, tok, cfg)
     return out
 
 

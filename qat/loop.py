@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spinquant.tracking import wandb_settings
+
 
 @dataclass
 class TrainConfig:
@@ -76,15 +78,6 @@ def _loss(model, teacher, x, cfg: TrainConfig):
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl
 
 
-def _wandb_settings(wandb):
-    """start_method="thread" avoids hangs under Hydra on older wandb; newer wandb (pydantic settings) has
-    no such field and rejects it, so fall back to the defaults there."""
-    try:
-        return wandb.Settings(start_method="thread")
-    except Exception:  # pydantic ValidationError (wandb >= 0.19), TypeError on others
-        return wandb.Settings()
-
-
 def _peak_memory(device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -127,12 +120,15 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
         state = json.loads((ckpt / "trainer.json").read_text())
         start, losses = state["step"], state["losses"]
 
-    run = None
+    run, own_run = None, False
     if acc.is_main_process and cfg.wandb_mode != "disabled":
         import wandb
-        run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, mode=cfg.wandb_mode,
-                         dir=cfg.out_dir or None, config={"train": asdict(cfg), **(run_config or {})},
-                         settings=_wandb_settings(wandb), resume="allow")
+        if wandb.run is not None:  # experiments/run.py opened the experiment's run: log the training into it
+            run = wandb.run
+        else:
+            run, own_run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, mode=cfg.wandb_mode,
+                                      dir=cfg.out_dir or None, config={"train": asdict(cfg), **(run_config or {})},
+                                      settings=wandb_settings(wandb), resume="allow"), True
 
     local = cfg.batch_size // world
     n_micro = local // cfg.micro_batch_size
@@ -170,8 +166,9 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
              "train_s": wall, "tokens_per_s": tokens_seen / wall if wall > 0 else None,
              "peak_mem_bytes": _peak_memory(acc.device), "processes": world, "mixed_precision": mp}
     if run is not None:
-        run.summary.update({k: v for k, v in stats.items() if k != "losses"})
-        run.finish()
+        run.summary.update({f"qat_train/{k}": v for k, v in stats.items() if k != "losses"})
+        if own_run:
+            run.finish()
     model = acc.unwrap_model(model)
     model.eval()
     return model, stats

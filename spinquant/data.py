@@ -6,6 +6,7 @@ says how to get it, never a stack trace.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ DATASETS = {
     "python-docs": ("python-docs/test.txt", "Python 3.11 docs, test split"),
     "python-docs-train": ("python-docs/train.txt", "Python 3.11 docs, train split"),
     "ptb": ("ptb/ptb.test.txt", "Penn Treebank test"),
+    "wikitext2-raw": ("wikitext-2-raw/wiki.test.raw", "WikiText-2 raw test as released (split into articles for "
+                      "document-level perplexity: wikitext_documents)"),
 }
 
 
@@ -127,3 +130,47 @@ def calibration_batch(tokenizer, name: str = "wikitext2-train", n_samples: int =
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len - 1, (n_samples,), generator=g)
     return torch.stack([ids[s: s + seq_len] for s in starts])
+
+
+_ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")  # " = Robert Boulter = ": a top-level heading starts an article
+
+
+def wikitext_documents(text: str) -> list[str]:
+    """Split raw WikiText-2 (`wiki.test.raw`) into its articles, each starting at its top-level heading line
+    (the documents of lm-eval's document-level wikitext task: 62 in the test split)."""
+    docs, cur = [], []
+    for line in text.splitlines(keepends=True):
+        if _ARTICLE_TITLE.match(line.rstrip("\n")) and any(x.strip() for x in cur):
+            docs.append("".join(cur))
+            cur = []
+        if cur or line.strip():
+            cur.append(line)
+    if any(x.strip() for x in cur):
+        docs.append("".join(cur))
+    return docs
+
+
+_DETOK = [("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
+          (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]
+_DETOK_LATE = [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
+               ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenization (" @-@ " -> "-", " , " -> ", ", spaces inside brackets and quotes...), as
+    lm-eval's wikitext task does before scoring a document."""
+    for a, b in _DETOK:
+        text = text.replace(a, b)
+    for open_, close in (r"\(", r"\)"), (r"\[", r"\]"), ("{", "}"), ('"', '"'), ("'", "'"):
+        inner = "[^" + close.lstrip("\\") + "]"
+        text = re.sub(open_ + r"\s*(" + inner + r"*?)\s*" + close, open_.replace("\\", "") + r"\1" + close.replace("\\", ""),
+                      text)
+    for a, b in _DETOK_LATE:
+        text = text.replace(a, b)
+    return text
+
+
+def count_words(text: str) -> int:
+    """Words of a document for word perplexity: pieces between runs of whitespace, counted on the text before
+    detokenization (lm-eval's convention, so word perplexities are comparable across tokenizers)."""
+    return len(re.split(r"\s+", text))

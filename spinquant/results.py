@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .data import REPO_ROOT
 
-# keys that do not change what a run computes, excluded from the run id
-NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device", "checkpoint_dir")
+# keys that do not change what a run computes, excluded from the run id (`sweep`: which rows a sweep skips;
+# `wandb`: where metrics are mirrored; `threads`: CPU threads per run)
+NON_SEMANTIC = ("results_dir", "skip_existing", "progress", "device", "checkpoint_dir", "sweep", "wandb", "threads")
 REQUIRED_KEYS = ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config")
 
 
@@ -24,13 +25,26 @@ def _semantic(c):
 
 
 def _absent_default(key: str, value) -> bool:
-    """Config groups added after rows were written count as absent at their default, keeping old run ids."""
-    return key == "kernels" and isinstance(value, dict) and value.get("name") == "none"
+    """Config keys added after rows were written count as absent at their default, keeping old run ids."""
+    if key == "kernels":
+        return isinstance(value, dict) and value.get("name") == "none"
+    if key == "lm_eval":  # eval.lm_eval with no tasks
+        return isinstance(value, dict) and not value.get("tasks")
+    return key == "plugins" and not value
+
+
+def _normalize(config: dict) -> dict:
+    """Settings that cannot matter for the run: a disabled QAT's training options (an experiment that sets
+    qat.train.* for its QAT rows leaves its PTQ rows' ids unchanged)."""
+    qat = config.get("qat")
+    if isinstance(qat, dict) and qat.get("name") == "none":
+        config = {**config, "qat": {"name": "none"}}
+    return config
 
 
 def run_id(config: dict) -> str:
     """Stable hash of the resolved config, minus non-semantic keys at any depth (progress bars, paths)."""
-    c = _semantic(config)
+    c = _semantic(_normalize(config))
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -68,7 +82,8 @@ def read_rows(paths) -> list[dict]:
     for p in map(Path, paths):
         if not p.exists():
             raise FileNotFoundError(f"no results at {p}")
-        files += sorted(p.rglob("*.json")) if p.is_dir() else [p]
+        # dot files are a killed writer's temporaries (write_row), never rows
+        files += sorted(f for f in p.rglob("*.json") if not f.name.startswith(".")) if p.is_dir() else [p]
     rows = []
     for f in files:
         try:

@@ -1,4 +1,5 @@
-"""wandb helpers: read back what an offline run logged (for tests and for checking a run without syncing).
+"""wandb: one run per experiment run (config + the results row's metrics; a sweep is a group), and reading back
+what an offline run logged (for tests and for checking a run without syncing).
 
 An offline run keeps its records in `<dir>/wandb/offline-run-*/run-*.wandb`: a 7-byte header, then
 LevelDB-style log blocks of 32 KiB whose records (7-byte header: crc32, length, type full/first/middle/
@@ -36,15 +37,71 @@ def _records(data: bytes):
             buf = b""
 
 
+def wandb_settings(wandb):
+    """start_method="thread" avoids hangs under Hydra on older wandb; newer wandb (pydantic settings) has
+    no such option and rejects it. Quiet: the results row, not wandb's console summary, is the output."""
+    for kw in ({"start_method": "thread", "quiet": True}, {"quiet": True}, {}):
+        try:
+            return wandb.Settings(**kw)
+        except Exception:  # pydantic ValidationError (wandb >= 0.19), TypeError on older ones
+            continue
+
+
+def start_run(config: dict, mode: str = "offline", project: str = "spinquant", group: str | None = None,
+              name: str | None = None, run_dir: str | Path | None = None, run_id: str | None = None):
+    """wandb.init for one experiment run (None when mode is "disabled"); QAT training logs into the same run."""
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+    if mode == "disabled":
+        return None
+    import wandb
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, group=group, name=name, mode=mode, dir=str(run_dir) if run_dir else None,
+                      config=config, id=run_id, resume="allow", settings=wandb_settings(wandb), reinit="finish_previous")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"ppl": {"wikitext2": 1.0}} -> {"ppl/wikitext2": 1.0}; lists and None are left out (summaries hold scalars)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+    return out
+
+
+def log_row(run, row: dict) -> None:
+    """Mirror a results row into its wandb run: every metric (flattened) into the summary and one history
+    step, plus the row's identity (scheme, method, run_id, git_rev); then finish the run."""
+    if run is None:
+        return
+    metrics = flatten(row["metrics"])
+    ident = {"scheme": row["scheme"], "run_id": row["run_id"], "git_rev": row["git_rev"], "model": row["model"],
+             **{f"method/{k}": v for k, v in row["method"].items()}}
+    run.log(metrics)
+    run.summary.update({**metrics, **ident})
+    run.finish()
+
+
 def read_offline_run(run_dir: str | Path) -> tuple[list[dict], dict]:
     """(history rows, final summary) of an offline wandb run folder (`.../wandb/offline-run-*`) or of a folder
     holding exactly one such run under `wandb/`."""
+    history, summary, _ = read_offline_run_full(run_dir)
+    return history, summary
+
+
+def read_offline_run_full(run_dir: str | Path) -> tuple[list[dict], dict, dict]:
+    """(history rows, final summary, config) of an offline wandb run (see read_offline_run); the run's group, if
+    any, is config["_group"]."""
     from wandb.proto import wandb_internal_pb2 as pb
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("*.wandb")) or sorted(run_dir.glob("wandb/offline-run-*/*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one offline wandb run under {run_dir}, found {len(files)} .wandb files")
-    history, summary = [], {}
+    history, summary, config = [], {}, {}
     for raw in _records(files[0].read_bytes()):
         rec = pb.Record()
         rec.ParseFromString(raw)
@@ -53,4 +110,11 @@ def read_offline_run(run_dir: str | Path) -> tuple[list[dict], dict]:
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-    return history, summary
+        elif kind in ("run", "config"):  # the run record carries the initial config (and the group)
+            items = rec.run.config.update if kind == "run" else rec.config.update
+            for i in items:
+                v = json.loads(i.value_json)
+                config[i.key or "/".join(i.nested_key)] = v.get("value", v) if isinstance(v, dict) and "value" in v else v
+            if kind == "run" and rec.run.run_group:
+                config["_group"] = rec.run.run_group
+    return history, summary, config

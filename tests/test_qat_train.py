@@ -84,4 +84,4 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
     history, summary = read_offline_run(tmp_path)
     assert [h["train/loss"] for h in history] == pytest.approx(st["losses"])
     for k in ("train_tokens", "trainable_params", "tokens_per_s", "loss_last"):
-        assert summary[k] == pytest.approx(st[k])
+        assert summary[f"qat_train/{k}"] == pytest.approx(st[k])

@@ -15,7 +15,7 @@ def _cfg(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose("config", overrides=["model=stories260k", f"results_dir={tmp_path}", "experiment_name=t",
                                             "eval.max_windows=2", "eval.seq_len=128", "data.calib_samples=4",
-                                            "progress=false", *overrides])
+                                            "wandb.mode=disabled", "progress=false", *overrides])
 
 
 def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):

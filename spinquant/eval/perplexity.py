@@ -84,3 +84,48 @@ def perplexity(model, tokenizer, dataset: str, seq_len: int, stride: int | None 
     """Perplexity of `model` on a named dataset (spinquant.data.DATASETS) or a text file path."""
     ids = tokenize_dataset(tokenizer, dataset, data_root, add_bos=True)
     return perplexity_of_ids(model, ids, seq_len, stride, batch_size, max_windows, progress, desc=f"ppl {dataset}")
+
+
+def rolling_windows(n_tokens: int, max_len: int):
+    """lm-eval's rolling loglikelihood windows over a document of n tokens preceded by one prefix token (BOS):
+    (input start, input end, first scored position) in the prefixed stream [prefix, t0 .. t(n-1)]. The first
+    window reads [prefix, t0 .. t(L-2)] and scores t0 .. t(L-1); each later window scores the next L tokens
+    with the one token before them as context, and the last (partial) window keeps L tokens of input, so its
+    tokens see more context. Every token is scored exactly once."""
+    if n_tokens <= 0 or max_len <= 0:
+        return
+    done = min(max_len, n_tokens)
+    yield 0, done, 0  # stream positions 0 .. done-1 predict stream tokens 1 .. done
+    while done < n_tokens:
+        end = min(done + max_len, n_tokens)  # predict t(done) .. t(end-1) = stream tokens done+1 .. end
+        start = max(0, end - max_len)
+        yield start, end, done - start
+        done = end
+
+
+@torch.no_grad()
+def rolling_loglikelihood(model, ids: list[int], prefix_id: int, max_len: int) -> float:
+    """Sum of log p(t_i | t_<i) over a whole document `ids` (no BOS) with the windows of `rolling_windows`."""
+    stream = torch.tensor([prefix_id] + list(ids), dtype=torch.long)
+    device = next(model.parameters()).device
+    total = 0.0
+    for start, end, first in rolling_windows(len(ids), max_len):
+        x = stream[start:end].unsqueeze(0).to(device)
+        logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)  # [L, vocab]
+        targets = stream[start + 1:end + 1].to(device)
+        total += logp[first:].gather(-1, targets[first:, None]).sum().item()
+    return total
+
+
+def document_perplexity(model, tokenizer, docs: list[str], max_len: int, words: list[int], nbytes: list[int],
+                        progress: bool = True) -> dict:
+    """Word / byte perplexity and bits per byte of whole documents (lm-eval's `loglikelihood_rolling` protocol:
+    each document on its own, BOS (else EOS) as its first context, windows of `max_len` tokens). `words` /
+    `nbytes`: the per-document counts the metrics are normalized by."""
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ll = 0.0
+    for doc in tqdm(docs, desc="rolling ppl", disable=not progress, leave=False):
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        ll += rolling_loglikelihood(model, ids, prefix, max_len)
+    return {"word_perplexity": math.exp(-ll / sum(words)), "byte_perplexity": math.exp(-ll / sum(nbytes)),
+            "bits_per_byte": -ll / sum(nbytes) / math.log(2), "loglikelihood": ll, "documents": len(docs)}

@@ -1,0 +1,51 @@
+"""Which jobs of a Hydra sweep are rows of a table: `sweep.skip` rules in an experiment file.
+
+A table is rarely a full cartesian product (QAT needs no GPTQ variant; the FP row needs no rotation), so an
+experiment sweeps the product and lists the combinations that are not rows:
+
+    sweep:
+      skip:
+        - {quant: w16a16, rotation: [quarot, spinquant]}   # every key must match; lists and globs allowed
+        - {quant: "*_gptq", qat: [full, lora]}
+
+Keys are config-group names (matched against the group option chosen, e.g. `quant: w4a8_gptq`) or dotted
+config keys (matched against the value, e.g. `model.name: ref-llama`).
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from omegaconf import OmegaConf
+
+
+def _matches(value, pattern) -> bool:
+    patterns = pattern if isinstance(pattern, (list, tuple)) else [pattern]
+    return any(fnmatchcase(str(value), str(p)) for p in patterns)
+
+
+def skip_rule(cfg, choices: dict[str, str] | None, rules) -> dict | None:
+    """The first rule in `rules` that this job (its group `choices` and config `cfg`) matches, else None."""
+    for rule in rules or []:
+        rule = OmegaConf.to_container(rule) if OmegaConf.is_config(rule) else rule
+        if not isinstance(rule, dict) or not rule:
+            raise ValueError(f"sweep.skip entries must be non-empty mappings of group/key -> option(s), got {rule!r}")
+        ok = True
+        for key, pattern in rule.items():
+            if choices is not None and key in choices:
+                value = choices[key]
+            else:
+                value = OmegaConf.select(cfg, key, default=KeyError)
+                if value is KeyError:
+                    raise ValueError(f"sweep.skip rule {rule} names {key!r}: neither a config group nor a config key")
+            ok = ok and _matches(value, pattern)
+        if ok:
+            return rule
+    return None
+
+
+def hydra_choices() -> dict[str, str] | None:
+    """Group options of the running Hydra job (None outside @hydra.main, e.g. under the compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized():
+        return None
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
