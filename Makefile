@@ -6,7 +6,7 @@ BIN       := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
 
-.PHONY: install demo test lint tables clean
+.PHONY: install demo test lint paper tables clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,17 +26,13 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check spinquant qat experiments scripts tests
+	$(BIN)/ruff check spinquant qat experiments scripts tests examples
 
-# Re-render the committed tables from the committed rows.
-tables: $(STAMP)
-	$(BIN)/python scripts/make_tables.py paper/results/foundation --out paper/foundation_table.md \
-		--splice README.md:foundation_table
-	$(BIN)/python scripts/make_tables.py paper/results/rotation --layout rotation --out paper/rotation_table.md \
-		--splice README.md:rotation_table
-	$(BIN)/python scripts/make_tables.py paper/results/qat --layout qat --out paper/qat_table.md --splice README.md:qat_table
-	$(BIN)/python scripts/bench_table.py --e2e paper/results/bench_e2e.json --kernels paper/results/bench_kernels.json \
-		--out paper/bench_table.md --splice README.md:bench_table
+# Regenerate every table and figure in paper/ (and the tables spliced into README.md) from the committed rows.
+paper: $(STAMP)
+	$(BIN)/python scripts/make_paper.py
+
+tables: paper
 
 clean:
 	rm -rf $(VENV) results outputs multirun

@@ -52,7 +52,10 @@ def load_plugins(names) -> None:
             path = Path(name).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"plugin file {path} does not exist (plugins: {list(names)})")
-            spec = importlib.util.spec_from_file_location(f"spinquant_plugin_{path.stem}", path)
+            mod_name = f"spinquant_plugin_{path.stem}"
+            if getattr(sys.modules.get(mod_name), "__file__", None) == str(path.resolve()):
+                continue  # a sweep in one process loads each plugin once
+            spec = importlib.util.spec_from_file_location(mod_name, path.resolve())
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)

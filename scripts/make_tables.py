@@ -3,6 +3,7 @@
     python scripts/make_tables.py results/demo [more dirs or files] [--out paper/demo_table.md]
     python scripts/make_tables.py paper/results/rotation --layout rotation   # methods x schemes
     python scripts/make_tables.py paper/results/qat --layout qat             # QAT table + training cost
+    python scripts/make_tables.py paper/results/qat --layout qat --latex paper/qat_table.tex   # + LaTeX (booktabs)
 
 Default layout: rows sorted FP first, then by weight bits, activation bits, KV bits (descending) and
 method; columns: perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio
@@ -12,6 +13,7 @@ column per WxAyKVz scheme, cells = perplexity on one dataset, FP on top, rotatio
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +52,15 @@ def _sort_key(row):
             METHOD_RANK.get(m.split("+")[-1], 9), m)
 
 
+LM_EVAL_METRICS = ("word_perplexity", "acc_norm", "acc", "exact_match", "bits_per_byte")
+
+
+def _lm_eval_metric(rows, task: str) -> str:
+    """The metric shown for an lm-eval task: the first of LM_EVAL_METRICS that its rows report."""
+    have = {m for r in rows for m in r["metrics"].get("lm_eval", {}).get(task, {})}
+    return next((m for m in LM_EVAL_METRICS if m in have), sorted(have)[0] if have else "–")
+
+
 def render(rows: list[dict]) -> str:
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -58,7 +69,10 @@ def render(rows: list[dict]) -> str:
         datasets += sorted({d for r in mrows for d in r["metrics"]["ppl"]} - set(datasets))
         fp = next((r for r in mrows if r["spec"].get("w_bits", 16) >= 16 and r["spec"].get("a_bits", 16) >= 16
                    and r["spec"].get("kv_bits", 16) >= 16), None)
+        tasks = sorted({t for r in mrows for t in r["metrics"].get("lm_eval", {})})
+        task_metric = {t: _lm_eval_metric(mrows, t) for t in tasks}
         head = ["Scheme", "Method", "W groups"] + [f"PPL {d}" for d in datasets]
+        head += [f"lm-eval {t} {task_metric[t].replace('_', ' ')}" for t in tasks]
         head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
         head += ["Size (MB)", "× FP size"]
         trained = any("qat_train" in r["metrics"] for r in mrows)
@@ -69,6 +83,8 @@ def render(rows: list[dict]) -> str:
         for r in mrows:
             ppl = r["metrics"]["ppl"]
             cells = [r["scheme"], _method(r), _spec(r)] + [f"{ppl[d]:.2f}" if d in ppl else "–" for d in datasets]
+            le = r["metrics"].get("lm_eval", {})
+            cells += [f"{le[t][task_metric[t]]:.4g}" if task_metric[t] in le.get(t, {}) else "–" for t in tasks]
             if fp and "wikitext2" in datasets:
                 cells.append(f"{ppl['wikitext2'] - fp['metrics']['ppl']['wikitext2']:+.2f}" if "wikitext2" in ppl else "–")
             size = r["metrics"].get("size_bytes")
@@ -204,10 +220,72 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
     return "\n\n".join(out) + "\n"
 
 
+LATEX_SUBS = [("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"),
+              ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}"), ("Δ", r"$\Delta$"), ("×", r"$\times$"),
+              ("→", r"$\to$"), ("–", "--"), ("—", "---"), ("≥", r"$\geq$"), ("≤", r"$\leq$"), ("±", r"$\pm$")]
+
+
+def _latex_text(text: str) -> str:
+    """Escape one Markdown cell or line for LaTeX; **bold** and `code` become \textbf and \texttt."""
+    out = []
+    for chunk in re.split(r"(\*\*[^*]+\*\*|`[^`]+`)", text):
+        if len(chunk) > 4 and chunk.startswith("**") and chunk.endswith("**"):
+            out.append(r"\textbf{" + _latex_text(chunk[2:-2]) + "}")
+        elif len(chunk) > 2 and chunk.startswith("`") and chunk.endswith("`"):
+            out.append(r"\texttt{" + _latex_text(chunk[1:-1]) + "}")
+        else:
+            chunk = chunk.replace("\\*", "*").replace("\\", "\x00")
+            for a, b in LATEX_SUBS:
+                chunk = chunk.replace(a, b)
+            out.append(chunk.replace("\x00", r"\textbackslash{}"))
+    return "".join(out)
+
+
+def to_latex(markdown: str) -> str:
+    """The same tables as LaTeX booktabs `tabular`s: each Markdown table (| rows |) becomes a tabular with the
+    Markdown's column alignment; every other non-empty line (titles, notes) becomes a paragraph."""
+    out, table = [], []
+
+    def flush():
+        if not table:
+            return
+        head, align, *body = table
+        cols = "".join("r" if a.strip().endswith(":") else "l" for a in align)
+        out.append(r"\begin{tabular}{" + cols + "}")
+        out.append(r"\toprule")
+        out.append(" & ".join(_latex_text(c) for c in head) + r" \\")
+        out.append(r"\midrule")
+        out.extend(" & ".join(_latex_text(c) for c in row) + r" \\" for row in body)
+        out.extend([r"\bottomrule", r"\end{tabular}", ""])
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.strip():
+            out += [_latex_text(line.strip()), ""]
+    flush()
+    return "% generated by scripts/make_tables.py from results rows; do not edit\n" + "\n".join(out).rstrip() + "\n"
+
+
+LAYOUTS = {"schemes": "render", "rotation": "render_rotation", "qat": "render_qat"}
+
+
+def render_layout(rows: list[dict], layout: str, dataset: str = "wikitext2") -> str:
+    """Markdown of `rows` in one of the LAYOUTS."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    fn = globals()[LAYOUTS[layout]]
+    return fn(rows) if layout == "schemes" else fn(rows, dataset)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="results folders or row files")
     p.add_argument("--out", type=Path, help="write the Markdown here too")
+    p.add_argument("--latex", type=Path, help="write the tables as LaTeX (booktabs) here")
     p.add_argument("--layout", choices=["schemes", "rotation", "qat"], default="schemes",
                    help="schemes: one row per run; rotation: methods x WxAyKVz schemes (the rotation table); "
                         "qat: methods x schemes with the RTN→FP gap recovered and the training cost")
@@ -218,14 +296,16 @@ def main(argv=None):
     rows = read_rows(args.paths)
     if not rows:
         raise SystemExit(f"no results rows under {args.paths}")
-    text = {"schemes": render, "rotation": render_rotation, "qat": render_qat}[args.layout](
-        rows, *([] if args.layout == "schemes" else [args.dataset]))
-    print(text)
+    text = render_layout(rows, args.layout, args.dataset)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    if args.latex:
+        args.latex.parent.mkdir(parents=True, exist_ok=True)
+        args.latex.write_text(to_latex(text))
     for target in args.splice:
         splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
+    print(text)
 
 
 def splice(path: Path, marker: str, text: str) -> None:

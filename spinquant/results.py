@@ -95,6 +95,12 @@ def read_rows(paths) -> list[dict]:
             raise MalformedRowError(f"{f}: results row lacks required keys {missing}")
         if not isinstance(row["metrics"], dict) or not isinstance(row["metrics"].get("ppl", {}), dict):
             raise MalformedRowError(f"{f}: 'metrics' must be an object with a 'ppl' object")
+        bad = {k: v for k, v in row["metrics"].get("ppl", {}).items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise MalformedRowError(f"{f}: perplexities must be numbers, got {bad}")
+        for key, kind in (("method", dict), ("spec", dict), ("scheme", str), ("model", str)):
+            if not isinstance(row[key], kind):
+                raise MalformedRowError(f"{f}: {key!r} must be a {kind.__name__}, got {type(row[key]).__name__}")
         row["_file"] = str(f)
         rows.append(row)
     return rows

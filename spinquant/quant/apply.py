@@ -96,12 +96,26 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
         inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
 
 
+def _check_options(wq, options: dict) -> None:
+    """Clear error for method_options the quantizer does not take (instead of a TypeError mid-model)."""
+    import inspect
+    params = inspect.signature(wq.fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    known = [n for n in list(params)[3:]]  # after (weight, spec, hessian)
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise ValueError(f"quant.method_options {unknown} are not options of weight quantizer {wq.name!r} "
+                         f"(it takes: {', '.join(known) or 'none'})")
+
+
 def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None, batch_size: int = 8,
               progress: bool = True) -> nn.Module:
     """Quantize `model` in place according to `config`; `calib` [n, seq] token ids for calibrated methods."""
     adapter = get_adapter(model)
     _check_shapes(model, adapter, config)
     wq = get_weight_quantizer(config.method)
+    _check_options(wq, config.method_options)
     use_spinquant_attention(model)
     layers = adapter.decoder_layers(model)
 

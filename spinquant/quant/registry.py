@@ -42,12 +42,17 @@ def register_weight_quantizer(name: str, needs_hessian: bool = False):
     """Decorator: register `fn(weight, spec, hessian=None, **options) -> QuantizedWeight` under `name`."""
 
     def deco(fn):
-        if name in WEIGHT_QUANTIZERS:
-            raise ValueError(f"weight quantizer {name!r} is already registered")
+        old = WEIGHT_QUANTIZERS.get(name)
+        if old is not None and _source(old.fn) != _source(fn):  # the same file imported again is fine
+            raise ValueError(f"weight quantizer {name!r} is already registered (by {_source(old.fn)[0]})")
         WEIGHT_QUANTIZERS[name] = WeightQuantizer(name, fn, needs_hessian)
         return fn
 
     return deco
+
+
+def _source(fn) -> tuple[str, str]:
+    return fn.__code__.co_filename, fn.__qualname__
 
 
 def get_weight_quantizer(name: str) -> WeightQuantizer:

@@ -1,0 +1,87 @@
+"""make paper: every table and figure regenerates byte for byte from the committed rows; LaTeX rendering;
+the Pareto front; malformed rows stop the build; a new row lands in its table."""
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+
+def test_make_paper_regenerates_paper_byte_for_byte_from_the_committed_rows():
+    import make_paper
+    assert make_paper.check() == []
+
+
+def test_latex_tables_follow_the_markdown_cells_and_escape_specials():
+    import make_tables
+    md = ("**m** — title with 50% and a_b\n\n| Scheme | Δ ppl | × FP |\n|---|---:|---:|\n| W4A8 & co | +0.60 | 0.569 |\n"
+          "| W4A4KV4 | – | 89% |\n\n\\* note `quant.group_fallback=channel`\n")
+    tex = make_tables.to_latex(md)
+    assert r"\begin{tabular}{lrr}" in tex and tex.count(r"\toprule") == 1 and tex.count(r"\bottomrule") == 1
+    assert r"Scheme & $\Delta$ ppl & $\times$ FP \\" in tex
+    assert r"W4A8 \& co & +0.60 & 0.569 \\" in tex and r"W4A4KV4 & -- & 89\% \\" in tex
+    assert r"\textbf{m} --- title with 50\% and a\_b" in tex
+    assert r"* note \texttt{quant.group\_fallback=channel}" in tex
+    body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
+    assert len(body) == 3  # header + 2 rows, nothing dropped
+
+
+def test_pareto_front_against_brute_force():
+    from plot_pareto import pareto_front
+    rng = random.Random(0)
+    for _ in range(50):
+        pts = [(rng.choice([1, 2, 3, 4, 5]) + rng.random() * 0.1, rng.random()) for _ in range(rng.randint(1, 30))]
+        front = set(pareto_front(pts))
+        brute = {i for i, (x, y) in enumerate(pts)
+                 if not any((x2 <= x and y2 < y) or (x2 < x and y2 <= y) for j, (x2, y2) in enumerate(pts) if j != i)}
+        assert front == brute
+
+
+def _copy_paper(tmp_path) -> Path:
+    for rel in ("paper", "README.md"):
+        src = ROOT / rel
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, tmp_path / rel)
+    return tmp_path
+
+
+def test_malformed_row_stops_make_paper_before_anything_is_written(tmp_path):
+    import make_paper
+
+    from spinquant.results import MalformedRowError
+    src = _copy_paper(tmp_path)
+    row_file = next((src / "paper/results/qat").glob("*.json"))
+    row = json.loads(row_file.read_text())
+    row["metrics"]["ppl"]["wikitext2"] = "182.7"  # a string where a number belongs
+    row_file.write_text(json.dumps(row))
+    before = {p: p.read_bytes() for p in (src / "paper").glob("*.md")}
+    with pytest.raises(MalformedRowError, match=rf"{row_file.name}.*perplexities must be numbers"):
+        make_paper.build(src, src)
+    assert {p: p.read_bytes() for p in (src / "paper").glob("*.md")} == before
+
+
+def test_a_new_row_appends_to_its_table_and_the_old_rows_stay(tmp_path):
+    import make_tables
+    import run as run_mod
+    from hydra import compose, initialize_config_dir
+
+    from spinquant.results import read_rows
+    res = tmp_path / "results"
+    shutil.copytree(ROOT / "paper/results/foundation", res / "foundation")
+    before = make_tables.render(read_rows([res / "foundation"]))
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=foundation", "model=stories260k", "quant=w4a16_g128",
+                                           f"results_dir={res}", "quant.group_fallback=channel", "eval.max_windows=2",
+                                           "progress=false", "wandb.mode=disabled"])
+    row = run_mod.run(cfg)
+    after = make_tables.render(read_rows([res / "foundation"]))
+    new = [ln for ln in after.splitlines() if ln not in before.splitlines()]
+    assert len(new) == 1 and new[0].startswith("| W4A16 | rtn | g128")
+    assert f"{row['metrics']['ppl']['wikitext2']:.2f}" in new[0]
+    kept = [ln for ln in after.splitlines() if ln in before.splitlines()]
+    assert kept == before.splitlines()  # every old line kept, in order
