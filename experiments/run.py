@@ -85,6 +85,7 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         torch.set_num_threads(int(cfg.threads))
     load_plugins(cfg.get("plugins"))
     qcfg = QuantConfig.from_dict(config["quant"])  # validate before loading anything
+    get_weight_quantizer(qcfg.method)  # unknown method (a plugin not loaded?): a clear error now, not after loading
     le = cfg.eval.get("lm_eval") or {}
     if le.get("tasks"):
         from spinquant.eval.harness import check_tasks
