@@ -87,8 +87,9 @@ def test_every_quant_config_composes_into_its_preset(tmp_path, option):
     from spinquant.quant import QuantConfig
     cfg = _cfg(tmp_path, f"quant={option}")
     q = QuantConfig.from_dict(OmegaConf.to_container(cfg.quant, resolve=True))
-    base = option.removesuffix("_gptq")
-    assert q.method == ("gptq" if option.endswith("_gptq") else "rtn")
+    head, _, suffix = option.rpartition("_")
+    base, method = (head, suffix) if suffix in ("gptq", "hqq") else (option, "rtn")  # <scheme>[_<method>].yaml
+    assert q.method == method
     assert q.scheme.lower().replace("-", "_") == base
     assert q.label().startswith(f"W{q.weight.bits}A{q.act.bits}")
 
