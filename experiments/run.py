@@ -196,12 +196,12 @@ def evaluate_packed(model, tok, cfg: DictConfig) -> dict:
     import tempfile
 
     from spinquant import export, kernels
-    if cfg.kernels.name != "cpu":
-        raise ValueError(f"unknown kernels {cfg.kernels.name!r}; available: none, cpu")
+    if cfg.kernels.name not in ("cpu", "triton"):
+        raise ValueError(f"unknown kernels {cfg.kernels.name!r}; available: none, cpu, triton")
     if cfg.kernels.dtype not in DTYPES:
         raise ValueError(f"kernels.dtype must be one of {list(DTYPES)}, got {cfg.kernels.dtype!r}")
     t = time.time()
-    kernels.pack(model, DTYPES[cfg.kernels.dtype])
+    kernels.pack(model, DTYPES[cfg.kernels.dtype], backend=cfg.kernels.name)
     out = {"kernels": kernels.kernel_summary(model), "dtype": cfg.kernels.dtype, "ppl": {}}
     with tempfile.TemporaryDirectory() as d:
         path = export.save(model, cfg.kernels.save or Path(d) / "packed", tok)

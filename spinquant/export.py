@@ -74,7 +74,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             if m.adapter is not None:
                 tensors[f"{name}.adapter.A"] = m.adapter.A.detach().to(torch.bfloat16).contiguous()
                 tensors[f"{name}.adapter.B"] = m.adapter.B.detach().to(torch.bfloat16).contiguous()
-            modules[name] = {"kind": "linear", "kernel": m.kernel, "in": m.in_features, "out": m.out_features,
+            modules[name] = {"kind": "linear", "kernel": m.portable_kernel, "in": m.in_features, "out": m.out_features,
                              "w_spec": m.w_spec.to_dict(), "act_spec": m.act_spec.to_dict() if m.act_spec else None,
                              "bias": m.bias is not None, "input_transform": _hadamard_meta(m.input_transform),
                              "adapter": _adapter_meta(m.adapter)}

@@ -5,6 +5,8 @@ what size, memory and speed are measured on.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -17,8 +19,10 @@ __all__ = ["KERNELS", "PackedEmbedding", "PackedKVLayer", "PackedLinear", "cache
            "kernel_summary", "pack", "packed_kv_cache", "token_codes"]
 
 
-def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
+def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False, backend: str = "cpu") -> nn.Module:
     """Quantized model (after `quantize_` or `qat.convert`) -> packed model computing in `dtype` (in place).
+    backend "cpu": torch's CPU low-bit ops (the model must be on the CPU); "triton": the Triton kernels for
+    int4 weights and W8A8 (a GPU model, or a CPU one under TRITON_INTERPRET=1), dequant for the rest.
 
     QuantLinear with integer weights -> PackedLinear, QuantEmbedding -> PackedEmbedding; everything else
     (norms, 16-bit linears, an unquantized embedding) is cast to `dtype`. An int8 lm_head and embedding
@@ -27,9 +31,12 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
     if not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
         raise ValueError("pack() needs a quantized model: run spinquant.quant.quantize_ (or qat.convert) first")
     devices = {p.device.type for p in model.parameters()}
-    if devices != {"cpu"}:
-        raise ValueError(f"pack() builds CPU kernels; the model is on {sorted(devices)}. Move it to the CPU first "
-                         "(the Triton kernels in spinquant.kernels.triton_kernels are not wired into packed modules yet)")
+    if backend == "cpu" and devices != {"cpu"}:
+        raise ValueError(f"pack(backend='cpu') builds CPU kernels; the model is on {sorted(devices)}: move it to the "
+                         f"CPU, or pack it for the GPU with backend='triton'")
+    if backend == "triton" and devices != {"cuda"} and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"pack(backend='triton') needs the model on a GPU (it is on {sorted(devices)}), or "
+                         f"TRITON_INTERPRET=1 to run the kernels on the CPU")
     for p in model.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32
         if p.is_floating_point():
             p.data = p.data.to(dtype)
@@ -39,7 +46,7 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
         if isinstance(m, QuantEmbedding):
             _set(model, name, PackedEmbedding.from_quant_embedding(m, dtype))
         elif m.qweight is not None:
-            _set(model, name, PackedLinear.from_quant_linear(m))
+            _set(model, name, PackedLinear.from_quant_linear(m, backend=backend))
     share_tied_table(model)
     model.packed_dtype = dtype
     return model

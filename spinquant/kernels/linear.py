@@ -9,6 +9,11 @@ picks a kernel for its spec:
 | `int8`  | 5-8 bits, per-channel, symmetric          | int8 per-token, >= 16 tokens | `torch._int_mm` (exact int32) |
 | `int8`  | 5-8 bits, per-channel, symmetric          | 16-bit, or < 16 tokens  | `_weight_int8pack_mm`         |
 | `dequant` | anything else (the reference path)      | as the spec says        | dequantize + `F.linear`       |
+| `triton_int4` | as `int4` (groups a multiple of 32)   | 16-bit, or int codes    | `triton_kernels.w4a16_matmul` |
+| `triton_int8` | as `int8`                             | int8 per-token          | `triton_kernels.int8_matmul`  |
+
+The `triton_*` kernels (`pack(model, backend="triton")`) hold the portable layout of `export_tensors` and
+run on a GPU (or on the CPU under TRITON_INTERPRET=1, which is how CI tests them).
 
 Quantized activations are computed exactly as the fake-quant path does (same per-token scales and
 codes); with int4 weights the integer codes enter the kernel as bf16 (exact: |code| <= 255) and the
@@ -26,7 +31,8 @@ from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
 from . import cpu
 
-KERNELS = ("int4", "int8", "dequant")
+KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8")
+PORTABLE = {"triton_int4": "int4", "triton_int8": "int8"}  # the saved form of a Triton kernel's weights
 INT_MM_MIN_TOKENS = 16  # below this many tokens (decode) int8 weights run through _weight_int8pack_mm instead
 
 
@@ -93,16 +99,43 @@ def _pad_k(x: torch.Tensor, k_pad: int) -> torch.Tensor:
     return x if x.shape[-1] == k_pad else F.pad(x, (0, k_pad - x.shape[-1]))
 
 
-def choose_kernel(w_spec: QuantSpec) -> str:
-    """The kernel a weight spec runs on (table above); activation specs work with every kernel."""
+def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend: str = "cpu") -> str:
+    """The kernel a weight spec runs on (table above); on the CPU activation specs work with every kernel."""
+    if backend not in ("cpu", "triton"):
+        raise ValueError(f"unknown kernel backend {backend!r}; available: cpu, triton")
     if not w_spec.enabled:
         return "dequant"
+    if backend == "triton":
+        cpu_kernel = choose_kernel(w_spec)
+        if cpu_kernel == "int4" and (w_spec.granularity == "channel" or w_spec.group_size % 32 == 0):
+            return "triton_int4"
+        a8 = act_spec is not None and act_spec.enabled and act_spec.bits <= 8 and act_spec.granularity == "token"
+        return "triton_int8" if cpu_kernel == "int8" and a8 else "dequant"
     if w_spec.bits <= 4 and (w_spec.granularity == "channel" or
                              (w_spec.granularity == "group" and w_spec.group_size in cpu.INT4_GROUPS)):
         return "int4"
     if w_spec.bits <= 8 and w_spec.granularity == "channel" and w_spec.symmetric:
         return "int8"
     return "dequant"
+
+
+def _portable_tensors(ql: QuantLinear, kernel: str) -> dict[str, torch.Tensor]:
+    """`PackedLinear.export_tensors()` of `ql` packed for `kernel` ("int4" / "int8"), computed directly from its
+    codes (no CPU-only packing op): int4 u = code + 8 - offset two a byte (low nibble first), w = (u-8)·s + z."""
+    qw, N = ql.qweight, ql.out_features
+    codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
+    if qw.spec.granularity == "tensor":
+        scale, zero = scale.expand(N, 1), zero.expand(N, 1)
+    out = {} if ql.bias is None else {"bias": ql.bias.detach().to(torch.bfloat16)}
+    if kernel == "int8":
+        out.update(qweight=codes.to(torch.int8).contiguous(), scale=scale[:, 0].contiguous())
+        return out
+    off = 8 if qw.spec.symmetric else 8 - 2 ** (qw.spec.bits - 1)
+    u = F.pad(codes + off, (0, ql.in_features % 2), value=8).to(torch.uint8)
+    out.update(qweight=(u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scale=scale.to(torch.bfloat16).contiguous())
+    if not qw.spec.symmetric:
+        out["zero"] = ((8 - zero - off) * scale).to(torch.bfloat16).contiguous()
+    return out
 
 
 class PackedLinear(nn.Module):
@@ -127,12 +160,15 @@ class PackedLinear(nn.Module):
 
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
-    def from_quant_linear(cls, ql: QuantLinear, kernel: str | None = None) -> "PackedLinear":
+    def from_quant_linear(cls, ql: QuantLinear, kernel: str | None = None, backend: str = "cpu") -> "PackedLinear":
         qw = ql.qweight
         if qw is None:
             raise ValueError(f"{ql} has no quantized weight to pack (16-bit linears stay nn.Linear)")
         spec = qw.spec
-        kernel = kernel or choose_kernel(spec)
+        kernel = kernel or choose_kernel(spec, ql.act_spec, backend)
+        if kernel in PORTABLE:  # the portable layout of export_tensors, built on the weights' own device
+            return cls.from_export(_portable_tensors(ql, PORTABLE[kernel]), ql.in_features, ql.out_features, spec,
+                                   ql.act_spec, kernel, ql.input_transform, ql.adapter)
         m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
         N = ql.out_features
         codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
@@ -200,6 +236,17 @@ class PackedLinear(nn.Module):
             y = (y if self.n_pad == self.out_features else y[:, :self.out_features]).float()
             if a is not None:
                 y = y.mul_(s)
+        elif self.kernel == "triton_int4":
+            from . import triton_kernels as tk
+            xin = (v - z) if a is not None else x
+            xin = xin.to(torch.float32 if xin.device.type == "cpu" else torch.bfloat16)  # interpreter: no bf16 dot
+            y = tk.w4a16_matmul(xin, self.qweight, self.scale, self.zero, self.group).float()
+            if a is not None:
+                y = y.mul_(s)
+        elif self.kernel == "triton_int8":
+            from . import triton_kernels as tk
+            shift = -128 - a.qmin
+            y = tk.int8_matmul((v + shift).to(torch.int8), self.qweight, s, self.scale, z + shift)
         elif self.kernel == "int8" and a is not None and a.bits <= 8 and x.shape[0] >= INT_MM_MIN_TOKENS:
             shift = -128 - a.qmin  # codes v + shift fit int8; x = (v + shift - (shift + zero))·s
             xq = _pad_k((v + shift).to(torch.int8), self.k_pad)
@@ -222,6 +269,11 @@ class PackedLinear(nn.Module):
         return [b for n, b in self.named_buffers(recurse=False)
                 if b is not None and n not in ("bias", "colsum", "w_scale_bf16")]
 
+    @property
+    def portable_kernel(self) -> str:
+        """The kernel name the saved form records (Triton kernels save as their CPU counterparts)."""
+        return PORTABLE.get(self.kernel, self.kernel)
+
     # ---- the portable form ------------------------------------------------------------------------
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """Device- and layout-independent tensors (what `spinquant.export` writes), weights at their bit-width:
@@ -230,6 +282,12 @@ class PackedLinear(nn.Module):
         int8: qweight int8 [out, in], scale float32 [out]; dequant: weight bf16 [out, in]."""
         N, K = self.out_features, self.in_features
         out = {} if self.bias is None else {"bias": self.bias}
+        if self.kernel in PORTABLE:
+            out["qweight"], out["scale"] = self.qweight, self.scale.to(torch.bfloat16 if self.kernel == "triton_int4"
+                                                                        else torch.float32)
+            if self.kernel == "triton_int4" and not self.w_spec.symmetric:
+                out["zero"] = self.zero.to(torch.bfloat16)
+            return out
         if self.kernel == "int4":
             u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K]
             u = F.pad(u, (0, K % 2), value=8)
@@ -247,11 +305,20 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def from_export(cls, t: dict[str, torch.Tensor], in_features: int, out_features: int, w_spec: QuantSpec,
-                    act_spec: QuantSpec | None, kernel: str) -> "PackedLinear":
+                    act_spec: QuantSpec | None, kernel: str, input_transform=None, adapter=None) -> "PackedLinear":
         """Inverse of `export_tensors` (shapes already checked by the caller)."""
         m = cls(in_features, out_features, w_spec, act_spec, kernel, t.get("bias"))
+        m.input_transform, m.adapter = input_transform, adapter
         N, K = out_features, in_features
-        if kernel == "int4":
+        if kernel == "triton_int4":
+            m.register_buffer("qweight", t["qweight"].contiguous())
+            m.register_buffer("scale", t["scale"].float().contiguous())
+            m.register_buffer("zero", t["zero"].float().contiguous() if "zero" in t else None)
+            m.group = None if w_spec.granularity == "channel" else w_spec.group_size
+        elif kernel == "triton_int8":
+            m.register_buffer("qweight", t["qweight"].contiguous())
+            m.register_buffer("scale", t["scale"].float().contiguous())
+        elif kernel == "int4":
             q = t["qweight"]
             u = torch.stack([q & 0xF, q >> 4], -1).reshape(N, -1)[:, :K].to(torch.int32)
             scale = t["scale"].float()
@@ -266,6 +333,14 @@ class PackedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
         N, K = self.out_features, self.in_features
+        if self.kernel == "triton_int4":
+            q = self.qweight
+            u = torch.stack([q & 0xF, q >> 4], -1).reshape(N, -1)[:, :K].float()
+            g = K if self.group is None else self.group
+            w = (u - 8) * self.scale.repeat_interleave(g, 1)[:, :K]
+            return w + self.zero.repeat_interleave(g, 1)[:, :K] if self.zero is not None else w
+        if self.kernel == "triton_int8":
+            return self.qweight.float() * self.scale[:, None]
         if self.kernel == "int4":
             u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad).float()
             sz = self.scales_zeros.float()  # [K/g, N, 2]
