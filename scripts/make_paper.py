@@ -29,7 +29,8 @@ from spinquant.results import read_rows  # noqa: E402
 # (rows folder, layout, output stem under paper/, documents to splice the Markdown into)
 TABLES = [("paper/results/foundation", "schemes", "foundation_table", ["README.md", "paper/README.md"]),
           ("paper/results/rotation", "rotation", "rotation_table", ["README.md", "paper/README.md"]),
-          ("paper/results/qat", "qat", "qat_table", ["README.md", "paper/README.md"])]
+          ("paper/results/qat", "qat", "qat_table", ["README.md", "paper/README.md"]),
+          ("paper/results/lm_eval", "schemes", "lm_eval_table", ["paper/README.md"])]
 SPLICED = ["README.md", "paper/README.md"]
 
 

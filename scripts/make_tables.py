@@ -52,13 +52,19 @@ def _sort_key(row):
             METHOD_RANK.get(m.split("+")[-1], 9), m)
 
 
-LM_EVAL_METRICS = ("word_perplexity", "acc_norm", "acc", "exact_match", "bits_per_byte")
+LM_EVAL_METRICS = ("word_perplexity", "bits_per_byte", "acc_norm", "acc", "exact_match")
 
 
-def _lm_eval_metric(rows, task: str) -> str:
-    """The metric shown for an lm-eval task: the first of LM_EVAL_METRICS that its rows report."""
+def _lm_eval_metrics(rows, task: str) -> list[str]:
+    """The metrics shown for an lm-eval task: those of LM_EVAL_METRICS its rows report (perplexity tasks: word
+    perplexity and bits per byte; multiple choice: acc_norm / acc), else its first metric."""
     have = {m for r in rows for m in r["metrics"].get("lm_eval", {}).get(task, {})}
-    return next((m for m in LM_EVAL_METRICS if m in have), sorted(have)[0] if have else "–")
+    shown = [m for m in LM_EVAL_METRICS if m in have]
+    return shown[:2] if shown else sorted(have)[:1]
+
+
+def _fmt_metric(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
 def render(rows: list[dict]) -> str:
@@ -70,9 +76,9 @@ def render(rows: list[dict]) -> str:
         fp = next((r for r in mrows if r["spec"].get("w_bits", 16) >= 16 and r["spec"].get("a_bits", 16) >= 16
                    and r["spec"].get("kv_bits", 16) >= 16), None)
         tasks = sorted({t for r in mrows for t in r["metrics"].get("lm_eval", {})})
-        task_metric = {t: _lm_eval_metric(mrows, t) for t in tasks}
+        le_cols = [(t, m) for t in tasks for m in _lm_eval_metrics(mrows, t)]
         head = ["Scheme", "Method", "W groups"] + [f"PPL {d}" for d in datasets]
-        head += [f"lm-eval {t} {task_metric[t].replace('_', ' ')}" for t in tasks]
+        head += [f"{t} {m.replace('_', ' ')}" for t, m in le_cols]
         head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
         head += ["Size (MB)", "× FP size"]
         trained = any("qat_train" in r["metrics"] for r in mrows)
@@ -84,7 +90,7 @@ def render(rows: list[dict]) -> str:
             ppl = r["metrics"]["ppl"]
             cells = [r["scheme"], _method(r), _spec(r)] + [f"{ppl[d]:.2f}" if d in ppl else "–" for d in datasets]
             le = r["metrics"].get("lm_eval", {})
-            cells += [f"{le[t][task_metric[t]]:.4g}" if task_metric[t] in le.get(t, {}) else "–" for t in tasks]
+            cells += [_fmt_metric(le[t][m]) if m in le.get(t, {}) else "–" for t, m in le_cols]
             if fp and "wikitext2" in datasets:
                 cells.append(f"{ppl['wikitext2'] - fp['metrics']['ppl']['wikitext2']:+.2f}" if "wikitext2" in ppl else "–")
             size = r["metrics"].get("size_bytes")
