@@ -157,6 +157,7 @@ QAT_METHODS = [  # (rotation, weights, qat) -> label, in table order
 
 
 QAT_SCHEME_ORDER = ["W4A8", "W4A4KV4", "W3A16-g64", "W2A16-g64"]
+MIN_GAP = 0.01  # below this RTN→FP gap (relative to FP) a "% recovered" is noise: the row is marked "< FP" instead
 
 
 def _method_key(r) -> tuple[str, str, str]:
@@ -189,7 +190,8 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
         def ppl(r):
             return r["metrics"]["ppl"][dataset]
 
-        lines = [f"**{model}** — {dataset} perplexity (in brackets: share of the RTN→FP gap recovered)", "",
+        lines = [f"**{model}** — {dataset} perplexity (in brackets: share of the RTN→FP gap recovered, where that gap "
+                 f"is over {100 * MIN_GAP:g}% of FP; < FP: below the FP model)", "",
                  "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
         if fp:
             lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
@@ -203,8 +205,12 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
                     row.append("–")
                     continue
                 cell = f"{ppl(r):.2f}"
-                if mk[2] != "none" and fp and rtn and ppl(rtn) > ppl(fp):
-                    cell += f" ({100 * (ppl(rtn) - ppl(r)) / (ppl(rtn) - ppl(fp)):.0f}%)"
+                if mk[2] != "none" and fp and rtn:
+                    gap = ppl(rtn) - ppl(fp)
+                    if gap > MIN_GAP * ppl(fp):
+                        cell += f" ({100 * (ppl(rtn) - ppl(r)) / gap:.0f}%)"
+                    elif ppl(r) < ppl(fp):
+                        cell += " (< FP)"
                 row.append(cell)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
