@@ -73,6 +73,9 @@ def test_unknown_task_is_a_clear_error_before_any_work(stories):
     model, tok = stories
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['hellaswagg'\].*spinquant_wikitext2"):
         evaluate_tasks(model, tok, ["hellaswagg"], max_length=64)
+    from spinquant.data import DataError
+    with pytest.raises(DataError, match="no data root found"):  # the offline task reads the configured data root
+        evaluate_tasks(model, tok, ["spinquant_wikitext2"], max_length=64, limit=1, data_root="/nonexistent/spinquant")
 
 
 def test_lm_eval_metrics_join_the_row_for_fake_quant_and_packed_models(tmp_path):
