@@ -195,6 +195,9 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
                  "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
         if fp:
             lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
+        control = next((r for r in mrows if _method_key(r) == ("none", "none", "lora")), None)
+        if control:  # the same LoRA training without quantization: what fine-tuning alone does
+            lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}" for _ in cols) + " |")
         for mk, label in QAT_METHODS[1:]:
             if not any((mk, c) in cells for c in cols):
                 continue

@@ -232,8 +232,10 @@ def test_qat_table_pivots_methods_and_reports_recovered_gap():
         return r
     rows = [row("W16A16", 16, 16, "none", "none", "none", 100.0), row("W4A8", 4, 8, "none", "rtn", "none", 110.0),
             row("W4A8", 4, 8, "none", "rtn", "lora", 103.0, True), row("W2A16", 2, 16, "none", "rtn", "none", 150.0),
-            row("W2A16", 2, 16, "spinquant", "rtn", "lora", 120.0, True)]
+            row("W2A16", 2, 16, "spinquant", "rtn", "lora", 120.0, True),
+            row("W16A16", 16, 16, "none", "none", "lora", 99.0, True)]
     text = make_tables.render_qat(rows)
+    assert "| FP + LoRA (control) | 99.00 | 99.00 |" in text and "| FP + LoRA fine-tune (control) | 0.41M |" in text
     assert "| Method | W4A8 | W2A16-g64 |" in text
     assert "| QAT+LoRA | 103.00 (70%) | – |" in text
     assert "| SpinQuant+QAT+LoRA | – | 120.00 (60%) |" in text
