@@ -76,7 +76,7 @@ def size_vs_ppl(rows: list[dict], model: str, path: Path) -> Path:
             seen.add(key)
             uniq.append(r)
     fp = [r for r in uniq if _family(r) == "FP"]
-    q = [r for r in uniq if _family(r) != "FP"]
+    q = [r for r in uniq if min(r["spec"].get(k, 16) for k in ("w_bits", "a_bits", "kv_bits")) < 16]  # not FP controls
     pts = [(r["metrics"]["size_bytes"] / 1e6, r["metrics"]["ppl"][DATASET]) for r in q]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for fam, color in FAMILY_COLORS.items():
