@@ -152,6 +152,8 @@ def wikitext_documents(text: str) -> list[str]:
 
 _DETOK = [("s '", "s'"), (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
           (" ! ", "! "), (" ? ", "? "), (" , ", ", ")]
+_DETOK_BRACKETS = [(r"\(\s*([^)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"), (r"{\s*([^}]*?)\s*}", r"{\1}"),
+                   (r'"\s*([^"]*?)\s*"', r'"\1"'), (r"'\s*([^']*?)\s*'", r"'\1'")]  # no spaces inside brackets, quotes
 _DETOK_LATE = [("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \u00b0 ", "\u00b0"), (" \n", "\n"),
                ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]
 
@@ -161,10 +163,8 @@ def wikitext_detokenize(text: str) -> str:
     lm-eval's wikitext task does before scoring a document."""
     for a, b in _DETOK:
         text = text.replace(a, b)
-    for open_, close in (r"\(", r"\)"), (r"\[", r"\]"), ("{", "}"), ('"', '"'), ("'", "'"):
-        inner = "[^" + close.lstrip("\\") + "]"
-        text = re.sub(open_ + r"\s*(" + inner + r"*?)\s*" + close, open_.replace("\\", "") + r"\1" + close.replace("\\", ""),
-                      text)
+    for pattern, repl in _DETOK_BRACKETS:
+        text = re.sub(pattern, repl, text)
     for a, b in _DETOK_LATE:
         text = text.replace(a, b)
     return text
