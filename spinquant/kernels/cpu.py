@@ -47,6 +47,11 @@ def _int4_layout(N: int, K: int) -> torch.Tensor:
     return perm.to(torch.int32)
 
 
+def pack_nibbles_raw(u: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., 2B] (each < 16) -> uint8 [..., B], low nibble first: the inverse of unpack_nibbles_raw."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+
 def unpack_nibbles_raw(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., B] -> uint8 [..., 2B]: low nibble first, then high nibble (storage order, no permutation)."""
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..models.adapter import get_adapter
 from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
+from .cpu import pack_nibbles_raw, unpack_nibbles_raw
 
 DONE = "_spinquant_kv_done"  # attribute set on K/V tensors returned by a packed cache
 
@@ -37,12 +38,12 @@ class _Codes:
         g = x.shape[-1] if s.granularity != "group" else s.group_size
         xg = x.float().reshape(*x.shape[:-1], -1, g)
         u = (torch.clamp(torch.round(xg / scale) + zero, s.qmin, s.qmax) - s.qmin).to(torch.uint8).reshape(x.shape)
-        codes = (u[..., 0::2] | (u[..., 1::2] << 4)) if s.bits <= 4 else u
+        codes = pack_nibbles_raw(u) if s.bits <= 4 else u
         self.codes, self.scale, self.zero = _cat(self.codes, codes), _cat(self.scale, scale), _cat(self.zero, zero)
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
         s, c = self.spec, self.codes
-        u = torch.stack([c & 0xF, c >> 4], -1).reshape(*c.shape[:-1], -1) if s.bits <= 4 else c
+        u = unpack_nibbles_raw(c) if s.bits <= 4 else c
         ug = u.float().reshape(*self.scale.shape[:-1], -1)
         return ((ug + s.qmin - self.zero) * self.scale).reshape(*u.shape).to(dtype)
 

@@ -119,22 +119,39 @@ def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend:
     return "dequant"
 
 
-def _portable_tensors(ql: QuantLinear, kernel: str) -> dict[str, torch.Tensor]:
-    """`PackedLinear.export_tensors()` of `ql` packed for `kernel` ("int4" / "int8"), computed directly from its
-    codes (no CPU-only packing op): int4 u = code + 8 - offset two a byte (low nibble first), w = (u-8)·s + z."""
+def _codes_scale_zero(ql: QuantLinear):
+    """ql's integer codes int32 [N, K] and scale / zero float32 [N, groups] (a per-tensor spec broadcast)."""
     qw, N = ql.qweight, ql.out_features
     codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
     if qw.spec.granularity == "tensor":
         scale, zero = scale.expand(N, 1), zero.expand(N, 1)
+    return codes, scale, zero
+
+
+def _int4_form(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
+    """The unsigned int4 form every int4 kernel uses: u = code + off in [0, 15], centred on 8 so that the
+    float zero z = (8 - zero - off)·scale stays small, and w = (u - 8)·scale + z per group."""
+    off = 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
+    return codes + off, (8 - zero - off) * scale
+
+
+def _portable_qweight(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes [N, K] -> the saved layout uint8 [N, ceil(K/2)] (an odd K padded with code 8)."""
+    return cpu.pack_nibbles_raw(F.pad(u, (0, u.shape[1] % 2), value=8).to(torch.uint8))
+
+
+def _portable_tensors(ql: QuantLinear, kernel: str) -> dict[str, torch.Tensor]:
+    """`PackedLinear.export_tensors()` of `ql` packed for `kernel` ("int4" / "int8"), computed directly from its
+    codes (no CPU-only packing op)."""
+    codes, scale, zero = _codes_scale_zero(ql)
     out = {} if ql.bias is None else {"bias": ql.bias.detach().to(torch.bfloat16)}
     if kernel == "int8":
         out.update(qweight=codes.to(torch.int8).contiguous(), scale=scale[:, 0].contiguous())
         return out
-    off = 8 if qw.spec.symmetric else 8 - 2 ** (qw.spec.bits - 1)
-    u = F.pad(codes + off, (0, ql.in_features % 2), value=8).to(torch.uint8)
-    out.update(qweight=(u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), scale=scale.to(torch.bfloat16).contiguous())
-    if not qw.spec.symmetric:
-        out["zero"] = ((8 - zero - off) * scale).to(torch.bfloat16).contiguous()
+    u, zero_f = _int4_form(codes, scale, zero, ql.qweight.spec)
+    out.update(qweight=_portable_qweight(u), scale=scale.to(torch.bfloat16).contiguous())
+    if not ql.qweight.spec.symmetric:
+        out["zero"] = zero_f.to(torch.bfloat16).contiguous()
     return out
 
 
@@ -170,14 +187,10 @@ class PackedLinear(nn.Module):
             return cls.from_export(_portable_tensors(ql, PORTABLE[kernel]), ql.in_features, ql.out_features, spec,
                                    ql.act_spec, kernel, ql.input_transform, ql.adapter)
         m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
-        N = ql.out_features
-        codes, scale, zero = qw.codes.to(torch.int32), qw.scale.float().reshape(N, -1), qw.zero.float().reshape(N, -1)
-        if spec.granularity == "tensor":
-            scale, zero = scale.expand(N, 1), zero.expand(N, 1)
+        codes, scale, zero = _codes_scale_zero(ql)
         if kernel == "int4":
-            # unsigned code u = c + off centred on 8, so the kernel's bf16 float zero (8 - zero - off)·s stays small
-            off = 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
-            m._set_int4(codes + off, scale, (8 - zero - off) * scale)
+            u, zero_f = _int4_form(codes, scale, zero, spec)
+            m._set_int4(u, scale, zero_f)
         elif kernel == "int8":
             if choose_kernel(spec) != "int8":
                 raise ValueError(f"kernel int8 needs symmetric per-channel weights of 5-8 bits, got {spec.short()}")
@@ -289,9 +302,7 @@ class PackedLinear(nn.Module):
                 out["zero"] = self.zero.to(torch.bfloat16)
             return out
         if self.kernel == "int4":
-            u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K]
-            u = F.pad(u, (0, K % 2), value=8)
-            out["qweight"] = (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+            out["qweight"] = _portable_qweight(cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K])
             sz = self.scales_zeros[::self.reps, :N]  # one entry per spec group
             out["scale"] = sz[..., 0].t().contiguous()
             if not self.w_spec.symmetric:
@@ -309,7 +320,7 @@ class PackedLinear(nn.Module):
         """Inverse of `export_tensors` (shapes already checked by the caller)."""
         m = cls(in_features, out_features, w_spec, act_spec, kernel, t.get("bias"))
         m.input_transform, m.adapter = input_transform, adapter
-        N, K = out_features, in_features
+        K = in_features
         if kernel == "triton_int4":
             m.register_buffer("qweight", t["qweight"].contiguous())
             m.register_buffer("scale", t["scale"].float().contiguous())
@@ -320,7 +331,7 @@ class PackedLinear(nn.Module):
             m.register_buffer("scale", t["scale"].float().contiguous())
         elif kernel == "int4":
             q = t["qweight"]
-            u = torch.stack([q & 0xF, q >> 4], -1).reshape(N, -1)[:, :K].to(torch.int32)
+            u = cpu.unpack_nibbles_raw(q)[:, :K].to(torch.int32)
             scale = t["scale"].float()
             zero = t["zero"].float() if "zero" in t else torch.zeros_like(scale)
             m._set_int4(u, scale, zero)  # bf16 -> float32 -> bf16 is exact: the same kernel tensors as saved
@@ -334,8 +345,7 @@ class PackedLinear(nn.Module):
         """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
         N, K = self.out_features, self.in_features
         if self.kernel == "triton_int4":
-            q = self.qweight
-            u = torch.stack([q & 0xF, q >> 4], -1).reshape(N, -1)[:, :K].float()
+            u = cpu.unpack_nibbles_raw(self.qweight)[:, :K].float()
             g = K if self.group is None else self.group
             w = (u - 8) * self.scale.repeat_interleave(g, 1)[:, :K]
             return w + self.zero.repeat_interleave(g, 1)[:, :K] if self.zero is not None else w
