@@ -112,11 +112,14 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     rotation_s = time.time() - t
     if rank != 0 and cfg.qat.name == "none":
         return {}
+    method = {"rotation": cfg.rotation.name, "weights": qcfg.method if qcfg.weight.enabled else "none",
+              "qat": cfg.qat.name}
     w = cfg.get("wandb") or {"mode": "disabled"}
     tracker = None
     if rank == 0:  # QAT training logs into this run too; the row's metrics are added when it is written
+        name = "+".join(v for v in method.values() if v != "none") or "fp"
         tracker = tracking.start_run(config, w.get("mode", "offline"), w.get("project", "spinquant"),
-                                     w.get("group") or cfg.experiment_name, name=f"{qcfg.label()} {_method_name(cfg, qcfg)}",
+                                     w.get("group") or cfg.experiment_name, name=f"{qcfg.label()} {name}",
                                      run_dir=w.get("dir") or Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
                                      run_id=f"{cfg.experiment_name}-{rid}")
     t = time.time()
@@ -160,8 +163,7 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     w = qcfg.weight
     row = {
         "experiment": cfg.experiment_name, "run_id": rid, "model": cfg.model.name, "scheme": qcfg.label(),
-        "method": {"rotation": cfg.rotation.name, "weights": qcfg.method if w.enabled else "none",
-                   "qat": cfg.qat.name},
+        "method": method,
         "spec": {"w_bits": w.bits, "w_group": w.group_size if w.granularity == "group" else None,
                  "w_granularity": w.granularity, "w_sym": w.symmetric, "a_bits": qcfg.act.bits,
                  "kv_bits": qcfg.kv.bits, "preset": qcfg.scheme},
@@ -172,11 +174,6 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     tracking.log_row(tracker, row)
     print(f"[done] {qcfg.label()} {row['method']['weights']}: {json.dumps(metrics['ppl'])} -> {out}")
     return row
-
-
-def _method_name(cfg: DictConfig, qcfg) -> str:
-    parts = [cfg.rotation.name, qcfg.method if qcfg.weight.enabled else "none", cfg.qat.name]
-    return "+".join(p for p in parts if p != "none") or "fp"
 
 
 def evaluate_lm_eval(model, tok, cfg: DictConfig) -> dict:

@@ -54,6 +54,11 @@ def render_kernels(d: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render(e2e: list[dict] | None = None, kernels: dict | None = None) -> str:
+    """The end-to-end table, then the kernel table (either may be left out)."""
+    return "\n".join(([render_e2e(e2e)] if e2e is not None else []) + ([render_kernels(kernels)] if kernels is not None else []))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--e2e", type=Path)
@@ -61,14 +66,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path)
     p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER")
     args = p.parse_args(argv)
-    parts = []
-    if args.e2e:
-        parts.append(render_e2e(json.loads(args.e2e.read_text())))
-    if args.kernels:
-        parts.append(render_kernels(json.loads(args.kernels.read_text())))
-    if not parts:
+    if not (args.e2e or args.kernels):
         p.error("give --e2e and/or --kernels")
-    text = "\n".join(parts)
+    text = render(*(json.loads(f.read_text()) if f else None for f in (args.e2e, args.kernels)))
     print(text)
     if args.out:
         args.out.write_text(text)

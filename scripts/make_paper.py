@@ -58,7 +58,7 @@ def build(out: Path, src: Path = ROOT) -> list[Path]:
         for doc in docs:
             make_tables.splice(out / doc, stem, md)
     e2e, kernels = (json.loads((src / f"paper/results/{n}.json").read_text()) for n in ("bench_e2e", "bench_kernels"))
-    bench = "\n".join([bench_table.render_e2e(e2e), bench_table.render_kernels(kernels)])
+    bench = bench_table.render(e2e, kernels)
     write("paper/bench_table.md", bench)
     for doc in SPLICED:
         make_tables.splice(out / doc, "bench_table", bench)

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_tables  # noqa: E402
+
 from spinquant.results import read_rows  # noqa: E402
 
 DATASET = "wikitext2"
@@ -33,11 +36,8 @@ def _family(row) -> str:
 
 
 def _label(row) -> str:
-    m = row["method"]
-    parts = [p for p in (m.get("rotation"), m.get("weights"), m.get("qat")) if p and p != "none"]
-    s = row["spec"]
-    group = f"-g{s['w_group']}" if s.get("w_group") and s.get("a_bits", 16) >= 16 else ""
-    return f"{row['scheme']}{group} {'+'.join(parts) or 'FP'}"
+    """e.g. "W2A16-g64 gptq", "W4A16 spinquant+rtn": the QAT table's scheme name and the method name."""
+    return f"{make_tables._qat_scheme(row)} {make_tables._method(row)}"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -102,7 +102,7 @@ def _check_options(wq, options: dict) -> None:
     params = inspect.signature(wq.fn).parameters
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
-    known = [n for n in list(params)[3:]]  # after (weight, spec, hessian)
+    known = list(params)[3:]  # after (weight, spec, hessian)
     unknown = sorted(set(options or {}) - set(known))
     if unknown:
         raise ValueError(f"quant.method_options {unknown} are not options of weight quantizer {wq.name!r} "
