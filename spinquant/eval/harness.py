@@ -5,6 +5,7 @@ the hub or a warm HF datasets cache).
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -12,7 +13,10 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 LOCAL_TASKS = sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
+@functools.lru_cache(maxsize=4)
 def task_manager(include_defaults: bool = False, data_root=None):
+    """lm-eval's task index (built once per setting: with include_defaults it scans hundreds of task YAMLs, and a
+    run checks its task names before loading the model, then evaluates the quantized and packed models)."""
     from lm_eval.tasks import TaskManager
     meta = {"data_root": str(data_root)} if data_root else None
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=meta)
@@ -20,7 +24,7 @@ def task_manager(include_defaults: bool = False, data_root=None):
 
 def check_tasks(tasks: list[str], include_defaults: bool = False, data_root=None):
     """The TaskManager for `tasks`, or a ValueError naming the unknown ones (call it before hours of work)."""
-    tm = task_manager(include_defaults, data_root)
+    tm = task_manager(include_defaults, str(data_root) if data_root else None)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         known = LOCAL_TASKS + ([] if not include_defaults else ["... lm-eval's tasks (lm_eval --tasks list)"])
