@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import PackedEmbedding, PackedLinear, pack
+from .kernels.linear import load_kernel
 from .models.adapter import get_adapter
 from .models.attention import use_spinquant_attention
 from .quant.apply import _set
@@ -80,7 +81,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
                              "adapter": _adapter_meta(m.adapter)}
             covered.add(name)
         elif isinstance(m, PackedEmbedding):
-            shared = isinstance(head, PackedLinear) and head.kernel == "int8" and m.codes.data_ptr() == head.w_int8.data_ptr()
+            table = head.int8_table() if isinstance(head, PackedLinear) else None
+            shared = table is not None and m.codes.data_ptr() == table.data_ptr()
             if not shared:
                 tensors[f"{name}.codes"] = m.codes
             tensors[f"{name}.scale"] = m.scale[:, 0].contiguous()
@@ -151,7 +153,7 @@ def _linear_from(tensors, name, d, where) -> PackedLinear:
         t["weight"] = _take(tensors, f"{name}.weight", (N, K), where)
     else:
         raise ExportFormatError(f"{where}: module {name!r} has unknown kernel {kernel!r}")
-    m = PackedLinear.from_export(t, K, N, w_spec, act_spec, kernel)
+    m = PackedLinear.from_export(t, K, N, w_spec, act_spec, load_kernel(kernel, w_spec, act_spec))
     if d.get("input_transform"):
         m.input_transform = OnlineHadamard(d["input_transform"]["n"], d["input_transform"]["fallback"])
     if d.get("adapter"):
@@ -203,7 +205,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
             continue
         spec = QuantSpec.from_dict(d["spec"])
         if d.get("codes_from"):
-            codes = model.get_output_embeddings().w_int8
+            codes = model.get_output_embeddings().int8_table()
         else:
             codes = _take(tensors, f"{name}.codes", (d["num"], d["dim"]), where)
         scale = _take(tensors, f"{name}.scale", (d["num"],), where)

@@ -46,7 +46,7 @@ def test_save_load_gives_identical_logits(tmp_path, scheme, tied, rotate, extra)
         assert loaded.model.layers[0].self_attn.qk_transform is not None
         assert loaded.model.layers[0].self_attn.kv_quantizer is not None
     if tied and extra:
-        assert loaded.get_input_embeddings().codes.data_ptr() == loaded.get_output_embeddings().w_int8.data_ptr()
+        assert loaded.get_input_embeddings().codes.data_ptr() == loaded.get_output_embeddings().int8_table().data_ptr()
 
 
 def test_saved_file_is_small_and_holds_4bit_codes(tmp_path):

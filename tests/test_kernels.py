@@ -35,7 +35,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-CASES = [  # (w_spec, act_spec, out, in, expected kernel)
+CASES = [  # (w_spec, act_spec, out, in, torch-op kernel); the native kernels run the A8 / A4 cases too (below)
     (W4G32, None, 96, 256, "int4"),
     (W4G32, A8, 100, 96, "int4"),        # N not a multiple of 16, K not of 128: padded
     (W4G64A, A8, 48, 192, "int4"),
@@ -52,8 +52,10 @@ CASES = [  # (w_spec, act_spec, out, in, expected kernel)
 @pytest.mark.parametrize("w_spec,a_spec,n_out,n_in,kernel", CASES)
 @pytest.mark.parametrize("tokens", [1, 7, 40])
 def test_packed_linear_equals_fake_quant(w_spec, a_spec, n_out, n_in, kernel, tokens):
+    """torch's packed ops (the kernels used where the native ones are not built)."""
     ql = _quant_linear(n_out, n_in, w_spec, a_spec, bias=True, seed=tokens)
-    pl = PackedLinear.from_quant_linear(ql)
+    assert choose_kernel(w_spec) == kernel
+    pl = PackedLinear.from_quant_linear(ql, kernel=kernel)
     assert pl.kernel == kernel
     x = torch.randn(2, tokens, n_in) * 2
     x[..., 3] *= 20  # an outlier channel, as in real activations
@@ -103,6 +105,11 @@ def test_kernel_choice():
     assert choose_kernel(QuantSpec(bits=4, granularity="group", group_size=16)) == "dequant"
     assert choose_kernel(QuantSpec(bits=8, symmetric=False)) == "dequant"
     assert choose_kernel(W8CH) == "int8"
+    # quantized per-token activations: the native kernels (built in CI), even for groups torch's op refuses
+    assert choose_kernel(W4G32, A8) == "cpu_w4a8" and choose_kernel(W8CH, A8S) == "cpu_w8a8"
+    assert choose_kernel(QuantSpec(bits=4, granularity="group", group_size=16), A4) == "cpu_w4a8"
+    assert choose_kernel(W8G32, A8) == "dequant"
+    assert choose_kernel(W4G32, QuantSpec(bits=8, granularity="tensor", dynamic=True)) == "int4"
 
 
 def test_online_hadamard_and_adapter_run_in_the_packed_forward():
@@ -153,13 +160,20 @@ def test_packed_model_logits_match_fake_quant(scheme, tol):
     assert _rel(got, want) < tol
 
 
-def test_tied_int8_table_is_shared():
-    model = make_tiny("llama", tied=True, vocab=128)
-    cfg = QuantConfig.from_dict({"scheme": "W4A16", "embed": {"bits": 8}, "lm_head": {"bits": 8}})
+@pytest.mark.parametrize("lm_head_act,kernel", [(None, "int8"), (A8.to_dict(), "cpu_w8a8")])
+def test_tied_int8_table_is_shared(lm_head_act, kernel):
+    model = make_tiny("llama", tied=True, vocab=120)  # 120 rows: the native tiles pad the vocabulary to 128
+    cfg = QuantConfig.from_dict({"scheme": "W4A16", "embed": {"bits": 8}, "lm_head": {"bits": 8},
+                                 "lm_head_act": lm_head_act})
     quantize_(model, cfg, progress=False)
-    pack(model)
+    ids = torch.randint(0, 120, (2, 9))
+    with torch.no_grad():
+        want = model.get_input_embeddings()(ids)
+    pack(model, dtype=torch.float32)
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    assert emb.codes.data_ptr() == head.w_int8.data_ptr()
+    assert head.kernel == kernel and emb.codes.data_ptr() == head.int8_table().data_ptr()
+    with torch.no_grad():
+        assert torch.allclose(emb(ids), want, atol=1e-6)  # rows read back from the shared table
 
 
 def test_pack_needs_a_quantized_model():

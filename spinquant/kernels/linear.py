@@ -11,7 +11,12 @@ picks a kernel for its spec:
 | `dequant` | anything else (the reference path)      | as the spec says        | dequantize + `F.linear`       |
 | `triton_int4` | as `int4` (groups a multiple of 32)   | 16-bit, or int codes    | `triton_kernels.w4a16_matmul` |
 | `triton_int8` | as `int8`                             | int8 per-token          | `triton_kernels.int8_matmul`  |
+| `cpu_w4a8` | <= 4 bits, per-channel or groups of 8k  | <= 8-bit per-token      | `native.w4a8_linear` (VNNI)   |
+| `cpu_w8a8` | as `int8`                             | <= 8-bit per-token      | `native.w8a8_linear` (VNNI)   |
 
+The `cpu_*` kernels are spinquant's own C kernels (`native.py`, compiled on first use): activation
+quantization fused with an integer GEMM/GEMV on a row-tiled layout; the CPU backend picks them for
+quantized activations wherever they build (`native.available()`), torch's ops otherwise.
 The `triton_*` kernels (`pack(model, backend="triton")`) hold the portable layout of `export_tensors` and
 run on a GPU (or on the CPU under TRITON_INTERPRET=1, which is how CI tests them).
 
@@ -29,10 +34,11 @@ import torch.nn.functional as F
 from ..quant.linear import QuantEmbedding, QuantLinear
 from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
-from . import cpu
+from . import cpu, native
 
-KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8")
-PORTABLE = {"triton_int4": "int4", "triton_int8": "int8"}  # the saved form of a Triton kernel's weights
+KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8", "cpu_w4a8", "cpu_w8a8")
+# the saved form of the Triton and native kernels' weights
+PORTABLE = {"triton_int4": "int4", "triton_int8": "int8", "cpu_w4a8": "int4", "cpu_w8a8": "int8"}
 INT_MM_MIN_TOKENS = 16  # below this many tokens (decode) int8 weights run through _weight_int8pack_mm instead
 
 
@@ -111,12 +117,23 @@ def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend:
             return "triton_int4"
         a8 = act_spec is not None and act_spec.enabled and act_spec.bits <= 8 and act_spec.granularity == "token"
         return "triton_int8" if cpu_kernel == "int8" and a8 else "dequant"
-    if w_spec.bits <= 4 and (w_spec.granularity == "channel" or
-                             (w_spec.granularity == "group" and w_spec.group_size in cpu.INT4_GROUPS)):
+    int4 = w_spec.bits <= 4 and w_spec.granularity in ("channel", "group")
+    int8 = 4 < w_spec.bits <= 8 and w_spec.granularity == "channel" and w_spec.symmetric
+    if native.supports_act(act_spec) and (int4 or int8) and native.available():
+        if int4 and (w_spec.granularity == "channel" or w_spec.group_size % 8 == 0):
+            return "cpu_w4a8"
+        if int8:
+            return "cpu_w8a8"
+    if int4 and (w_spec.granularity == "channel" or w_spec.group_size in cpu.INT4_GROUPS):
         return "int4"
-    if w_spec.bits <= 8 and w_spec.granularity == "channel" and w_spec.symmetric:
-        return "int8"
-    return "dequant"
+    return "int8" if int8 else "dequant"
+
+
+def load_kernel(portable: str, w_spec: QuantSpec, act_spec: QuantSpec | None) -> str:
+    """The CPU kernel a saved module (portable kernel name) runs on here: the native one where it applies."""
+    if portable in ("int4", "int8") and choose_kernel(w_spec, act_spec) in ("cpu_w4a8", "cpu_w8a8"):
+        return choose_kernel(w_spec, act_spec)
+    return portable
 
 
 def _codes_scale_zero(ql: QuantLinear):
@@ -183,7 +200,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"{ql} has no quantized weight to pack (16-bit linears stay nn.Linear)")
         spec = qw.spec
         kernel = kernel or choose_kernel(spec, ql.act_spec, backend)
-        if kernel in PORTABLE:  # the portable layout of export_tensors, built on the weights' own device
+        if kernel in PORTABLE:  # built from the portable form of export_tensors (scales rounded to bf16 as saved)
             return cls.from_export(_portable_tensors(ql, PORTABLE[kernel]), ql.in_features, ql.out_features, spec,
                                    ql.act_spec, kernel, ql.input_transform, ql.adapter)
         m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
@@ -218,6 +235,42 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", cpu.pack_int4(u))
         self.register_buffer("scales_zeros", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
 
+    def _set_native_int4(self, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        """u [N, K] unsigned 4-bit codes; scale, zero bf16 [N, G] (zero None: symmetric) -> the native tiles.
+        Per-channel weights pad K to a multiple of 8 and use one group of k_pad; padded rows / columns get
+        code 8, scale 1 and zero 0. rsum [N] = sum_k of the dequantized row (padding included), from per-group
+        code sums: no float copy of the weight (loading a 1B model stays within its packed size)."""
+        N, K = u.shape
+        G = scale.shape[1]
+        self.k_pad = _ceil(K, 8) if G == 1 else K
+        self.group, self.n_pad = self.k_pad // G, _ceil(N, native.TILE)
+        rows = self.n_pad - N
+        u = F.pad(u.to(torch.uint8), (0, self.k_pad - K, 0, rows), value=8)
+        scale = F.pad(scale, (0, 0, 0, rows), value=1.0)
+        usum = u.view(self.n_pad, G, self.group).sum(-1, dtype=torch.int32) - 8 * self.group  # sum (u - 8)
+        rsum = usum.double() * scale.double()
+        if zero is not None:
+            zero = F.pad(zero, (0, 0, 0, rows))
+            rsum += zero.double() * self.group
+        self.register_buffer("tiles", native.tile_int4(u))
+        self.register_buffer("tile_scales", native.tile_groups(scale))
+        self.register_buffer("tile_zeros", None if zero is None else native.tile_groups(zero))
+        self.register_buffer("rsum", rsum.sum(1).float())
+
+    def int8_table(self) -> torch.Tensor | None:
+        """The int8 weight table a tied embedding can share (int8 kernels), else None."""
+        return self.w_int8 if self.kernel in ("int8", "cpu_w8a8") else None
+
+    def _native_codes(self) -> torch.Tensor:
+        """cpu_w4a8's unsigned codes untiled, uint8 [n_pad, k_pad]."""
+        return native.untile_int4(self.tiles)
+
+    def _native_groups(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """cpu_w4a8 scale / zero bf16 [N, G], as the spec groups them."""
+        def untile(t):
+            return t.transpose(1, 2).reshape(self.n_pad, -1)[:self.out_features]
+        return untile(self.tile_scales), None if self.tile_zeros is None else untile(self.tile_zeros)
+
     def _set_int8(self, w: torch.Tensor, scale: torch.Tensor) -> None:
         """w [N, K] int8 codes, scale [N] (symmetric per-channel); K zero-padded for the ops."""
         N, K = w.shape
@@ -234,6 +287,8 @@ class PackedLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         a = self.act_spec
         v = z = s = None
+        if self.kernel in ("cpu_w4a8", "cpu_w8a8"):
+            return self._native_forward(x)
         if self.input_transform is not None:
             x = self.input_transform(x.reshape(-1, self.in_features))
             if a is not None:
@@ -277,10 +332,30 @@ class PackedLinear(nn.Module):
             y = y + self.adapter(((v - z) * s) if a is not None else x.float()).float()
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """cpu_w4a8 / cpu_w8a8: one C call quantizes x per token and multiplies (bf16 out when nothing follows)."""
+        shape, dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features)
+        if self.input_transform is not None:
+            x = self.input_transform(x)
+        direct = self.bias is None and self.adapter is None
+        out_dtype = dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32
+        if self.kernel == "cpu_w4a8":
+            y = native.w4a8_linear(x, self.act_spec, self.tiles, self.tile_scales, self.tile_zeros, self.rsum,
+                                   self.out_features, self.group, out_dtype)
+        else:
+            y = native.w8a8_linear(x, self.act_spec, self.w_int8, self.w_scale, self.colsum, out_dtype)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        if self.adapter is not None:
+            v, z, s = token_codes(x, self.act_spec)
+            y = y + self.adapter((v - z) * s).float()
+        return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
     def weight_buffers(self) -> list[torch.Tensor]:
         """The buffers a matmul reads as weights (codes, scales; not the derived row sums or bf16 scale copy)."""
         return [b for n, b in self.named_buffers(recurse=False)
-                if b is not None and n not in ("bias", "colsum", "w_scale_bf16")]
+                if b is not None and n not in ("bias", "colsum", "w_scale_bf16", "rsum")]
 
     @property
     def portable_kernel(self) -> str:
@@ -295,19 +370,24 @@ class PackedLinear(nn.Module):
         int8: qweight int8 [out, in], scale float32 [out]; dequant: weight bf16 [out, in]."""
         N, K = self.out_features, self.in_features
         out = {} if self.bias is None else {"bias": self.bias}
-        if self.kernel in PORTABLE:
+        if self.kernel in ("triton_int4", "triton_int8"):
             out["qweight"], out["scale"] = self.qweight, self.scale.to(torch.bfloat16 if self.kernel == "triton_int4"
                                                                         else torch.float32)
             if self.kernel == "triton_int4" and not self.w_spec.symmetric:
                 out["zero"] = self.zero.to(torch.bfloat16)
             return out
-        if self.kernel == "int4":
+        if self.kernel == "cpu_w4a8":
+            out["qweight"] = _portable_qweight(self._native_codes()[:N, :K])
+            out["scale"], zero = self._native_groups()
+            if zero is not None:
+                out["zero"] = zero
+        elif self.kernel == "int4":
             out["qweight"] = _portable_qweight(cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K])
             sz = self.scales_zeros[::self.reps, :N]  # one entry per spec group
             out["scale"] = sz[..., 0].t().contiguous()
             if not self.w_spec.symmetric:
                 out["zero"] = sz[..., 1].t().contiguous()
-        elif self.kernel == "int8":
+        elif self.kernel in ("int8", "cpu_w8a8"):
             out["qweight"] = self.w_int8[:, :K].contiguous()
             out["scale"] = self.w_scale
         else:
@@ -329,13 +409,16 @@ class PackedLinear(nn.Module):
         elif kernel == "triton_int8":
             m.register_buffer("qweight", t["qweight"].contiguous())
             m.register_buffer("scale", t["scale"].float().contiguous())
-        elif kernel == "int4":
-            q = t["qweight"]
-            u = cpu.unpack_nibbles_raw(q)[:, :K].to(torch.int32)
-            scale = t["scale"].float()
-            zero = t["zero"].float() if "zero" in t else torch.zeros_like(scale)
-            m._set_int4(u, scale, zero)  # bf16 -> float32 -> bf16 is exact: the same kernel tensors as saved
-        elif kernel == "int8":
+        elif kernel in ("int4", "cpu_w4a8"):
+            u = cpu.unpack_nibbles_raw(t["qweight"])[:, :K]
+            if kernel == "cpu_w4a8":
+                m._set_native_int4(u, t["scale"].to(torch.bfloat16), t["zero"].to(torch.bfloat16) if "zero" in t else None)
+            else:
+                u = u.to(torch.int32)
+                scale = t["scale"].float()
+                zero = t["zero"].float() if "zero" in t else torch.zeros_like(scale)
+                m._set_int4(u, scale, zero)  # bf16 -> float32 -> bf16 is exact: the same kernel tensors as saved
+        elif kernel in ("int8", "cpu_w8a8"):
             m._set_int8(t["qweight"], t["scale"])
         else:
             m.register_buffer("weight", t["weight"].to(torch.bfloat16))
@@ -351,13 +434,19 @@ class PackedLinear(nn.Module):
             return w + self.zero.repeat_interleave(g, 1)[:, :K] if self.zero is not None else w
         if self.kernel == "triton_int8":
             return self.qweight.float() * self.scale[:, None]
+        if self.kernel == "cpu_w4a8":
+            u = self._native_codes()[:N].float()
+            s, z = self._native_groups()
+            w = (u - 8) * s.float().repeat_interleave(self.group, 1)
+            w = w if z is None else w + z.float().repeat_interleave(self.group, 1)
+            return w[:, :K]
         if self.kernel == "int4":
             u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad).float()
             sz = self.scales_zeros.float()  # [K/g, N, 2]
             s = sz[..., 0].t().repeat_interleave(self.group, 1)
             zf = sz[..., 1].t().repeat_interleave(self.group, 1)
             return ((u - 8) * s + zf)[:N, :K]
-        if self.kernel == "int8":
+        if self.kernel in ("int8", "cpu_w8a8"):
             return self.w_int8[:, :K].float() * self.w_scale[:, None]
         return self.weight.float()
 

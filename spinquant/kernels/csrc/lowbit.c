@@ -1,0 +1,290 @@
+/* spinquant's own CPU kernels: int4 / int8 weights x int8 per-token activations, quantization fused in.
+ *
+ * One call per linear layer: x [M, K] (float32 or bf16) is quantized per token exactly as
+ * spinquant.kernels.linear.token_codes does (same float operations, same order: bit-identical codes),
+ * then multiplied with integer arithmetic against weights held in a row-tiled layout:
+ *
+ *   int4: wt [N/16][Kp/8][16 rows][4 bytes]; byte j of row r in k-block b holds the unsigned code u of
+ *         k = 8b + j in its low nibble and of k = 8b + 4 + j in its high nibble; w = (u - 8)·s + z per group.
+ *         scales / zeros bf16 [N/16][G][16]; rsum float32 [N] = sum_k w (the activation zero-point term).
+ *   int8: w [N, ldw] row-major signed codes q (torch's layout, shared with a tied embedding), w = q·s per
+ *         row; rsum int32 [N] = sum_k q.
+ *
+ * int4: sixteen rows sit in the sixteen int32 lanes of an AVX-512 register and four consecutive k in each
+ * lane's bytes, so one VPDPBUSD does 64 multiply-adds with a broadcast activation word and no
+ * horizontal sums. int8: one VPDPBUSD per 64 k of a row, reduced once per row. Integer sums are exact per group; only group scales are applied in float.
+ * Without AVX-512 VNNI the same layout runs through plain C loops (tested like the vector path).
+ * Built and loaded by spinquant/kernels/native.py (gcc -O3 -march=native -fopenmp).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(SQ_NO_SIMD)
+#include <immintrin.h>
+#define SQ_VNNI 1
+#else
+#define SQ_VNNI 0
+#endif
+
+#define MB 4 /* tokens per register block */
+
+int sq_simd(void) { return SQ_VNNI; }
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Activation spec of the per-token quantizer (see linear.token_codes). */
+typedef struct {
+    float qmin, qmax, clip;
+    int symmetric, shift; /* codes are stored as v + shift in int8 */
+} act_spec;
+
+/* One token: x [K] -> codes c [Kp] (int8, v + shift; padding gets the code of 0), returns scale and
+ * zp = zero + shift, so that x = (c - zp)·scale. */
+static void quant_token(const float *x, int K, int Kp, const act_spec *a, int8_t *c, float *scale_out, int *zp_out) {
+    float mn = 0.0f, mx = 0.0f; /* aminmax, then clamp(max=0) / clamp(min=0) */
+    for (int k = 0; k < K; k++) {
+        mn = x[k] < mn ? x[k] : mn;
+        mx = x[k] > mx ? x[k] : mx;
+    }
+    if (a->clip != 1.0f) {
+        mn *= a->clip;
+        mx *= a->clip;
+    }
+    float scale, zero;
+    if (a->symmetric) {
+        float amx = fabsf(mx), amn = fabsf(mn);
+        scale = (amx >= amn ? amx : amn) / a->qmax;
+        zero = 0.0f;
+    } else {
+        scale = (mx - mn) / a->qmax;
+        zero = rintf(-mn / (scale > 1.17549435e-38f ? scale : 1.17549435e-38f));
+    }
+    if (!(scale > 0.0f)) scale = 1.0f;
+    for (int k = 0; k < K; k++) {
+        float v = rintf(x[k] / scale) + zero;
+        v = v < a->qmin ? a->qmin : (v > a->qmax ? a->qmax : v);
+        c[k] = (int8_t)((int)v + a->shift);
+    }
+    int zp = (int)zero + a->shift;
+    for (int k = K; k < Kp; k++) c[k] = (int8_t)zp;
+    *scale_out = scale;
+    *zp_out = zp;
+}
+
+/* Quantize M tokens (float32 or bf16 input rows of stride K). */
+static void quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const act_spec *a, int8_t *c, float *scale,
+                         int *zp) {
+    #pragma omp parallel if (M > 8)
+    {
+        float *row = x_bf16 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) {
+            const float *xr;
+            if (x_bf16) {
+                const uint16_t *h = (const uint16_t *)x + (size_t)m * K;
+                for (int k = 0; k < K; k++) row[k] = bf16_to_f32(h[k]);
+                xr = row;
+            } else {
+                xr = (const float *)x + (size_t)m * K;
+            }
+            quant_token(xr, K, Kp, a, c + (size_t)m * Kp, scale + m, zp + m);
+        }
+        free(row);
+    }
+}
+
+/* Exposed for the tests: the codes (v + shift), scales and zp of M tokens. */
+void sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, float qmax, float clip, int symmetric,
+                  int shift, int8_t *c, float *scale, int *zp) {
+    act_spec a = {qmin, qmax, clip, symmetric, shift};
+    quant_tokens(x, x_bf16, M, K, Kp, &a, c, scale, zp);
+}
+
+static inline void store_tile(const float *v, void *y, int y_bf16, int m, int N, int n0) {
+    int n1 = N - n0 < 16 ? N - n0 : 16;
+    if (y_bf16) {
+        uint16_t *o = (uint16_t *)y + (size_t)m * N + n0;
+        for (int i = 0; i < n1; i++) o[i] = f32_to_bf16(v[i]);
+    } else {
+        memcpy((float *)y + (size_t)m * N + n0, v, sizeof(float) * n1);
+    }
+}
+
+/* ---- int4 weights ------------------------------------------------------------------------------ */
+
+/* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
+void sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
+                    int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
+                    int N, int Kp, int gs, void *y, int y_bf16) {
+    act_spec a = {qmin, qmax, clip, symmetric, shift};
+    const int G = Kp / gs, KB = Kp / 8, NT = (N + 15) / 16, bpg = gs / 8;
+    int8_t *c = (int8_t *)aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64);
+    float *sx = (float *)malloc(sizeof(float) * M);
+    int *zp = (int *)malloc(sizeof(int) * M);
+    int32_t *csum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * G); /* per-group code sums */
+    quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp);
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            int32_t s = 0;
+            for (int k = g * gs; k < (g + 1) * gs; k++) s += c[(size_t)m * Kp + k];
+            csum[(size_t)m * G + g] = s;
+        }
+    #pragma omp parallel for schedule(static)
+    for (int t = 0; t < NT; t++) {
+        const uint8_t *wtile = wt + (size_t)t * KB * 64;
+        const uint16_t *st = scales + (size_t)t * G * 16, *zt = zeros ? zeros + (size_t)t * G * 16 : NULL;
+        for (int m0 = 0; m0 < M; m0 += MB) {
+            const int mb = M - m0 < MB ? M - m0 : MB;
+            float out[MB][16];
+#if SQ_VNNI
+            const __m512i low = _mm512_set1_epi8(0x0f);
+            __m512 facc[MB];
+            for (int i = 0; i < MB; i++) facc[i] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                __m512i acc[MB];
+                for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_si512();
+                for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+                    __m512i w = _mm512_loadu_si512((const void *)(wtile + (size_t)b * 64));
+                    __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                    for (int i = 0; i < mb; i++) {
+                        const int8_t *ci = c + (size_t)(m0 + i) * Kp + (size_t)b * 8;
+                        int32_t w0, w1;
+                        memcpy(&w0, ci, 4);
+                        memcpy(&w1, ci + 4, 4);
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(w0));
+                        acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(w1));
+                    }
+                }
+                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(st + (size_t)g * 16))), 16));
+                __m512 z = zt ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(zt + (size_t)g * 16))), 16))
+                              : _mm512_setzero_ps();
+                for (int i = 0; i < mb; i++) {
+                    int32_t cs = csum[(size_t)(m0 + i) * G + g];
+                    __m512i d = _mm512_sub_epi32(acc[i], _mm512_set1_epi32(8 * cs)); /* sum (u - 8)·c, exact */
+                    facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, facc[i]);
+                    if (zt) facc[i] = _mm512_fmadd_ps(z, _mm512_set1_ps((float)cs), facc[i]);
+                }
+            }
+            __m512 r = _mm512_loadu_ps(rsum + (size_t)t * 16);
+            for (int i = 0; i < mb; i++) {
+                __m512 v = _mm512_fnmadd_ps(_mm512_set1_ps((float)zp[m0 + i]), r, facc[i]);
+                _mm512_storeu_ps(out[i], _mm512_mul_ps(v, _mm512_set1_ps(sx[m0 + i])));
+            }
+#else
+            for (int i = 0; i < mb; i++) {
+                float f[16] = {0};
+                const int8_t *ci = c + (size_t)(m0 + i) * Kp;
+                for (int g = 0; g < G; g++) {
+                    int32_t acc[16] = {0};
+                    for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+                        const uint8_t *wb = wtile + (size_t)b * 64;
+                        for (int r = 0; r < 16; r++)
+                            for (int j = 0; j < 4; j++) {
+                                uint8_t byte = wb[r * 4 + j];
+                                acc[r] += (int32_t)(byte & 15) * ci[b * 8 + j] + (int32_t)(byte >> 4) * ci[b * 8 + 4 + j];
+                            }
+                    }
+                    int32_t cs = csum[(size_t)(m0 + i) * G + g];
+                    for (int r = 0; r < 16; r++) {
+                        f[r] += (float)(acc[r] - 8 * cs) * bf16_to_f32(st[(size_t)g * 16 + r]);
+                        if (zt) f[r] += bf16_to_f32(zt[(size_t)g * 16 + r]) * (float)cs;
+                    }
+                }
+                for (int r = 0; r < 16; r++) out[i][r] = (f[r] - (float)zp[m0 + i] * rsum[(size_t)t * 16 + r]) * sx[m0 + i];
+            }
+#endif
+            for (int i = 0; i < mb; i++) store_tile(out[i], y, y_bf16, m0 + i, N, t * 16);
+        }
+    }
+    free(c);
+    free(sx);
+    free(zp);
+    free(csum);
+}
+
+/* ---- int8 weights ------------------------------------------------------------------------------ */
+
+#define NR 8  /* int8: rows per step (eight streams in flight) */
+#define MB8 2 /* int8: tokens per step (NR x MB8 accumulators stay in registers) */
+
+/* y [M, N] = dequant(x) @ W^T with symmetric per-row int8 weights w [N, ldw] (row-major, the layout torch's
+ * int8 ops and a tied embedding use): y = ((acc - zp·rsum)·sx)·s with acc = sum_k q·c exact in int32.
+ * NR rows x MB8 tokens per step share each 64-byte load; the K tail is a masked load. */
+void sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
+                    int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
+                    int y_bf16) {
+    act_spec a = {qmin, qmax, clip, symmetric, shift};
+    const int Kp = (K + 63) / 64 * 64;
+    int8_t *c = (int8_t *)aligned_alloc(64, (size_t)M * Kp);
+    float *sx = (float *)malloc(sizeof(float) * M);
+    int *zp = (int *)malloc(sizeof(int) * M);
+    quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp);
+#if SQ_VNNI
+    /* VPDPBUSD multiplies unsigned by signed bytes: the activations enter as c + 128 (unsigned) */
+    for (size_t i = 0; i < (size_t)M * Kp; i++) c[i] = (int8_t)((uint8_t)c[i] ^ 0x80u);
+    const int bias = 128;
+#else
+    const int bias = 0;
+#endif
+    #pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += NR) {
+        const int nb = N - n0 < NR ? N - n0 : NR;
+        for (int m0 = 0; m0 < M; m0 += MB8) {
+            const int mb = M - m0 < MB8 ? M - m0 : MB8;
+            int32_t acc[NR][MB8];
+#if SQ_VNNI
+            __m512i va[NR][MB8], wv[NR];
+            for (int r = 0; r < NR; r++)
+                for (int i = 0; i < MB8; i++) va[r][i] = _mm512_setzero_si512();
+            for (int k = 0; k < K; k += 64) {
+                const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+                for (int r = 0; r < nb; r++) wv[r] = _mm512_maskz_loadu_epi8(mask, w + (size_t)(n0 + r) * ldw + k);
+                for (int i = 0; i < mb; i++) {
+                    __m512i av = _mm512_load_si512((const void *)(c + (size_t)(m0 + i) * Kp + k));
+                    for (int r = 0; r < nb; r++) va[r][i] = _mm512_dpbusd_epi32(va[r][i], av, wv[r]);
+                }
+            }
+            for (int r = 0; r < nb; r++)
+                for (int i = 0; i < mb; i++) acc[r][i] = _mm512_reduce_add_epi32(va[r][i]);
+#else
+            for (int r = 0; r < nb; r++)
+                for (int i = 0; i < mb; i++) {
+                    const int8_t *wr = w + (size_t)(n0 + r) * ldw, *ci = c + (size_t)(m0 + i) * Kp;
+                    int32_t s = 0;
+                    for (int k = 0; k < K; k++) s += (int32_t)wr[k] * ci[k];
+                    acc[r][i] = s;
+                }
+#endif
+            for (int i = 0; i < mb; i++) {
+                float out[NR];
+                for (int r = 0; r < nb; r++) /* remove the +128 and the zero point: acc - (bias + zp)·rsum */
+                    out[r] = ((float)(acc[r][i] - (bias + zp[m0 + i]) * rsum[n0 + r]) * sx[m0 + i]) * wscale[n0 + r];
+                for (int r = 0; r < nb; r++) {
+                    size_t o = (size_t)(m0 + i) * N + n0 + r;
+                    if (y_bf16) ((uint16_t *)y)[o] = f32_to_bf16(out[r]);
+                    else ((float *)y)[o] = out[r];
+                }
+            }
+        }
+    }
+    free(c);
+    free(sx);
+    free(zp);
+}

@@ -1,0 +1,196 @@
+"""spinquant's own CPU kernels (csrc/lowbit.c): int4 / int8 weights x int8 per-token activations.
+
+The C source is compiled on first use with the system C compiler (`$CC`, else gcc / cc) for this machine
+(`-O3 -march=native -fopenmp`) into a cache folder (`$SPINQUANT_CACHE`, else ~/.cache/spinquant) keyed by
+the source, the flags and the CPU, and loaded with ctypes; OpenMP resolves to the runtime torch already
+loaded, so the kernels share torch's threads and `torch.set_num_threads`. Where no compiler works, or with
+`SPINQUANT_NATIVE=0`, `available()` is False and the packed modules use torch's ops instead.
+
+int4 weights are tiled (`tile_int4`, undone by `untile_int4`): rows in tiles of 16, four consecutive k per
+int32 lane, so one AVX-512 VNNI instruction multiplies 16 rows x 4 k (see the C file); int8 weights stay
+row-major [N, K], the layout of torch's int8 op and of a tied embedding table.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..quant.spec import QuantSpec
+
+SOURCE = Path(__file__).with_name("csrc") / "lowbit.c"
+TILE = 16  # rows per tile (the int32 lanes of a 512-bit register)
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11")
+
+
+class NativeBuildError(RuntimeError):
+    """The C kernels could not be compiled (the message has the compiler's output)."""
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CC"), "gcc", "cc"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def build(extra_flags: tuple[str, ...] = (), cache: str | os.PathLike | None = None) -> Path:
+    """Compile csrc/lowbit.c (cached) and return the shared library's path; `extra_flags` e.g.
+    ("-DSQ_NO_SIMD",) builds the portable C loops (what the tests compare the vector path with)."""
+    cc = _compiler()
+    if cc is None:
+        raise NativeBuildError("no C compiler found (set $CC, or install gcc)")
+    src = SOURCE.read_text()
+    key = hashlib.sha256("\0".join([src, cc, *FLAGS, *extra_flags, _cpu_id()]).encode()).hexdigest()[:16]
+    root = Path(cache or os.environ.get("SPINQUANT_CACHE") or Path.home() / ".cache" / "spinquant") / "kernels"
+    lib = root / f"lowbit-{key}.so"
+    if lib.exists():
+        return lib
+    root.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for omp in (("-fopenmp",), ()):  # a compiler without OpenMP still gives single-threaded kernels
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            out = Path(tmp) / lib.name
+            r = subprocess.run([cc, *FLAGS, *omp, *extra_flags, str(SOURCE), "-o", str(out), "-lm"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(out, lib)  # atomic: concurrent builders each write a whole file
+                return lib
+            errors.append(r.stderr.strip())
+    raise NativeBuildError(f"compiling {SOURCE.name} with {cc} failed:\n" + "\n".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    act = [i, f, f, f, i, i]  # K, qmin, qmax, clip, symmetric, shift
+    lib.sq_simd.restype = i
+    lib.sq_quant_act.argtypes = [p, i, i, *act[:1], i, *act[1:], p, p, p]
+    lib.sq_quant_act.restype = None
+    lib.sq_w4a8_linear.argtypes = [p, i, i, *act, p, p, p, p, i, i, i, p, i]
+    lib.sq_w4a8_linear.restype = None
+    lib.sq_w8a8_linear.argtypes = [p, i, i, *act, p, i, p, p, i, p, i]
+    lib.sq_w8a8_linear.restype = None
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The compiled kernels (built on first use); raises NativeBuildError when they cannot be built."""
+    import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library links to it)
+    return _declare(ctypes.CDLL(str(build(extra_flags))))
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the native kernels can be used here (False with SPINQUANT_NATIVE=0 or when the build fails)."""
+    if os.environ.get("SPINQUANT_NATIVE", "1") == "0":
+        return False
+    try:
+        load()
+    except (NativeBuildError, OSError) as e:
+        warnings.warn(f"spinquant's native CPU kernels are unavailable, using torch's ops instead: {e}", stacklevel=2)
+        return False
+    return True
+
+
+def supports_act(spec: QuantSpec | None) -> bool:
+    """Activation specs the fused quantizer reproduces bit for bit: dynamic per-token, <= 8 bits, no clip search."""
+    return (spec is not None and spec.enabled and spec.bits <= 8 and spec.granularity == "token"
+            and spec.clip_search == "none")
+
+
+def _act_args(spec: QuantSpec) -> tuple:
+    return (float(spec.qmin), float(spec.qmax), float(spec.clip_ratio), int(spec.symmetric), -128 - spec.qmin)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _input(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        x = x.float()
+    return x.contiguous(), int(x.dtype == torch.bfloat16)
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+def tile_int4(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit codes u [N, K] (N % 16 == 0, K % 8 == 0) -> uint8 [N/16, K/8, 16, 4] (see the C file)."""
+    N, K = u.shape
+    v = u.to(torch.uint8).reshape(N // TILE, TILE, K // 8, 2, 4).permute(0, 2, 1, 4, 3)
+    return (v[..., 0] | (v[..., 1] << 4)).contiguous()
+
+
+def untile_int4(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of tile_int4 -> uint8 [N, K]."""
+    NT, KB = t.shape[:2]
+    v = torch.stack([t & 0xF, t >> 4], dim=-1)  # [NT, KB, 16, 4, 2]
+    return v.permute(0, 2, 1, 4, 3).reshape(NT * TILE, KB * 8)
+
+
+def tile_groups(v: torch.Tensor) -> torch.Tensor:
+    """Per-group values [N, G] -> [N/16, G, 16] (the scales / zeros the kernel reads with a tile)."""
+    N, G = v.shape
+    return v.reshape(N // TILE, TILE, G).transpose(1, 2).contiguous()
+
+
+# ---- calls ----------------------------------------------------------------------------------------------
+def quant_act(x: torch.Tensor, spec: QuantSpec, k_pad: int | None = None, lib: ctypes.CDLL | None = None):
+    """Per-token codes of x [M, K]: (c int8 [M, k_pad] = v + shift, scale float32 [M], zp int32 [M] = zero + shift)."""
+    lib = lib or load()
+    x, is_bf16 = _input(x)
+    M, K = x.shape
+    k_pad = k_pad or K
+    c = torch.empty(M, k_pad, dtype=torch.int8)
+    s, zp = torch.empty(M), torch.empty(M, dtype=torch.int32)
+    qmin, qmax, clip, sym, shift = _act_args(spec)
+    lib.sq_quant_act(x.data_ptr(), is_bf16, M, K, k_pad, qmin, qmax, clip, sym, shift, c.data_ptr(), s.data_ptr(),
+                     zp.data_ptr())
+    return c, s, zp
+
+
+def w4a8_linear(x: torch.Tensor, spec: QuantSpec, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                rsum: torch.Tensor, n: int, group: int, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None):
+    """x [M, K] -> [M, n]: int4 tiles [N/16, Kp/8, 16, 4], scales / zeros bf16 [N/16, G, 16], rsum float32 [N]."""
+    lib = lib or load()
+    x, is_bf16 = _input(x)
+    M, K = x.shape
+    y = torch.empty(M, n, dtype=out_dtype)
+    lib.sq_w4a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), tiles.data_ptr(), scales.data_ptr(), _ptr(zeros),
+                       rsum.data_ptr(), n, tiles.shape[1] * 8, group, y.data_ptr(), int(out_dtype == torch.bfloat16))
+    return y
+
+
+def w8a8_linear(x: torch.Tensor, spec: QuantSpec, w: torch.Tensor, scale: torch.Tensor, rsum: torch.Tensor,
+                out_dtype: torch.dtype, lib: ctypes.CDLL | None = None):
+    """x [M, K] -> [M, N]: w int8 [N, >= K] row-major (extra columns ignored), scale float32 [N], rsum int32 [N]
+    (sum over k < K of each row's codes)."""
+    lib = lib or load()
+    x, is_bf16 = _input(x)
+    M, K = x.shape
+    if w.dtype != torch.int8 or w.shape[1] < K or w.stride(1) != 1:
+        raise ValueError(f"w8a8_linear needs int8 weights [N, >= {K}] with unit column stride, got {w.dtype} "
+                         f"{tuple(w.shape)}")
+    y = torch.empty(M, w.shape[0], dtype=out_dtype)
+    lib.sq_w8a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), w.data_ptr(), w.stride(0), scale.data_ptr(),
+                       rsum.data_ptr(), w.shape[0], y.data_ptr(), int(out_dtype == torch.bfloat16))
+    return y

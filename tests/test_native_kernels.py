@@ -1,0 +1,151 @@
+"""spinquant's C kernels (kernels/native.py): fused activation quantization + integer GEMM on tiled weights.
+
+Both builds are checked: the machine's vector path (AVX-512 VNNI where the CPU has it) and the portable C
+loops (-DSQ_NO_SIMD), against float64 dense references on fresh random inputs and odd shapes."""
+import pytest
+import torch
+import torch.nn as nn
+
+from spinquant.kernels import PackedLinear, choose_kernel, native
+from spinquant.kernels.linear import token_codes
+from spinquant.quant import QuantLinear, QuantSpec
+from spinquant.quant.rtn import rtn
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels not built")
+
+A8 = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True)
+A8S = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
+A8C = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True, clip_ratio=0.9)
+A4 = QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True, clip_ratio=0.9)
+A4S = QuantSpec(bits=4, symmetric=True, granularity="token", dynamic=True)
+LIBS = {"simd": (), "portable": ("-DSQ_NO_SIMD",)}
+
+
+def _lib(name):
+    return native.load(LIBS[name])
+
+
+def _x(m, k, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 2
+    x[:, 3 % k] *= 30  # an outlier channel
+    if m > 2:
+        x[1] = 0  # an all-zero token: scale falls back to 1
+        x[2] = x[2].abs()  # a token with no negative value: zero point at qmin
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("spec", [A8, A8S, A8C, A4, A4S])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_codes_are_bit_identical_to_token_codes(lib, spec, dtype):
+    x = _x(6, 203, seed=spec.bits + int(spec.symmetric), dtype=dtype)
+    v, z, s = token_codes(x, spec)
+    c, scale, zp = native.quant_act(x, spec, k_pad=208, lib=_lib(lib))
+    shift = -128 - spec.qmin
+    assert torch.equal(c[:, :203].to(torch.int32), (v + shift).to(torch.int32))
+    assert torch.equal(scale, s[:, 0]) and torch.equal(zp, (z[:, 0] + shift).to(torch.int32))
+    assert (c[:, 203:].to(torch.int32) == zp[:, None]).all()  # padding holds the code of 0.0
+
+
+def _quant_linear(n_out, n_in, w_spec, a_spec, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=g) * 0.05)
+    return QuantLinear.from_linear(lin, rtn(lin.weight.data, w_spec), a_spec)
+
+
+W4 = [QuantSpec(bits=4, granularity="group", group_size=32),
+      QuantSpec(bits=4, symmetric=False, granularity="group", group_size=64),
+      QuantSpec(bits=3, granularity="group", group_size=16),  # a group torch's int4 op does not take
+      QuantSpec(bits=4, granularity="channel"),
+      QuantSpec(bits=2, symmetric=False, granularity="channel")]
+W8 = [QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=6, granularity="channel")]
+SHAPES = [(48, 128), (100, 96), (40, 172), (33, 200)]  # out not a multiple of 16, in not of 8 (channel only)
+
+
+def _case(w_spec, shape):
+    n_out, n_in = shape
+    return w_spec.granularity == "channel" or n_in % w_spec.group_size == 0
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("w_spec", W4 + W8, ids=lambda s: s.short())
+@pytest.mark.parametrize("a_spec", [A8, A8S, A4], ids=lambda s: s.short())
+def test_native_linear_matches_float64_reference(lib, w_spec, a_spec):
+    """Exact integer sums + float32 group scaling: within 1e-5 of the float64 product of the same dequantized
+    weight and quantized activations, for 1..9 tokens (register blocks of 4 and their remainders)."""
+    kernel = "cpu_w4a8" if w_spec.bits <= 4 else "cpu_w8a8"
+    for i, shape in enumerate(s for s in SHAPES if _case(w_spec, s)):
+        ql = _quant_linear(*shape, w_spec, a_spec, seed=i)
+        pl = PackedLinear.from_quant_linear(ql)
+        assert pl.kernel == kernel
+        W = pl.dequantized_weight().double()
+        # the tiles dequantize to the fake-quant weight up to the bf16 rounding of the scales
+        assert (W - ql.qweight.dequantize(torch.float32).double()).abs().max() < 1e-2 * W.abs().max()
+        for m in (1, 3, 4, 9):
+            x = _x(m, shape[1], seed=m)
+            v, z, s = token_codes(x, a_spec)
+            want = ((v - z) * s).double() @ W.t()
+            if kernel == "cpu_w4a8":
+                got = native.w4a8_linear(x, a_spec, pl.tiles, pl.tile_scales, pl.tile_zeros, pl.rsum, shape[0],
+                                         pl.group, torch.float32, lib=_lib(lib))
+            else:
+                got = native.w8a8_linear(x, a_spec, pl.w_int8, pl.w_scale, pl.colsum, torch.float32, lib=_lib(lib))
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            assert got.shape == (m, shape[0]) and err < 1e-5, (shape, m, err)
+
+
+def test_vector_and_portable_builds_agree_and_bf16_output_rounds_to_nearest():
+    ql = _quant_linear(80, 256, W4[1], A8, seed=3)
+    pl = PackedLinear.from_quant_linear(ql)
+    x = _x(7, 256, seed=5, dtype=torch.bfloat16)
+    args = (x, A8, pl.tiles, pl.tile_scales, pl.tile_zeros, pl.rsum, 80, pl.group)
+    f32 = {n: native.w4a8_linear(*args, torch.float32, lib=_lib(n)) for n in LIBS}
+    b16 = {n: native.w4a8_linear(*args, torch.bfloat16, lib=_lib(n)) for n in LIBS}
+    assert torch.allclose(f32["simd"], f32["portable"], rtol=1e-5, atol=1e-5 * f32["simd"].abs().max().item())
+    for n in LIBS:
+        assert torch.equal(b16[n], f32[n].to(torch.bfloat16))
+    assert PackedLinear.from_quant_linear(ql)(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("w_spec,a_spec", [(W4[0], A8), (W4[1], A8), (W4[3], A4), (W8[0], A8S)],
+                         ids=["w4g32", "w4g64a", "w4ch", "w8"])
+def test_native_module_saves_the_portable_form_and_reloads(w_spec, a_spec):
+    """A native module writes the same tensors as torch's int4 / int8 kernel module (the saved format does not
+    depend on the kernel), and rebuilding it from them gives the same outputs bit for bit."""
+    ql = _quant_linear(40, 172 if w_spec.granularity == "channel" else 128, w_spec, a_spec, seed=1)
+    nat = PackedLinear.from_quant_linear(ql)
+    torch_op = PackedLinear.from_quant_linear(ql, kernel=choose_kernel(w_spec))
+    a, b = nat.export_tensors(), torch_op.export_tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    back = PackedLinear.from_export(a, ql.in_features, 40, w_spec, a_spec, nat.kernel)
+    x = _x(5, ql.in_features, seed=2)
+    with torch.no_grad():
+        assert torch.equal(back(x), nat(x))
+        assert ((nat(x) - torch_op(x)).norm() / torch_op(x).norm()) < 1e-2  # torch's op: bf16 activations
+
+
+def test_native_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("SPINQUANT_NATIVE", "0")
+    native.available.cache_clear()
+    try:
+        assert not native.available() and choose_kernel(W4[0], A8) == "int4"
+    finally:
+        monkeypatch.delenv("SPINQUANT_NATIVE")
+        native.available.cache_clear()
+    assert native.available() and choose_kernel(W4[0], A8) == "cpu_w4a8"
+
+
+def test_a_failing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(native.NativeBuildError, match="compiling lowbit.c with false failed"):
+        native.build(cache=tmp_path)
+
+
+def test_int4_layout_inverts():
+    u = torch.randint(0, 16, (32, 48), dtype=torch.uint8)
+    assert torch.equal(native.untile_int4(native.tile_int4(u)), u)
+    g = torch.randint(0, 100, (32, 3))
+    assert torch.equal(native.tile_groups(g)[1, 2], g[16:, 2])
