@@ -159,7 +159,9 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
             out = model(tok, past_key_values=cache, use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
         decode_s = time.perf_counter() - t
-    return {"prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode / decode_s, "prefill_s": prefill_s,
+    from spinquant.kernels import kernel_summary
+    return {"kernels": kernel_summary(model), "prefill_tok_s": prefill / prefill_s,
+            "decode_tok_s": decode / decode_s, "prefill_s": prefill_s,
             "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
             "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": _decode_weight_bytes(model),
             "threads": torch.get_num_threads()}

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spinquant.kernels import PackedLinear  # noqa: E402
+from spinquant.kernels import PackedLinear, native  # noqa: E402
 from spinquant.quant import QuantLinear, QuantSpec  # noqa: E402
 from spinquant.quant.rtn import rtn  # noqa: E402
 from spinquant.results import git_rev  # noqa: E402
@@ -36,13 +36,16 @@ from spinquant.rotation.hadamard import fwht, hadamard  # noqa: E402
 SHAPES = {"q/o": (2048, 2048), "k/v": (512, 2048), "gate/up": (8192, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}
 A8 = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True)
-KERNELS = {  # name -> (weight spec, activation spec); None = dense torch matmul in that dtype
-    "fp32 dense": ("float32", None),
-    "bf16 dense": ("bfloat16", None),
-    "W4A16 int4pack g32": (QuantSpec(bits=4, granularity="group", group_size=32), None),
-    "W8A16 int8pack": (QuantSpec(bits=8), None),
-    "W4A8 int4pack g32 + int8 act": (QuantSpec(bits=4, granularity="group", group_size=32), A8),
-    "W8A8 _int_mm": (QuantSpec(bits=8), A8),
+W4G32 = QuantSpec(bits=4, granularity="group", group_size=32)
+KERNELS = {  # name -> (weight spec or dense dtype, activation spec, PackedLinear kernel)
+    "fp32 dense": ("float32", None, None),
+    "bf16 dense": ("bfloat16", None, None),
+    "W4A16 int4pack g32": (W4G32, None, "int4"),
+    "W8A16 int8pack": (QuantSpec(bits=8), None, "int8"),
+    "W4A8 int4pack g32 + int8 act": (W4G32, A8, "int4"),
+    "W8A8 _int_mm": (QuantSpec(bits=8), A8, "int8"),
+    "W4A8 native g32 (cpu_w4a8)": (W4G32, A8, "cpu_w4a8"),
+    "W8A8 native (cpu_w8a8)": (QuantSpec(bits=8), A8, "cpu_w8a8"),
 }
 
 
@@ -74,13 +77,13 @@ def machine_peaks(repeats: int) -> dict:
 
 
 def _module(kernel: str, N: int, K: int):
-    w_spec, a_spec = KERNELS[kernel]
+    w_spec, a_spec, name = KERNELS[kernel]
     lin = nn.Linear(K, N, bias=False)
     nn.init.normal_(lin.weight, std=0.02)
     if isinstance(w_spec, str):
         lin = lin.to(getattr(torch, w_spec))
         return lin, lin.weight.numel() * lin.weight.element_size(), lin.weight.dtype
-    pl = PackedLinear.from_quant_linear(QuantLinear.from_linear(lin, rtn(lin.weight.data, w_spec), a_spec))
+    pl = PackedLinear.from_quant_linear(QuantLinear.from_linear(lin, rtn(lin.weight.data, w_spec), a_spec), name)
     wbytes = sum(b.numel() * b.element_size() for b in pl.weight_buffers())
     return pl, wbytes, torch.bfloat16
 
@@ -99,6 +102,8 @@ def main():
     for shape in args.shapes:
         N, K = SHAPES[shape]
         for kernel in KERNELS:
+            if KERNELS[kernel][2] in ("cpu_w4a8", "cpu_w8a8") and not native.available():
+                continue
             mod, wbytes, act_dtype = _module(kernel, N, K)
             for M in args.tokens:
                 x = torch.randn(M, K, dtype=act_dtype)
@@ -106,9 +111,11 @@ def main():
                     t = _time(lambda: mod(x), args.repeats)
                 flops = 2 * M * N * K
                 nbytes = wbytes + (M * K + M * N) * x.element_size()
-                # compute peak: int8 GEMM for _int_mm (M >= 16), else the faster dense float matmul (the int4/int8
-                # weight kernels dequantize to fp32 FMAs; a CPU without bf16 FMAs runs bf16 matmuls slower)
-                peak = peaks["int8_matmul_op_s"] if "_int_mm" in kernel and M >= 16 else max(
+                # compute peak: int8 GEMM for _int_mm (M >= 16) and the native integer kernels, else the faster
+                # dense float matmul (torch's int4/int8 weight kernels dequantize to fp32 FMAs; a CPU without
+                # bf16 FMAs runs bf16 matmuls slower)
+                integer = ("_int_mm" in kernel and M >= 16) or "native" in kernel
+                peak = peaks["int8_matmul_op_s"] if integer else max(
                     peaks["fp32_matmul_flop_s"], peaks["bf16_matmul_flop_s"])
                 t_roof = max(nbytes / peaks["mem_bandwidth_bytes_s"], flops / peak)
                 rows.append({"kernel": kernel, "shape": shape, "M": M, "N": N, "K": K, "time_s": t,
