@@ -127,6 +127,18 @@ def test_native_module_saves_the_portable_form_and_reloads(w_spec, a_spec):
         assert ((nat(x) - torch_op(x)).norm() / torch_op(x).norm()) < 1e-2  # torch's op: bf16 activations
 
 
+def test_int8_prefill_on_int_mm_equals_the_native_kernel_bit_for_bit():
+    """cpu_w8a8 hands >= 16 tokens to torch._int_mm with the native kernel's codes: the same exact int32 sums
+    and the same float operations, so a token's output does not depend on how many tokens came with it."""
+    ql = _quant_linear(40, 172, W8[0], A8, seed=4)
+    pl = PackedLinear.from_quant_linear(ql)
+    x = _x(20, 172, seed=6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        together = pl(x)
+        alone = torch.cat([pl(x[i:i + 1]) for i in range(20)])
+    assert torch.equal(together, alone)
+
+
 def test_native_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("SPINQUANT_NATIVE", "0")
     native.available.cache_clear()

@@ -12,11 +12,12 @@ picks a kernel for its spec:
 | `triton_int4` | as `int4` (groups a multiple of 32)   | 16-bit, or int codes    | `triton_kernels.w4a16_matmul` |
 | `triton_int8` | as `int8`                             | int8 per-token          | `triton_kernels.int8_matmul`  |
 | `cpu_w4a8` | <= 4 bits, per-channel or groups of 8k  | <= 8-bit per-token      | `native.w4a8_linear` (VNNI)   |
-| `cpu_w8a8` | as `int8`                             | <= 8-bit per-token      | `native.w8a8_linear` (VNNI)   |
+| `cpu_w8a8` | as `int8`                             | <= 8-bit per-token      | `native.w8a8_linear` (VNNI); `_int_mm` on native codes for >= 16 tokens |
 
-The `cpu_*` kernels are spinquant's own C kernels (`native.py`, compiled on first use): activation
-quantization fused with an integer GEMM/GEMV on a row-tiled layout; the CPU backend picks them for
-quantized activations wherever they build (`native.available()`), torch's ops otherwise.
+The `cpu_*` kernels are spinquant's own C kernels (`native.py`, compiled on first use): per-token activation
+quantization fused with an exact integer GEMM/GEMV (int4 weights row-tiled, int8 weights row-major as
+`int8` holds them); the CPU backend picks them for quantized activations wherever they build
+(`native.available()`), torch's ops otherwise.
 The `triton_*` kernels (`pack(model, backend="triton")`) hold the portable layout of `export_tensors` and
 run on a GPU (or on the CPU under TRITON_INTERPRET=1, which is how CI tests them).
 
@@ -343,8 +344,12 @@ class PackedLinear(nn.Module):
         if self.kernel == "cpu_w4a8":
             y = native.w4a8_linear(x, self.act_spec, self.tiles, self.tile_scales, self.tile_zeros, self.rsum,
                                    self.out_features, self.group, out_dtype)
-        else:
+        elif x.shape[0] < INT_MM_MIN_TOKENS:
             y = native.w8a8_linear(x, self.act_spec, self.w_int8, self.w_scale, self.colsum, out_dtype)
+        else:  # prefill: the same exact int32 sums on torch's int8 GEMM (oneDNN), faster than ours for many tokens
+            c, s, zp = native.quant_act(x, self.act_spec, self.k_pad)
+            acc = cpu.int8_int8_mm(c, self.w_int8.t()) - zp[:, None] * self.colsum
+            y = acc.float() * s[:, None] * self.w_scale
         if self.bias is not None:
             y = y + self.bias.float()
         if self.adapter is not None:
