@@ -11,7 +11,8 @@ from spinquant.kernels.linear import token_codes
 from spinquant.quant import QuantLinear, QuantSpec
 from spinquant.quant.rtn import rtn
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native kernels not built")
+pytestmark = pytest.mark.skipif(not native.builds(), reason="no C compiler: native kernels not built")
+# the machine's own build: the vector path where the CPU has AVX-512 VNNI (CI's machine does), else the loops
 
 A8 = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True)
 A8S = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
@@ -79,8 +80,7 @@ def test_native_linear_matches_float64_reference(lib, w_spec, a_spec):
     kernel = "cpu_w4a8" if w_spec.bits <= 4 else "cpu_w8a8"
     for i, shape in enumerate(s for s in SHAPES if _case(w_spec, s)):
         ql = _quant_linear(*shape, w_spec, a_spec, seed=i)
-        pl = PackedLinear.from_quant_linear(ql)
-        assert pl.kernel == kernel
+        pl = PackedLinear.from_quant_linear(ql, kernel)
         W = pl.dequantized_weight().double()
         # the tiles dequantize to the fake-quant weight up to the bf16 rounding of the scales
         assert (W - ql.qweight.dequantize(torch.float32).double()).abs().max() < 1e-2 * W.abs().max()
@@ -99,7 +99,7 @@ def test_native_linear_matches_float64_reference(lib, w_spec, a_spec):
 
 def test_vector_and_portable_builds_agree_and_bf16_output_rounds_to_nearest():
     ql = _quant_linear(80, 256, W4[1], A8, seed=3)
-    pl = PackedLinear.from_quant_linear(ql)
+    pl = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
     x = _x(7, 256, seed=5, dtype=torch.bfloat16)
     args = (x, A8, pl.tiles, pl.tile_scales, pl.tile_zeros, pl.rsum, 80, pl.group)
     f32 = {n: native.w4a8_linear(*args, torch.float32, lib=_lib(n)) for n in LIBS}
@@ -107,7 +107,7 @@ def test_vector_and_portable_builds_agree_and_bf16_output_rounds_to_nearest():
     assert torch.allclose(f32["simd"], f32["portable"], rtol=1e-5, atol=1e-5 * f32["simd"].abs().max().item())
     for n in LIBS:
         assert torch.equal(b16[n], f32[n].to(torch.bfloat16))
-    assert PackedLinear.from_quant_linear(ql)(x).dtype == torch.bfloat16
+    assert pl(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("w_spec,a_spec", [(W4[0], A8), (W4[1], A8), (W4[3], A4), (W8[0], A8S)],
@@ -116,7 +116,7 @@ def test_native_module_saves_the_portable_form_and_reloads(w_spec, a_spec):
     """A native module writes the same tensors as torch's int4 / int8 kernel module (the saved format does not
     depend on the kernel), and rebuilding it from them gives the same outputs bit for bit."""
     ql = _quant_linear(40, 172 if w_spec.granularity == "channel" else 128, w_spec, a_spec, seed=1)
-    nat = PackedLinear.from_quant_linear(ql)
+    nat = PackedLinear.from_quant_linear(ql, "cpu_w4a8" if w_spec.bits <= 4 else "cpu_w8a8")
     torch_op = PackedLinear.from_quant_linear(ql, kernel=choose_kernel(w_spec))
     a, b = nat.export_tensors(), torch_op.export_tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -131,7 +131,7 @@ def test_int8_prefill_on_int_mm_equals_the_native_kernel_bit_for_bit():
     """cpu_w8a8 hands >= 16 tokens to torch._int_mm with the native kernel's codes: the same exact int32 sums
     and the same float operations, so a token's output does not depend on how many tokens came with it."""
     ql = _quant_linear(40, 172, W8[0], A8, seed=4)
-    pl = PackedLinear.from_quant_linear(ql)
+    pl = PackedLinear.from_quant_linear(ql, "cpu_w8a8")
     x = _x(20, 172, seed=6, dtype=torch.bfloat16)
     with torch.no_grad():
         together = pl(x)
@@ -139,15 +139,24 @@ def test_int8_prefill_on_int_mm_equals_the_native_kernel_bit_for_bit():
     assert torch.equal(together, alone)
 
 
-def test_native_kernels_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("SPINQUANT_NATIVE", "0")
+@pytest.mark.parametrize("mode,simd,expected", [("0", 1, "int4"), ("1", 0, "cpu_w4a8"), ("auto", 1, "cpu_w4a8"),
+                                                ("auto", 0, "int4")])
+def test_kernel_choice_follows_spinquant_native(monkeypatch, mode, simd, expected):
+    """auto: the native kernels only where their vector path is built (the portable loops lose to torch's ops)."""
+    class Lib:
+        def sq_simd(self):
+            return simd
+    monkeypatch.setenv("SPINQUANT_NATIVE", mode)
+    monkeypatch.setattr(native, "load", lambda *a: Lib())
     native.available.cache_clear()
     try:
-        assert not native.available() and choose_kernel(W4[0], A8) == "int4"
+        assert choose_kernel(W4[0], A8) == expected and choose_kernel(W4[0], None) == "int4"
     finally:
-        monkeypatch.delenv("SPINQUANT_NATIVE")
         native.available.cache_clear()
-    assert native.available() and choose_kernel(W4[0], A8) == "cpu_w4a8"
+    monkeypatch.setenv("SPINQUANT_NATIVE", "sometimes")
+    with pytest.raises(ValueError, match="SPINQUANT_NATIVE must be"):
+        native.available()
+    native.available.cache_clear()
 
 
 def test_a_failing_compiler_gives_a_clear_error(monkeypatch, tmp_path):

@@ -12,12 +12,12 @@ picks a kernel for its spec:
 | `triton_int4` | as `int4` (groups a multiple of 32)   | 16-bit, or int codes    | `triton_kernels.w4a16_matmul` |
 | `triton_int8` | as `int8`                             | int8 per-token          | `triton_kernels.int8_matmul`  |
 | `cpu_w4a8` | <= 4 bits, per-channel or groups of 8k  | <= 8-bit per-token      | `native.w4a8_linear` (VNNI)   |
-| `cpu_w8a8` | as `int8`                             | <= 8-bit per-token      | `native.w8a8_linear` (VNNI); `_int_mm` on native codes for >= 16 tokens |
+| `cpu_w8a8` | as `int8`                             | <= 8-bit per-token      | `native.w8a8_linear` (VNNI)   |
 
 The `cpu_*` kernels are spinquant's own C kernels (`native.py`, compiled on first use): per-token activation
 quantization fused with an exact integer GEMM/GEMV (int4 weights row-tiled, int8 weights row-major as
-`int8` holds them); the CPU backend picks them for quantized activations wherever they build
-(`native.available()`), torch's ops otherwise.
+`int8` holds them; >= 16 tokens go to `_int_mm` on the kernel's codes); the CPU backend picks them for
+quantized activations where their AVX-512 VNNI path is built (`native.available()`), torch's ops otherwise.
 The `triton_*` kernels (`pack(model, backend="triton")`) hold the portable layout of `export_tensors` and
 run on a GPU (or on the CPU under TRITON_INTERPRET=1, which is how CI tests them).
 
