@@ -39,8 +39,9 @@ def _records(data: bytes):
 
 def wandb_settings(wandb):
     """start_method="thread" avoids hangs under Hydra on older wandb; newer wandb (pydantic settings) has
-    no such option and rejects it. Quiet: the results row, not wandb's console summary, is the output."""
-    for kw in ({"start_method": "thread", "quiet": True}, {"quiet": True}, {}):
+    no such option and rejects it. Silent: the results row, not wandb's console lines, is the output
+    (`start_run` prints the run's address itself when it syncs online)."""
+    for kw in ({"start_method": "thread", "silent": True}, {"silent": True}, {"quiet": True}, {}):
         try:
             return wandb.Settings(**kw)
         except Exception:  # pydantic ValidationError (wandb >= 0.19), TypeError on older ones
@@ -57,8 +58,11 @@ def start_run(config: dict, mode: str = "offline", project: str = "spinquant", g
     import wandb
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, group=group, name=name, mode=mode, dir=str(run_dir) if run_dir else None,
-                      config=config, id=run_id, resume="allow", settings=wandb_settings(wandb), reinit="finish_previous")
+    run = wandb.init(project=project, group=group, name=name, mode=mode, dir=str(run_dir) if run_dir else None,
+                     config=config, id=run_id, resume="allow", settings=wandb_settings(wandb), reinit="finish_previous")
+    if mode == "online" and getattr(run, "url", None):
+        print(f"wandb: {run.url}")
+    return run
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

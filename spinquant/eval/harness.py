@@ -50,8 +50,12 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, max_length: int, batch
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     tm = check_tasks(tasks, include_defaults, data_root)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-              add_bos_token=add_bos_token, device=str(next(model.parameters()).device))
+    class QuietHFLM(HFLM):  # lm-eval opens a progress bar per document inside its own bar over documents
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, **kw)
+
+    lm = QuietHFLM(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                   add_bos_token=add_bos_token, device=str(next(model.parameters()).device))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=False, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed)
