@@ -28,6 +28,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spinquant.kernels import PackedLinear, native  # noqa: E402
+from spinquant.kernels.linear import NATIVE  # noqa: E402
 from spinquant.quant import QuantLinear, QuantSpec  # noqa: E402
 from spinquant.quant.rtn import rtn  # noqa: E402
 from spinquant.results import git_rev  # noqa: E402
@@ -102,7 +103,7 @@ def main():
     for shape in args.shapes:
         N, K = SHAPES[shape]
         for kernel in KERNELS:
-            if KERNELS[kernel][2] in ("cpu_w4a8", "cpu_w8a8") and not native.available():
+            if KERNELS[kernel][2] in NATIVE and not native.available():
                 continue
             mod, wbytes, act_dtype = _module(kernel, N, K)
             for M in args.tokens:

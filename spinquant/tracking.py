@@ -97,39 +97,44 @@ def read_offline_run(run_dir: str | Path) -> tuple[list[dict], dict]:
     return history, summary
 
 
+def _parse_run(data: bytes) -> tuple[list[dict], dict, dict, bool]:
+    """(history rows, summary, config, whether the exit record is there) of a .wandb file's bytes."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    history, summary, config, finished = [], {}, {}, False
+    for raw in _records(data):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind in ("run", "config"):  # the run record carries the initial config (and the group)
+            items = rec.run.config.update if kind == "run" else rec.config.update
+            for i in items:
+                v = json.loads(i.value_json)
+                config[i.key or "/".join(i.nested_key)] = v.get("value", v) if isinstance(v, dict) and "value" in v else v
+            if kind == "run" and rec.run.run_group:
+                config["_group"] = rec.run.run_group
+        elif kind == "exit":
+            finished = True
+    return history, summary, config, finished
+
+
 def read_offline_run_full(run_dir: str | Path, wait_s: float = 30.0) -> tuple[list[dict], dict, dict]:
     """(history rows, final summary, config) of an offline wandb run (see read_offline_run); the run's group, if
     any, is config["_group"]. wandb's service process may still be writing the file after `run.finish()`
     returns, so this waits (up to wait_s) for the run's exit record."""
     import time
-
-    from wandb.proto import wandb_internal_pb2 as pb
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("*.wandb")) or sorted(run_dir.glob("wandb/offline-run-*/*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one offline wandb run under {run_dir}, found {len(files)} .wandb files")
     deadline = time.monotonic() + wait_s
     while True:
-        history, summary, config, finished = [], {}, {}, False
-        for raw in _records(files[0].read_bytes()):
-            rec = pb.Record()
-            rec.ParseFromString(raw)
-            kind = rec.WhichOneof("record_type")
-            if kind == "history":
-                history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-            elif kind == "summary":
-                summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.summary.update})
-            elif kind in ("run", "config"):  # the run record carries the initial config (and the group)
-                items = rec.run.config.update if kind == "run" else rec.config.update
-                for i in items:
-                    v = json.loads(i.value_json)
-                    config[i.key or "/".join(i.nested_key)] = v.get("value", v) if isinstance(v, dict) and "value" in v else v
-                if kind == "run" and rec.run.run_group:
-                    config["_group"] = rec.run.run_group
-            elif kind == "exit":
-                finished = True
-        if finished or time.monotonic() > deadline:
-            if not finished:
-                raise TimeoutError(f"{files[0]}: the wandb run has no exit record after {wait_s:.0f} s (still running?)")
+        history, summary, config, finished = _parse_run(files[0].read_bytes())
+        if finished:
             return history, summary, config
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{files[0]}: the wandb run has no exit record after {wait_s:.0f} s (still running?)")
         time.sleep(0.2)

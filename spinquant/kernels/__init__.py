@@ -55,9 +55,9 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
 def share_tied_table(model: nn.Module) -> bool:
     """Let an int8 embedding use the lm_head's int8 table when both hold the same codes and scales."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not (isinstance(emb, PackedEmbedding) and isinstance(head, PackedLinear)) or head.int8_table() is None:
+    table = head.int8_table() if isinstance(head, PackedLinear) else None
+    if not isinstance(emb, PackedEmbedding) or table is None:
         return False
-    table = head.int8_table()
     if emb.zero is not None or head.k_pad != head.in_features or emb.codes.shape != table.shape:
         return False
     if torch.equal(emb.codes, table) and torch.equal(emb.scale[:, 0], head.w_scale):

@@ -40,6 +40,7 @@ from . import cpu, native
 KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8", "cpu_w4a8", "cpu_w8a8")
 # the saved form of the Triton and native kernels' weights
 PORTABLE = {"triton_int4": "int4", "triton_int8": "int8", "cpu_w4a8": "int4", "cpu_w8a8": "int8"}
+NATIVE = ("cpu_w4a8", "cpu_w8a8")  # spinquant's own C kernels (native.py)
 INT_MM_MIN_TOKENS = 16  # below this many tokens (decode) int8 weights run through _weight_int8pack_mm instead
 
 
@@ -132,9 +133,8 @@ def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend:
 
 def load_kernel(portable: str, w_spec: QuantSpec, act_spec: QuantSpec | None) -> str:
     """The CPU kernel a saved module (portable kernel name) runs on here: the native one where it applies."""
-    if portable in ("int4", "int8") and choose_kernel(w_spec, act_spec) in ("cpu_w4a8", "cpu_w8a8"):
-        return choose_kernel(w_spec, act_spec)
-    return portable
+    here = choose_kernel(w_spec, act_spec)
+    return here if portable in ("int4", "int8") and here in NATIVE else portable
 
 
 def _codes_scale_zero(ql: QuantLinear):
@@ -171,6 +171,13 @@ def _portable_tensors(ql: QuantLinear, kernel: str) -> dict[str, torch.Tensor]:
     if not ql.qweight.spec.symmetric:
         out["zero"] = zero_f.to(torch.bfloat16).contiguous()
     return out
+
+
+def _dequant_int4(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int, K: int) -> torch.Tensor:
+    """Unsigned 4-bit codes u [N, >= K] with scale / zero [N, G] (zero None: 0) -> w = (u - 8)·scale + zero,
+    float32 [N, K], each group of `group` columns sharing its scale and zero."""
+    w = (u[:, :K].float() - 8) * scale.float().repeat_interleave(group, 1)[:, :K]
+    return w if zero is None else w + zero.float().repeat_interleave(group, 1)[:, :K]
 
 
 class PackedLinear(nn.Module):
@@ -285,11 +292,11 @@ class PackedLinear(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel in NATIVE:
+            return self._native_forward(x)
         shape, dtype = x.shape, x.dtype
         a = self.act_spec
         v = z = s = None
-        if self.kernel in ("cpu_w4a8", "cpu_w8a8"):
-            return self._native_forward(x)
         if self.input_transform is not None:
             x = self.input_transform(x.reshape(-1, self.in_features))
             if a is not None:
@@ -318,9 +325,7 @@ class PackedLinear(nn.Module):
             y = tk.int8_matmul((v + shift).to(torch.int8), self.qweight, s, self.scale, z + shift)
         elif self.kernel == "int8" and a is not None and a.bits <= 8 and x.shape[0] >= INT_MM_MIN_TOKENS:
             shift = -128 - a.qmin  # codes v + shift fit int8; x = (v + shift - (shift + zero))·s
-            xq = _pad_k((v + shift).to(torch.int8), self.k_pad)
-            acc = cpu.int8_int8_mm(xq, self.w_int8.t()) - (z + shift).to(torch.int32) * self.colsum
-            y = acc.float() * s * self.w_scale
+            y = self._int_mm(_pad_k((v + shift).to(torch.int8), self.k_pad), (z + shift).to(torch.int32), s)
         elif self.kernel == "int8":  # 16-bit activations, or too few tokens for _int_mm to pay off (decode)
             xin = ((v - z) * s) if a is not None else x
             y = cpu.int8_weight_mm(_pad_k(xin.to(torch.bfloat16), self.k_pad), self.w_int8, self.w_scale_bf16).float()
@@ -348,14 +353,19 @@ class PackedLinear(nn.Module):
             y = native.w8a8_linear(x, self.act_spec, self.w_int8, self.w_scale, self.colsum, out_dtype)
         else:  # prefill: the same exact int32 sums on torch's int8 GEMM (oneDNN), faster than ours for many tokens
             c, s, zp = native.quant_act(x, self.act_spec, self.k_pad)
-            acc = cpu.int8_int8_mm(c, self.w_int8.t()) - zp[:, None] * self.colsum
-            y = acc.float() * s[:, None] * self.w_scale
+            y = self._int_mm(c, zp[:, None], s[:, None])
         if self.bias is not None:
             y = y + self.bias.float()
         if self.adapter is not None:
             v, z, s = token_codes(x, self.act_spec)
             y = y + self.adapter((v - z) * s).float()
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
+
+    def _int_mm(self, c: torch.Tensor, zp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """int8 weights x int8 activation codes c [M, k_pad] (x = (c - zp)·s, zp int32 / s float32 [M, 1]) on
+        `torch._int_mm`: exact int32 sums, the zero point removed through the row code sums -> float32 [M, N]."""
+        acc = cpu.int8_int8_mm(c, self.w_int8.t()) - zp * self.colsum
+        return acc.float() * s * self.w_scale
 
     def weight_buffers(self) -> list[torch.Tensor]:
         """The buffers a matmul reads as weights (codes, scales; not the derived row sums or bf16 scale copy)."""
@@ -433,18 +443,11 @@ class PackedLinear(nn.Module):
         """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
         N, K = self.out_features, self.in_features
         if self.kernel == "triton_int4":
-            u = cpu.unpack_nibbles_raw(self.qweight)[:, :K].float()
-            g = K if self.group is None else self.group
-            w = (u - 8) * self.scale.repeat_interleave(g, 1)[:, :K]
-            return w + self.zero.repeat_interleave(g, 1)[:, :K] if self.zero is not None else w
+            return _dequant_int4(cpu.unpack_nibbles_raw(self.qweight), self.scale, self.zero, self.group or K, K)
         if self.kernel == "triton_int8":
             return self.qweight.float() * self.scale[:, None]
         if self.kernel == "cpu_w4a8":
-            u = self._native_codes()[:N].float()
-            s, z = self._native_groups()
-            w = (u - 8) * s.float().repeat_interleave(self.group, 1)
-            w = w if z is None else w + z.float().repeat_interleave(self.group, 1)
-            return w[:, :K]
+            return _dequant_int4(self._native_codes()[:N], *self._native_groups(), self.group, K)
         if self.kernel == "int4":
             u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad).float()
             sz = self.scales_zeros.float()  # [K/g, N, 2]

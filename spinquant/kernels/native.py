@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..quant.spec import QuantSpec
+from .cpu import pack_nibbles_raw, unpack_nibbles_raw
 
 SOURCE = Path(__file__).with_name("csrc") / "lowbit.c"
 TILE = 16  # rows per tile (the int32 lanes of a 512-bit register)
@@ -151,14 +152,14 @@ def _input(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def tile_int4(u: torch.Tensor) -> torch.Tensor:
     """Unsigned 4-bit codes u [N, K] (N % 16 == 0, K % 8 == 0) -> uint8 [N/16, K/8, 16, 4] (see the C file)."""
     N, K = u.shape
-    v = u.to(torch.uint8).reshape(N // TILE, TILE, K // 8, 2, 4).permute(0, 2, 1, 4, 3)
-    return (v[..., 0] | (v[..., 1] << 4)).contiguous()
+    v = u.to(torch.uint8).reshape(N // TILE, TILE, K // 8, 2, 4).permute(0, 2, 1, 4, 3)  # [.., 4 bytes, lo / hi]
+    return pack_nibbles_raw(v.reshape(N // TILE, K // 8, TILE, 8))
 
 
 def untile_int4(t: torch.Tensor) -> torch.Tensor:
     """Inverse of tile_int4 -> uint8 [N, K]."""
     NT, KB = t.shape[:2]
-    v = torch.stack([t & 0xF, t >> 4], dim=-1)  # [NT, KB, 16, 4, 2]
+    v = unpack_nibbles_raw(t).reshape(NT, KB, TILE, 4, 2)  # [.., 4 bytes, lo / hi]
     return v.permute(0, 2, 1, 4, 3).reshape(NT * TILE, KB * 8)
 
 

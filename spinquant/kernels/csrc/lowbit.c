@@ -118,13 +118,13 @@ void sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, f
     quant_tokens(x, x_bf16, M, K, Kp, &a, c, scale, zp);
 }
 
-static inline void store_tile(const float *v, void *y, int y_bf16, int m, int N, int n0) {
-    int n1 = N - n0 < 16 ? N - n0 : 16;
+/* y[m, n0 : n0 + count] = v (bf16 or float32 output of row stride N). */
+static inline void store_row(const float *v, int count, void *y, int y_bf16, int m, int N, int n0) {
     if (y_bf16) {
         uint16_t *o = (uint16_t *)y + (size_t)m * N + n0;
-        for (int i = 0; i < n1; i++) o[i] = f32_to_bf16(v[i]);
+        for (int i = 0; i < count; i++) o[i] = f32_to_bf16(v[i]);
     } else {
-        memcpy((float *)y + (size_t)m * N + n0, v, sizeof(float) * n1);
+        memcpy((float *)y + (size_t)m * N + n0, v, sizeof(float) * count);
     }
 }
 
@@ -230,7 +230,8 @@ void sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float q
                 for (int r = 0; r < 16; r++) out[i][r] = (f[r] - (float)zp[m0 + i] * rsum[(size_t)t * 16 + r]) * sx[m0 + i];
             }
 #endif
-            for (int i = 0; i < mb; i++) store_tile(out[i], y, y_bf16, m0 + i, N, t * 16);
+            const int rows = N - t * 16 < 16 ? N - t * 16 : 16; /* the last tile may be partial */
+            for (int i = 0; i < mb; i++) store_row(out[i], rows, y, y_bf16, m0 + i, N, t * 16);
         }
     }
     free(c);
@@ -299,11 +300,7 @@ void sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float q
                 float out[NR];
                 for (int r = 0; r < nb; r++) /* remove the +128 and the zero point: acc - (bias + zp)·rsum */
                     out[r] = ((float)(acc[r][i] - (bias + zp[m0 + i]) * rsum[n0 + r]) * sx[m0 + i]) * wscale[n0 + r];
-                for (int r = 0; r < nb; r++) {
-                    size_t o = (size_t)(m0 + i) * N + n0 + r;
-                    if (y_bf16) ((uint16_t *)y)[o] = f32_to_bf16(out[r]);
-                    else ((float *)y)[o] = out[r];
-                }
+                store_row(out, nb, y, y_bf16, m0 + i, N, n0);
             }
         }
     }
