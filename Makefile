@@ -6,13 +6,14 @@ BIN       := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
 
-.PHONY: install demo test lint paper tables clean
+.PHONY: install demo test test-latest lint paper tables clean
 
-$(STAMP): pyproject.toml
+# Installs the locked versions (requirements.lock: every direct and transitive dependency the suite is green with).
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c requirements.lock $(TORCH_PIN)
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,6 +26,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
 
+# The same suite on the newest releases pyproject allows (torch stays the pinned CPU wheel: a newer torch from the
+# index is a CUDA build of several GB), in its own .venv-latest: a break in a new release shows here first.
+test-latest:
+	$(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	echo "$(TORCH_PIN)" > .venv-latest/torch-pin.txt
+	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt $(TORCH_PIN) -e ".[dev]"
+	.venv-latest/bin/pip freeze --exclude-editable | grep -iE "^(torch|transformers|accelerate|lm.eval|wandb|hydra-core)=="
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline .venv-latest/bin/python -m pytest -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check spinquant qat experiments scripts tests examples
 
@@ -35,4 +46,4 @@ paper: $(STAMP)
 tables: paper
 
 clean:
-	rm -rf $(VENV) results outputs multirun
+	rm -rf $(VENV) .venv-latest results outputs multirun

@@ -215,7 +215,9 @@ def test_rotated_key_cache_decode_equals_full_forward():
     from spinquant.kernels.kv_cache import RotatedKeyLayer
     model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
     rotation.apply(model, {"name": "quarot", "seed": 0})
-    quantize_(model, QuantConfig.from_dict({"scheme": "W4A8"}), progress=False)
+    # weight-only: quantized activations would make the comparison hinge on rounding ties, since prefill and full
+    # forward sum in different orders (an 8-bit activation code that flips moves a logit by ~1e-3)
+    quantize_(model, QuantConfig.from_dict({"scheme": "W4A16"}), progress=False)
     pack(model, dtype=torch.float32)
     got, want, cache = _decode_vs_full(model, torch.randint(0, 128, (1, 20)), prefill=12)
     assert all(isinstance(layer, RotatedKeyLayer) for layer in cache.layers)
@@ -274,3 +276,28 @@ def test_pack_refuses_a_model_off_the_cpu():
     norm.weight = nn.Parameter(torch.empty_like(norm.weight, device="meta"))
     with pytest.raises(ValueError, match="builds CPU kernels"):
         pack(model)
+
+
+def test_packed_kv_cache_keeps_transformers_cache_contract():
+    """The layers implement transformers' public cache-layer contract only (no attribute of its own layer classes):
+    `generate` through the packed cache gives the greedy tokens of the cache-free model, and `reset` empties it."""
+    from spinquant import rotation
+    from spinquant.kernels.kv_cache import PackedKVLayer
+    from transformers.cache_utils import CacheLayerMixin
+    model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    quantize_(model, QuantConfig.from_dict({"scheme": "W16A16", "kv": {"bits": 8, "granularity": "token",
+                                                                       "dynamic": True, "symmetric": False}}),
+              progress=False)
+    ids = torch.randint(0, 128, (1, 6))
+    cache = packed_kv_cache(model)
+    assert all(isinstance(layer, PackedKVLayer) and isinstance(layer, CacheLayerMixin) for layer in cache.layers)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    with torch.no_grad():
+        seq = ids
+        for _ in range(5):  # greedy decoding without a cache: every step a full forward
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)
+    assert cache.get_seq_length() == ids.shape[1] + 4  # the last token is generated, never fed back
+    cache.reset()
+    assert cache.get_seq_length() == 0

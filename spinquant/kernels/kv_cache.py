@@ -12,7 +12,7 @@ done, so `spinquant_attention` skips its own transform of the keys and its KV qu
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..models.adapter import get_adapter
 from ..quant.quantizer import compute_qparams
@@ -51,7 +51,48 @@ class _Codes:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
 
 
-class PackedKVLayer(DynamicLayer):
+class _OwnedLayer(CacheLayerMixin):
+    """A cache layer whose state is entirely ours: transformers' public layer contract (`update`,
+    `get_seq_length`, `get_mask_sizes`, `get_max_length`, `lazy_initialization`, `reset`) and nothing read
+    from its own layer classes' internals (a 5.x release dropped `DynamicLayer.dtype`, which broke a subclass).
+    Subclasses store K/V in `_store(k, v)` and return the full K/V from it."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self):
+        super().__init__()
+        self._len = 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self._store(key_states, value_states)
+        setattr(keys, DONE, True)
+        setattr(values, DONE, True)
+        self._len = keys.shape[-2]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._len + query_length, 0  # (kv length, kv offset) as transformers' dynamic layers
+
+    def get_max_length(self) -> int:
+        return -1  # grows without bound
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized, self._len = False, 0
+
+
+class PackedKVLayer(_OwnedLayer):
     """One decoder layer's K/V as codes; `update` returns the dequantized full K/V [b, kv_heads, seq, head_dim]."""
 
     def __init__(self, k_spec: QuantSpec, v_spec: QuantSpec, key_transform=None):
@@ -63,35 +104,22 @@ class PackedKVLayer(DynamicLayer):
         self.k_spec, self.v_spec, self.key_transform = k_spec, v_spec, key_transform
         self.k, self.v = _Codes(k_spec), _Codes(v_spec)
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.k, self.v = _Codes(self.k_spec), _Codes(self.v_spec)
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def _store(self, key_states, value_states):
         if self.key_transform is not None:
             key_states = self.key_transform(key_states)
         self.k.append(key_states)
         self.v.append(value_states)
-        keys, values = self.k.values(self.dtype), self.v.values(self.dtype)
-        setattr(keys, DONE, True)
-        setattr(values, DONE, True)
-        self._len = keys.shape[-2]  # the codes are the storage; self.keys stays the empty placeholder
-        return keys, values
-
-    def get_seq_length(self) -> int:
-        return getattr(self, "_len", 0) if self.is_initialized else 0
+        return self.k.values(self.dtype), self.v.values(self.dtype)
 
     def reset(self) -> None:
         super().reset()
-        self.k, self.v, self._len = _Codes(self.k_spec), _Codes(self.v_spec), 0
+        self.k, self.v = _Codes(self.k_spec), _Codes(self.v_spec)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
 
 
-class RotatedKeyLayer(DynamicLayer):
+class RotatedKeyLayer(_OwnedLayer):
     """16-bit K/V whose keys are stored after the attention's online R3 transform: each key is rotated once
     when it enters the cache, not again at every decoding step."""
 
@@ -99,11 +127,10 @@ class RotatedKeyLayer(DynamicLayer):
         super().__init__()
         self.key_transform = key_transform
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        keys, values = super().update(self.key_transform(key_states), value_states, *args, **kwargs)
-        setattr(keys, DONE, True)
-        setattr(values, DONE, True)
-        return keys, values
+    def _store(self, key_states, value_states):
+        self.keys = _cat(self.keys, self.key_transform(key_states))
+        self.values = _cat(self.values, value_states)
+        return self.keys, self.values
 
 
 def packed_kv_cache(model) -> Cache:
