@@ -17,6 +17,7 @@ import json
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +29,13 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qat  # noqa: E402
 from spinquant import rotation, tracking  # noqa: E402
-from spinquant.data import calibration_batch, tokenize_dataset  # noqa: E402
+from spinquant.data import calibration_batch, dataset_path, tokenize_dataset  # noqa: E402
 from spinquant.eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk  # noqa: E402
 from spinquant.models import load  # noqa: E402
+from spinquant.models.load import check_device, load_config, load_tokenizer  # noqa: E402
 from spinquant.quant import QuantConfig, get_weight_quantizer, quantize_  # noqa: E402
-from spinquant.results import git_rev, run_id, write_row  # noqa: E402
+from spinquant.quant.apply import check_config_shapes  # noqa: E402
+from spinquant.results import revision_for, run_id, write_row  # noqa: E402
 from spinquant.sweeps import hydra_choices, skip_rule  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +70,64 @@ def load_plugins(names) -> None:
                                           f"path or a path to a .py file") from None
 
 
+def _resolve_seq_len(cfg: DictConfig) -> None:
+    """model.seq_len null (model=local): the model's context, capped at the papers' 2048, said out loud."""
+    if cfg.model.get("seq_len") is None:
+        ctx = getattr(load_config(cfg.model.path), "max_position_embeddings", None) or 2048
+        cfg.model.seq_len = min(2048, ctx)
+        print(f"[note] model.seq_len=null: evaluating and calibrating at {cfg.model.seq_len} tokens "
+              f"(min(2048, max_position_embeddings={ctx})); set model.seq_len to choose")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"results folder {folder} is not writable ({e.strerror}); set results_dir to a "
+                              f"writable folder") from None
+
+
+def _check_long_enough(tok, name: str, root, need: int, what: str) -> None:
+    n = tokenize_dataset(tok, name, root, add_bos=False).shape[1]
+    if n < need:
+        raise ValueError(f"{what} {name!r} has {n} tokens, fewer than the {need} one window needs")
+
+
+def preflight(cfg: DictConfig, qcfg: QuantConfig, out: Path):
+    """Everything checkable before the model's weights are read (and before GPTQ / SpinQuant / QAT run), so a
+    bad config fails in seconds: device, results folder, model family and tokenizer, group sizes against every
+    layer the config quantizes (from config.json), eval length against the model's context, every dataset
+    present and at least one window long. Returns the tokenizer."""
+    check_device(cfg.device)
+    _check_writable(out.parent)
+    get_weight_quantizer(qcfg.method)  # unknown method (a plugin not loaded?): a clear error now, not after loading
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.model.dtype!r}")
+    mconf = load_config(cfg.model.path)
+    check_config_shapes(mconf, qcfg)
+    ctx = getattr(mconf, "max_position_embeddings", None)
+    if ctx and cfg.eval.seq_len > ctx:
+        raise ValueError(f"eval.seq_len={cfg.eval.seq_len} exceeds the model's context (max_position_embeddings="
+                         f"{ctx}); set model.seq_len (or eval.seq_len) to at most {ctx}")
+    tok = load_tokenizer(cfg.model.path)
+    root = cfg.data.root
+    for ds in cfg.eval.datasets:
+        _check_long_enough(tok, ds, root, cfg.eval.seq_len, "eval dataset")
+    if qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian:
+        _check_long_enough(tok, cfg.data.calib, root, cfg.data.calib_seq_len + 2, "calibration text")
+    if cfg.rotation.name == "spinquant" and not cfg.rotation.get("load"):
+        _check_long_enough(tok, cfg.data.calib, root, cfg.rotation.seq_len + 2, "calibration text")
+    if cfg.qat.name != "none":
+        dataset_path(cfg.qat.data, root)
+    le = cfg.eval.get("lm_eval") or {}
+    if le.get("tasks"):
+        from spinquant.eval.harness import check_tasks
+        check_tasks(list(le.tasks), le.include_defaults, root)
+    return tok
+
+
 def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     """One run -> one row (returned). `choices`: the Hydra group options of this job (for `sweep.skip`)."""
     choices = hydra_choices() if choices is None else choices
@@ -74,30 +135,26 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
     if rule is not None:
         print(f"[skip] not a row of {cfg.experiment_name}: matches sweep.skip rule {dict(rule)}")
         return {}
+    _resolve_seq_len(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     rid = run_id(config)
     out = Path(cfg.results_dir) / cfg.experiment_name / f"{rid}.json"
     if cfg.skip_existing and out.exists():
         print(f"[skip] {out} exists (same resolved config)")
         return json.loads(out.read_text())
+    rev = revision_for(out)  # committed rows (paper/results) only from a clean checkout: refused now, not after the run
     seed_everything(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     load_plugins(cfg.get("plugins"))
     qcfg = QuantConfig.from_dict(config["quant"])  # validate before loading anything
-    get_weight_quantizer(qcfg.method)  # unknown method (a plugin not loaded?): a clear error now, not after loading
-    le = cfg.eval.get("lm_eval") or {}
-    if le.get("tasks"):
-        from spinquant.eval.harness import check_tasks
-        check_tasks(list(le.tasks), le.include_defaults, cfg.data.root)
-    if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {cfg.model.dtype!r}")
+    tok = preflight(cfg, qcfg, out)
     t0 = time.time()
     # under `accelerate launch` / torchrun: each process its own GPU; rotation training is data-parallel,
     # everything after it (quantization, evaluation, the row) runs on the main process only
     rank, local_rank = int(os.environ.get("RANK", 0)), os.environ.get("LOCAL_RANK")
     device = f"cuda:{local_rank}" if cfg.device == "cuda" and local_rank is not None else cfg.device
-    model, tok = load(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
+    model, _ = load(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device)
 
     needs_calib = qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian
     calib = rot_calib = None
@@ -105,8 +162,8 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         calib = calibration_batch(tok, cfg.data.calib, cfg.data.calib_samples, cfg.data.calib_seq_len, cfg.seed,
                                   cfg.data.root)
     if cfg.rotation.name == "spinquant" and not cfg.rotation.get("load"):
-        rot_calib = calibration_batch(tok, cfg.data.calib, cfg.rotation.samples, cfg.rotation.seq_len, cfg.seed,
-                                      cfg.data.root)
+        rot_calib = calibration_batch(tok, cfg.data.calib, cfg.rotation.samples + cfg.rotation.heldout,
+                                      cfg.rotation.seq_len, cfg.seed, cfg.data.root)  # the last `heldout` held back
     t = time.time()
     rotation.apply(model, config["rotation"], rot_calib, target=qcfg)
     rotation_s = time.time() - t
@@ -167,8 +224,8 @@ def run(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict:
         "spec": {"w_bits": w.bits, "w_group": w.group_size if w.granularity == "group" else None,
                  "w_granularity": w.granularity, "w_sym": w.symmetric, "a_bits": qcfg.act.bits,
                  "kv_bits": qcfg.kv.bits, "preset": qcfg.scheme},
-        "quant": qcfg.to_dict(), "metrics": metrics, "seed": cfg.seed, "git_rev": git_rev(),
-        "torch": torch.__version__, "config": config,
+        "quant": qcfg.to_dict(), "metrics": metrics, "seed": cfg.seed, "git_rev": rev,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "config": config,
     }
     write_row(row, out)
     tracking.log_row(tracker, row)

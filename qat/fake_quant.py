@@ -49,9 +49,21 @@ class QATConfig:
         self.lora_targets = tuple(self.lora_targets)
 
 
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, g):
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.g, None
+
+
 def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Value x, gradient scaled by g (LSQ's step-size gradient scale)."""
-    return (x - x * g).detach() + x * g
+    """Value exactly x, gradient scaled by g (LSQ's step-size gradient scale; (x − x·g).detach() + x·g would
+    change the value by an ulp, and the converted model would differ from the trained one)."""
+    return _GradScale.apply(x, g)
 
 
 class FakeQuantLinear(nn.Module):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from spinquant.eval.memory import PeakMemory
 from spinquant.tracking import wandb_settings
 
 
@@ -78,13 +79,6 @@ def _loss(model, teacher, x, cfg: TrainConfig):
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl
 
 
-def _peak_memory(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
 def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_config: dict | None = None):
     """Train the parameters of `model` that require grad on next-token loss over `tokens` [N].
 
@@ -136,35 +130,37 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
     t0, tokens_seen = time.time(), 0
     bar = tqdm(range(start, cfg.steps), desc="qat", disable=not cfg.progress or not acc.is_main_process,
                initial=start, total=cfg.steps)
-    for step in bar:
-        x = batch_for_step(tokens, step, cfg)[rank * local:(rank + 1) * local].to(acc.device)
-        total = torch.zeros((), device=acc.device)
-        for i, mb in enumerate(x.split(cfg.micro_batch_size)):
-            sync = contextlib.nullcontext() if i == n_micro - 1 else acc.no_sync(model)
-            with sync, acc.autocast():
-                loss = _loss(model, teacher, mb, cfg) / n_micro
-            acc.backward(loss)
-            total += loss.detach()
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_val = acc.reduce(total, reduction="mean").item()
-        losses.append(loss_val)
-        tokens_seen += cfg.batch_size * cfg.seq_len
-        tps = tokens_seen / (time.time() - t0)
-        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}")
-        if run is not None:
-            run.log({"train/loss": loss_val, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": tps}, step=step)
-        last = step + 1 == cfg.steps
-        if ckpt is not None and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            _save_checkpoint(acc, ckpt, step + 1, losses)
+    with PeakMemory(str(acc.device)) as mem:  # the peak during training (CUDA allocator / sampled RSS)
+        for step in bar:
+            x = batch_for_step(tokens, step, cfg)[rank * local:(rank + 1) * local].to(acc.device)
+            total = torch.zeros((), device=acc.device)
+            for i, mb in enumerate(x.split(cfg.micro_batch_size)):
+                sync = contextlib.nullcontext() if i == n_micro - 1 else acc.no_sync(model)
+                with sync, acc.autocast():
+                    loss = _loss(model, teacher, mb, cfg) / n_micro
+                acc.backward(loss)
+                total += loss.detach()
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_val = acc.reduce(total, reduction="mean").item()
+            losses.append(loss_val)
+            tokens_seen += cfg.batch_size * cfg.seq_len
+            tps = tokens_seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tps:.0f}")
+            if run is not None:
+                run.log({"train/loss": loss_val, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": tps}, step=step)
+            last = step + 1 == cfg.steps
+            if ckpt is not None and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+                _save_checkpoint(acc, ckpt, step + 1, losses)
     wall = time.time() - t0
     stats = {"steps": cfg.steps, "resumed_from": start, "losses": losses, "loss_last": losses[-1] if losses else None,
              "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "trainable_params": n_trainable,
              "train_s": wall, "tokens_per_s": tokens_seen / wall if wall > 0 else None,
-             "peak_mem_bytes": _peak_memory(acc.device), "processes": world, "mixed_precision": mp}
+             "peak_mem_bytes": mem.peak_bytes, "peak_mem_delta_bytes": mem.peak_delta_bytes, "processes": world,
+             "mixed_precision": mp}
     if run is not None:
         run.summary.update({f"qat_train/{k}": v for k, v in stats.items() if k != "losses"})
         if own_run:

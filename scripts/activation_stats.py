@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spinquant.data import calibration_batch  # noqa: E402
 from spinquant.eval.activations import activation_stats  # noqa: E402
 from spinquant.models import load  # noqa: E402
+from spinquant.results import revision_for  # noqa: E402
 
 
 def markdown(model_name: str, stats: list[dict]) -> str:
@@ -36,6 +37,7 @@ def main():
     p.add_argument("--out", type=Path)
     p.add_argument("--md", type=Path, help="also write the Markdown table here")
     args = p.parse_args()
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     model, tok = load(args.model)
     ids = calibration_batch(tok, "wikitext2-train", args.samples, args.seq_len, args.seed)
     stats = activation_stats(model, ids)
@@ -44,7 +46,7 @@ def main():
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
-                                        "seed": args.seed, "stats": stats}, indent=2))
+                                        "seed": args.seed, "git_rev": rev, "stats": stats}, indent=2))
     if args.md:
         args.md.write_text(text)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spinquant.results import git_rev  # noqa: E402
+from spinquant.results import revision_for  # noqa: E402
 
 LLAMA_32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
@@ -202,6 +202,7 @@ def main():
     p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     args = p.parse_args()
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     if args.child:
         print(json.dumps(child(args.child, args.packed, args.dtype, args.prefill, args.decode, args.seed)))
         return
@@ -209,7 +210,7 @@ def main():
         p.error("BF16 must be among --schemes: every ratio is to BF16 measured in the same run")
     bw = measure_bandwidth()
     print(f"memory bandwidth (streaming read): {bw / 1e9:.1f} GB/s, {torch.get_num_threads()} threads")
-    rows, rev = [], git_rev()
+    rows = []
     machine = " ".join(x for x in (platform.machine(), platform.processor(), f"{os.cpu_count()} cpus") if x)
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:

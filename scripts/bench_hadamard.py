@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spinquant.results import git_rev  # noqa: E402
+from spinquant.results import revision_for  # noqa: E402
 from spinquant.rotation.hadamard import fwht, hadamard  # noqa: E402
 
 SIZES = [256, 384, 1024, 2048, 3072, 4096, 4864, 8192, 11008, 14336]
@@ -43,6 +43,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="*", default=SIZES)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     rows = []
     for n in args.sizes:
         x = torch.randn(args.tokens, n)
@@ -58,7 +59,7 @@ def main():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                         "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                        "git_rev": git_rev(), "rows": rows}, indent=2))
+                                        "git_rev": rev, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

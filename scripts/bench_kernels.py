@@ -31,7 +31,7 @@ from spinquant.kernels import PackedLinear, native  # noqa: E402
 from spinquant.kernels.linear import NATIVE  # noqa: E402
 from spinquant.quant import QuantLinear, QuantSpec  # noqa: E402
 from spinquant.quant.rtn import rtn  # noqa: E402
-from spinquant.results import git_rev  # noqa: E402
+from spinquant.results import revision_for  # noqa: E402
 from spinquant.rotation.hadamard import fwht, hadamard  # noqa: E402
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (512, 2048), "gate/up": (8192, 2048), "down": (2048, 8192),
@@ -97,6 +97,7 @@ def main():
     p.add_argument("--hadamard-sizes", type=int, nargs="*", default=[384, 2048, 8192, 11008, 14336])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     peaks = machine_peaks(args.repeats)
     print("machine: " + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in peaks.items()), flush=True)
     rows = []
@@ -143,7 +144,7 @@ def main():
             triton_rows.append({"kernel": "triton hadamard", "n": n, "rows": 4096, "time_s": t,
                                 "gb_s": 2 * x.numel() * 2 / t / 1e9})
     out = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "git_rev": git_rev(), "peaks": peaks, "rows": rows, "hadamard": had,
+           "torch": torch.__version__, "git_rev": rev, "peaks": peaks, "rows": rows, "hadamard": had,
            "triton": triton_rows or "not measured: no CUDA device in this run"}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

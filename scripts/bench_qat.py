@@ -80,7 +80,8 @@ def main(argv=None):
     if args.mode:
         print("RESULT " + json.dumps(worker(args)))
         return
-    from spinquant.results import git_rev
+    from spinquant.results import revision_for
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     rows = []
     for mode in MODES:
         cmd = [sys.executable, __file__, "--mode", mode] + [a for a in sys.argv[1:] if a != "--out" and not
@@ -97,7 +98,7 @@ def main(argv=None):
         r["peak_mem_vs_finetune"] = r["peak_rss_hwm_bytes"] / base["peak_rss_hwm_bytes"]
     result = {"model": args.model, "scheme": args.scheme, "batch": [args.batch_size, args.seq_len], "steps": args.steps,
               "rows": rows, "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "git_rev": git_rev()}
+              "torch": torch.__version__, "git_rev": rev}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,8 @@ def main(argv=None):
 
     from spinquant import rotation
     from spinquant.quant import QuantConfig
-    from spinquant.results import git_rev
+    from spinquant.results import revision_for
+    rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
@@ -73,7 +74,7 @@ def main(argv=None):
            "overhead_vs_weights": (peak - base) / weight_bytes,
            # exact, device-independent: what autograd holds for one backward (steps=1), beyond the weights
            "saved_for_backward_bytes": sum(saved.values()) if args.steps == 1 else None,
-           "train_s": time.time() - t, "git_rev": git_rev(), "torch": torch.__version__}
+           "train_s": time.time() - t, "git_rev": rev, "torch": torch.__version__}
     print(json.dumps(out, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

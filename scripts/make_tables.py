@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spinquant.eval.paired import paired_diff  # noqa: E402
 from spinquant.results import read_rows  # noqa: E402
 
 DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
@@ -67,6 +68,20 @@ def _fmt_metric(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
+def _delta_cell(row, base, ds: str) -> str:
+    """ppl difference to the baseline row; with per-window NLLs in both rows, ± its paired standard error and a
+    '≈' where the difference is within two of them (spinquant.eval.paired)."""
+    ppl = row["metrics"]["ppl"]
+    if ds not in ppl:
+        return "–"
+    cell = f"{ppl[ds] - base['metrics']['ppl'][ds]:+.2f}"
+    a, b = row["metrics"].get("ppl_detail", {}).get(ds, {}), base["metrics"].get("ppl_detail", {}).get(ds, {})
+    if row is base or not a.get("window_nll") or not b.get("window_nll"):
+        return cell
+    d = paired_diff(a, b)
+    return cell + f" ± {d.se_ppl:.2f}" + (" ≈" if d.within_noise else "")
+
+
 def render(rows: list[dict]) -> str:
     out = []
     for model in sorted({r["model"] for r in rows}):
@@ -92,7 +107,7 @@ def render(rows: list[dict]) -> str:
             le = r["metrics"].get("lm_eval", {})
             cells += [_fmt_metric(le[t][m]) if m in le.get(t, {}) else "–" for t, m in le_cols]
             if fp and "wikitext2" in datasets:
-                cells.append(f"{ppl['wikitext2'] - fp['metrics']['ppl']['wikitext2']:+.2f}" if "wikitext2" in ppl else "–")
+                cells.append(_delta_cell(r, fp, "wikitext2"))
             size = r["metrics"].get("size_bytes")
             cells.append(f"{size / 1e6:.2f}" if size else "–")
             fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
@@ -237,7 +252,8 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
 
 LATEX_SUBS = [("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"),
               ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}"), ("Δ", r"$\Delta$"), ("×", r"$\times$"),
-              ("→", r"$\to$"), ("–", "--"), ("—", "---"), ("≥", r"$\geq$"), ("≤", r"$\leq$"), ("±", r"$\pm$")]
+              ("→", r"$\to$"), ("–", "--"), ("—", "---"), ("≥", r"$\geq$"), ("≤", r"$\leq$"), ("±", r"$\pm$"),
+              ("≈", r"$\approx$")]
 
 
 def _latex_text(text: str) -> str:

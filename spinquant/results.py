@@ -59,11 +59,37 @@ def git_rev() -> str:
         return "unknown"
 
 
+PAPER_RESULTS = REPO_ROOT / "paper" / "results"
+
+
+class DirtyTreeError(RuntimeError):
+    pass
+
+
+def _committed(path) -> bool:
+    p = Path(path).resolve()
+    return p == PAPER_RESULTS.resolve() or PAPER_RESULTS.resolve() in p.parents
+
+
+def revision_for(path=None) -> str:
+    """The git revision to record in results written to `path`, checked before any work: the committed rows
+    (paper/results) are written only from a clean checkout, so every committed number names the code it came from."""
+    rev = git_rev()
+    if path is not None and _committed(path) and (rev.endswith("-dirty") or rev == "unknown"):
+        raise DirtyTreeError(f"refusing to write {path}: paper/results holds the committed rows and the checkout is "
+                             f"{'not a git checkout' if rev == 'unknown' else 'dirty (' + rev + ')'}; commit or stash "
+                             f"first, or write to another results_dir")
+    return rev
+
+
 def write_row(row: dict, path: Path) -> None:
-    """Write JSON atomically (temp file + rename) so a killed run never leaves a half row."""
+    """Write JSON atomically (temp file + rename) so a killed run never leaves a half row; a row from a dirty
+    tree never lands in paper/results."""
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
         raise ValueError(f"results row lacks required keys {missing}")
+    if _committed(path) and (str(row["git_rev"]).endswith("-dirty") or row["git_rev"] == "unknown"):
+        raise DirtyTreeError(f"refusing to write {path}: a row from {row['git_rev']} into the committed rows")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w") as f:

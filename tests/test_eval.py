@@ -120,3 +120,43 @@ def test_activation_statistics_against_scipy_and_planted_outlier():
     stats = activation_stats(make_tiny("llama", layers=2), torch.randint(0, 128, (4, 16)))
     assert [(r["layer"], r["input"]) for r in stats][:4] == [(0, "down"), (0, "gate_up"), (0, "o"), (0, "qkv")]
     assert len(stats) == 8
+
+
+def test_window_nll_are_the_per_window_sums_of_a_naive_loop():
+    torch.manual_seed(0)
+    model = make_tiny("llama", vocab=64)
+    ids = torch.randint(0, 64, (1, 70))
+    r = perplexity_of_ids(model, ids, 16, batch_size=3, progress=False)
+    want = []
+    for s in range(0, 70 - 16 + 1, 16):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, s:s + 16]).logits[0].double(), -1)
+        want.append(-sum(logp[j, ids[0, s + j + 1]].item() for j in range(15)))
+    assert r.window_tokens == [15] * 4 and r.nll_sum == pytest.approx(math.fsum(r.window_nll), rel=1e-15)
+    assert r.window_nll == pytest.approx(want, rel=1e-5)
+
+
+def test_paired_standard_error_equals_a_numpy_transcription():
+    import numpy as np
+
+    from spinquant.eval.paired import paired_diff
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 300):
+        base = rng.uniform(3000, 4000, n)
+        other = base + rng.normal(5, 20, n)
+        tok = [511] * n
+        a = {"window_nll": other.tolist(), "window_tokens": tok, "seq_len": 512, "stride": 512, "windows": n}
+        b = {"window_nll": base.tolist(), "window_tokens": tok, "seq_len": 512, "stride": 512, "windows": n}
+        d = paired_diff(a, b)
+        diff = other - base
+        T = 511 * n
+        se = np.sqrt(n) * np.std(diff, ddof=1) / T
+        assert d.delta_nll == pytest.approx(diff.sum() / T, rel=1e-12)
+        assert d.se_nll == pytest.approx(se, rel=1e-10)
+        assert d.delta_ppl == pytest.approx(np.exp(other.sum() / T) - np.exp(base.sum() / T), rel=1e-9)
+        assert d.se_ppl == pytest.approx(np.exp(other.sum() / T) * se, rel=1e-9)
+        assert d.within_noise == (abs(diff.sum() / T) <= 2 * se)
+    with pytest.raises(ValueError, match="same windows"):
+        paired_diff(a, {**b, "window_tokens": [511] * (n - 1) + [100]})
+    with pytest.raises(ValueError, match="window_nll"):
+        paired_diff(a, {**b, "window_nll": []})

@@ -281,9 +281,10 @@ def test_pack_refuses_a_model_off_the_cpu():
 def test_packed_kv_cache_keeps_transformers_cache_contract():
     """The layers implement transformers' public cache-layer contract only (no attribute of its own layer classes):
     `generate` through the packed cache gives the greedy tokens of the cache-free model, and `reset` empties it."""
+    from transformers.cache_utils import CacheLayerMixin
+
     from spinquant import rotation
     from spinquant.kernels.kv_cache import PackedKVLayer
-    from transformers.cache_utils import CacheLayerMixin
     model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
     rotation.apply(model, {"name": "quarot", "seed": 0})
     quantize_(model, QuantConfig.from_dict({"scheme": "W16A16", "kv": {"bits": 8, "granularity": "token",

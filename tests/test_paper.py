@@ -85,3 +85,23 @@ def test_a_new_row_appends_to_its_table_and_the_old_rows_stay(tmp_path):
     assert f"{row['metrics']['ppl']['wikitext2']:.2f}" in new[0]
     kept = [ln for ln in after.splitlines() if ln in before.splitlines()]
     assert kept == before.splitlines()  # every old line kept, in order
+
+
+def test_delta_column_gives_the_paired_standard_error_and_marks_noise():
+    import make_tables
+
+    def row(name, w_bits, wins):
+        tok = [511] * len(wins)
+        detail = {"window_nll": wins, "window_tokens": tok, "seq_len": 512, "stride": 512, "windows": len(wins)}
+        ppl = 2.718281828459045 ** (sum(wins) / sum(tok))
+        return {"model": "m", "scheme": name, "method": {"rotation": "none", "weights": "rtn", "qat": "none"},
+                "spec": {"w_bits": w_bits, "a_bits": 16, "kv_bits": 16},
+                "metrics": {"ppl": {"wikitext2": ppl}, "ppl_detail": {"wikitext2": detail}}}
+    fp = row("W16A16", 16, [2000.0, 2100.0, 1900.0, 2050.0])
+    noisy = row("W8A16", 8, [2003.0, 2095.0, 1904.0, 2049.0])    # +0.25 nats/window on average, sd 4: noise
+    worse = row("W4A16", 4, [2040.0, 2141.0, 1939.0, 2092.0])    # +40.5 nats/window, sd 1.3: real
+    lines = make_tables.render([fp, noisy, worse]).splitlines()
+    cell = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ")[-3] for ln in lines if ln.startswith("| W")}
+    assert cell["W16A16"] == "+0.00"
+    assert cell["W8A16"].endswith(" ≈") and " ± " in cell["W8A16"]
+    assert " ± " in cell["W4A16"] and not cell["W4A16"].endswith("≈")

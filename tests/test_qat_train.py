@@ -85,3 +85,22 @@ def test_offline_wandb_run_holds_the_logged_metrics(tmp_path):
     assert [h["train/loss"] for h in history] == pytest.approx(st["losses"])
     for k in ("train_tokens", "trainable_params", "tokens_per_s", "loss_last"):
         assert summary[f"qat_train/{k}"] == pytest.approx(st[k])
+
+
+def test_peak_memory_is_the_peak_during_training_not_the_memory_at_the_end():
+    """A forward that briefly holds 400 MB: the recorded peak includes it, although the process is far below it
+    when training ends (the old figure was the RSS at the end)."""
+    import psutil
+    model = _model()
+    held = []
+
+    def spike(module, inp, out):
+        held.append(torch.ones(100_000_000))  # 400 MB, touched
+        held.clear()
+    model.model.layers[0].register_forward_hook(spike)
+    before = psutil.Process().memory_info().rss
+    _, st = train(model, TOKENS, _cfg(steps=2))
+    after = psutil.Process().memory_info().rss
+    assert st["peak_mem_bytes"] >= before + 350e6
+    assert st["peak_mem_bytes"] >= after + 300e6  # the end-of-training RSS would miss the spike
+    assert st["peak_mem_delta_bytes"] >= 350e6

@@ -179,8 +179,8 @@ def _train_rotations_in_rank(out_dir):
     assert _data_parallel()[1] == 2  # joins the process group from torchrun's environment, really 2 processes
     model = make_tiny("llama", hidden=48, intermediate=128)
     calib = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(0))
-    cfg = {"steps": 3, "lr": 1.0, "batch_size": 1, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
-    R1, R2s, stats = _train(model, cfg, calib, 0, "error", 48, 12, 2)
+    cfg = {"steps": 3, "lr": 1.0, "batch_size": 2, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
+    R1, R2s, stats = _train(model, cfg, calib, 0, "error", 48, 12, 2)  # global batch 2: one sequence a process
     torch.save({"R1": R1, "R2": R2s, "losses": stats["losses"]}, f"{out_dir}/rank{dist.get_rank()}.pt")
 
 
@@ -246,7 +246,8 @@ def test_spinquant_trains_a_bfloat16_model_and_keeps_its_function():
     model = make_tiny("llama", hidden=48, intermediate=128).to(torch.bfloat16)
     ids = torch.randint(0, 128, (2, 16))
     ref = _logits(model, ids).float()
-    cfg = {"name": "spinquant", "steps": 2, "progress": False, "train_quant": {"scheme": "W4A4KV4"}}
+    cfg = {"name": "spinquant", "steps": 2, "batch_size": 2, "heldout": 2, "progress": False,
+           "train_quant": {"scheme": "W4A4KV4"}}
     rotation.apply(model, cfg, torch.randint(0, 128, (4, 16)))
     assert model.spinquant_stats["orthogonality_error"] < 1e-4
     out = _logits(model, ids).float()
@@ -264,3 +265,29 @@ def test_rotating_an_unsupported_family_is_a_clear_error(name):
     with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
         rotation.apply(model, {"name": name, "steps": 1}, torch.randint(0, 64, (2, 8)),
                        target=QuantConfig.from_dict({"scheme": "W4A4KV4"}))
+
+
+def _float64_rmsnorm(self, h):
+    """RMSNorm in the input's dtype (transformers' Llama/Qwen2 RMSNorm computes in float32 even for a float64
+    model, which alone bounds a float64 comparison at ~1e-7)."""
+    return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("family,hidden,intermediate", [("llama", 48, 128), ("qwen2", 64, 172), ("mistral", 48, 128)])
+def test_rotations_are_float64_end_to_end(monkeypatch, family, hidden, intermediate):
+    """QuaRot (R1, R2, online R3/R4, non-power-of-two sizes) on a float64 model: every step runs in float64,
+    so the rotated model's logits equal the original's to 1e-12 relative."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from spinquant import rotation
+    for cls in (LlamaRMSNorm, Qwen2RMSNorm, MistralRMSNorm):
+        monkeypatch.setattr(cls, "forward", _float64_rmsnorm)
+    model = make_tiny(family, hidden=hidden, intermediate=intermediate).double()
+    ids = torch.randint(0, 128, (2, 16))
+    ref = _logits(model, ids)
+    rotation.apply(model, {"name": "quarot", "seed": 3})
+    out = _logits(model, ids)
+    assert out.dtype == torch.float64
+    assert (out - ref).abs().max() < 1e-12 * ref.abs().max()

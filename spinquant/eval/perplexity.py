@@ -11,7 +11,7 @@ tokens scored); the result records both counts.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ class PerplexityResult:
     windows: int
     seq_len: int
     stride: int
+    window_nll: list[float] = field(default_factory=list)  # NLL sum of each window, in order (paired comparisons)
+    window_tokens: list[int] = field(default_factory=list)  # tokens scored in each window
 
     def to_dict(self):
         return asdict(self)
@@ -60,7 +62,7 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
     if ids.numel() < seq_len:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     wins = list(_windows(ids.numel(), seq_len, stride))[:max_windows]
-    nll, count = 0.0, 0
+    win_nll, win_tok = [], []
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(wins), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = wins[i: i + batch_size]
@@ -74,9 +76,10 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
             tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                       reduction="none").view(x.shape[0], -1)  # [b, L-1]; j predicts token j+1
             for row, (_, _, first) in enumerate(g):
-                nll += tok_nll[row, first - 1:].double().sum().item()
-                count += tok_nll.shape[1] - (first - 1)
-    return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride)
+                win_nll.append(tok_nll[row, first - 1:].double().sum().item())
+                win_tok.append(tok_nll.shape[1] - (first - 1))
+    nll, count = math.fsum(win_nll), sum(win_tok)
+    return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride, win_nll, win_tok)
 
 
 def perplexity(model, tokenizer, dataset: str, seq_len: int, stride: int | None = None, batch_size: int = 4,

@@ -59,11 +59,17 @@ class FamilyAdapter:
     def attention(self, layer) -> nn.Module:
         return layer.get_submodule(self.attn)
 
-    # ---- shapes -----------------------------------------------------------------------------
+    # ---- shapes (of a loaded model, or of its config alone: checks run before any weight is read) --------
     @staticmethod
     def head_dim(model) -> int:
-        c = model.config
+        c = getattr(model, "config", model)
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def linear_in_features(self, config) -> dict[str, int]:
+        """Role -> input width of each decoder linear, from the model's config (a `PretrainedConfig`)."""
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        return {"q": hidden, "k": hidden, "v": hidden, "o": heads * self.head_dim(config), "gate": hidden,
+                "up": hidden, "down": config.intermediate_size}
 
     @staticmethod
     def num_heads(model) -> int:

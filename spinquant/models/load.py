@@ -49,13 +49,54 @@ def read_model_type(path: Path | str) -> str:
     return AutoConfig.from_pretrained(path).model_type
 
 
+# files one of which a local model folder needs for AutoTokenizer (fast tokenizer, sentencepiece, BPE vocab)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device named by `device`, or a clear error if this torch / machine does not have it."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a torch device ({e}); use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+            raise ValueError(f"device={device!r} but this torch ({torch.__version__}) {why}; use device=cpu, or on a "
+                             f"GPU machine install a CUDA build of torch (make install TORCH_PIN=)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} but MPS is not available on this machine")
+    return d
+
+
+def load_config(name_or_path: str):
+    """The model's `PretrainedConfig` (config.json only: no weights), its family checked."""
+    from transformers import AutoConfig
+    path = resolve_path(str(name_or_path))
+    adapter_for_model_type(read_model_type(path))  # clear error for unsupported families
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer; a local folder without tokenizer files is a clear error naming what is missing."""
+    from transformers import AutoTokenizer
+    path = resolve_path(str(name_or_path))
+    if isinstance(path, Path) and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+                                f"tokenizer files into that folder")
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) in eval mode. The architecture is checked before any weight is read."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) in eval mode. Architecture, tokenizer and device are checked before any weight is read."""
+    from transformers import AutoModelForCausalLM
 
     path = resolve_path(str(name_or_path))
     adapter_for_model_type(read_model_type(path))  # clear error for unsupported families
+    check_device(device)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

@@ -33,13 +33,42 @@ def _weight_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return t(x) if t is not None else x
 
 
+def check_not_quantized(model, adapter: FamilyAdapter) -> None:
+    """Refuse a model that already carries quantized weights, activation / KV quantizers or a quant config."""
+    done = getattr(model, "quant_config", None)
+    if done is None:
+        for layer in adapter.decoder_layers(model):
+            lins = adapter.layer_linears(layer).values()
+            if any(getattr(m, "qweight", None) is not None or getattr(m, "act_spec", None) is not None for m in lins) \
+                    or getattr(adapter.attention(layer), "kv_quantizer", None) is not None:
+                done = "an earlier quantization"
+                break
+    if done is not None:
+        what = done.label() if isinstance(done, QuantConfig) else done
+        raise ValueError(f"model is already quantized ({what}); quantize a fresh (or only rotated) FP model instead "
+                         f"of applying a second config on top")
+
+
+def _check_widths(widths: dict[str, int], head_dim: int, hidden: int, config: QuantConfig, where: str = "") -> None:
+    for role, n in widths.items():
+        config.weight_spec_for(n, f"{where}{role}_proj weight")
+        config.act.check_shape(n, f"{where}{role}_proj input")
+    config.kv.check_shape(head_dim, "keys/values (head_dim)")
+    for name in ("embed", "lm_head", "lm_head_act"):
+        getattr(config, name).check_shape(hidden, name)
+
+
 def _check_shapes(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
     for i, layer in enumerate(adapter.decoder_layers(model)):
-        for role, lin in adapter.layer_linears(layer).items():
-            config.weight_spec_for(lin.in_features, f"layer {i} {role}_proj weight")
-            config.act.check_shape(lin.in_features, f"layer {i} {role}_proj input")
-    hd = adapter.head_dim(model)
-    config.kv.check_shape(hd, "keys/values (head_dim)")
+        widths = {role: lin.in_features for role, lin in adapter.layer_linears(layer).items()}
+        _check_widths(widths, adapter.head_dim(model), model.config.hidden_size, config, f"layer {i} ")
+
+
+def check_config_shapes(model_config, config: QuantConfig) -> None:
+    """The group-size checks of `quantize_`, from the model's config alone (before its weights are loaded)."""
+    from ..models.adapter import adapter_for_model_type
+    a = adapter_for_model_type(model_config.model_type)
+    _check_widths(a.linear_in_features(model_config), a.head_dim(model_config), model_config.hidden_size, config)
 
 
 @torch.no_grad()
@@ -111,8 +140,10 @@ def _check_options(wq, options: dict) -> None:
 
 def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None, batch_size: int = 8,
               progress: bool = True) -> nn.Module:
-    """Quantize `model` in place according to `config`; `calib` [n, seq] token ids for calibrated methods."""
+    """Quantize `model` in place according to `config`; `calib` [n, seq] token ids for calibrated methods.
+    A model that is already quantized is refused (a second config would silently stack on the first)."""
     adapter = get_adapter(model)
+    check_not_quantized(model, adapter)
     _check_shapes(model, adapter, config)
     wq = get_weight_quantizer(config.method)
     _check_options(wq, config.method_options)

@@ -22,9 +22,21 @@ def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x.unsqueeze(-2)  # channel / token: one group per row
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() whose gradient is the identity."""
-    return (x.round() - x).detach() + x
+    """round() whose gradient is the identity. The forward is exactly round(x) (the usual (round(x) − x).detach()
+    + x is off by an ulp where x is not representable after the subtraction), so fake quant during QAT and the
+    converted integer model compute bit-identical weights."""
+    return _RoundSTE.apply(x)
 
 
 def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from .spec import QuantSpec
 
 FP = QuantSpec()
+SPEC_FIELDS = ("weight", "act", "kv", "embed", "lm_head", "lm_head_act")
 
 
 @dataclass(frozen=True)
@@ -17,18 +18,27 @@ class QuantConfig:
     method names a registered weight quantizer (`rtn`, `gptq`, ...) and method_options its kwargs.
     """
 
-    weight: QuantSpec = FP
-    act: QuantSpec = FP
-    kv: QuantSpec = FP
-    method: str = "rtn"
+    weight: QuantSpec | None = None  # None: the `scheme` preset's value
+    act: QuantSpec | None = None
+    kv: QuantSpec | None = None
+    method: str | None = None
     method_options: dict = field(default_factory=dict)
-    embed: QuantSpec = FP
-    lm_head: QuantSpec = FP
-    lm_head_act: QuantSpec = FP
+    embed: QuantSpec | None = None
+    lm_head: QuantSpec | None = None
+    lm_head_act: QuantSpec | None = None
     scheme: str = "W16A16"
     group_fallback: str = "error"  # "error" | "channel": layers whose width a group does not divide
 
     def __post_init__(self):
+        """Fields left unset take the `scheme` preset's values: QuantConfig(scheme="W4A8") is the W4A8 preset
+        (not a W16A16 model labelled W4A8); an unknown scheme name is refused."""
+        presets = globals().get("SCHEMES")  # None while the presets themselves are being built
+        if presets is not None and self.scheme not in presets:
+            raise ValueError(f"unknown quantization scheme {self.scheme!r}; presets: {', '.join(presets)}")
+        base = presets[self.scheme] if presets is not None else None
+        for k in SPEC_FIELDS + ("method",):
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, getattr(base, k) if base is not None else ("rtn" if k == "method" else FP))
         if self.group_fallback not in ("error", "channel"):
             raise ValueError(f"group_fallback must be 'error' or 'channel', got {self.group_fallback!r}")
 
@@ -47,7 +57,7 @@ class QuantConfig:
         return s + (f"KV{self.kv.bits}" if self.kv.enabled else "")
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k).to_dict() for k in ("weight", "act", "kv", "embed", "lm_head", "lm_head_act")}
+        d = {k: getattr(self, k).to_dict() for k in SPEC_FIELDS}
         return {**d, "method": self.method, "method_options": dict(self.method_options), "scheme": self.scheme,
                 "group_fallback": self.group_fallback}
 
@@ -58,7 +68,7 @@ class QuantConfig:
         name = d.pop("scheme", "W16A16")
         base = preset(name)
         kw = {}
-        for k in ("weight", "act", "kv", "embed", "lm_head", "lm_head_act"):
+        for k in SPEC_FIELDS:
             if d.get(k):
                 kw[k] = QuantSpec.from_dict({**getattr(base, k).to_dict(), **dict(d.pop(k))})
             d.pop(k, None)
@@ -108,3 +118,4 @@ def preset(name: str) -> QuantConfig:
     if name not in SCHEMES:
         raise KeyError(f"unknown quantization scheme {name!r}; presets: {', '.join(SCHEMES)}")
     return SCHEMES[name]
+

@@ -21,7 +21,7 @@ from ..models.adapter import get_adapter
 from ..quant.apply import quantize_
 from ..quant.quantizer import fake_quantize
 from ..quant.schemes import QuantConfig
-from .cayley import CayleySGD, orthogonality_error
+from .cayley import CayleySGD, cosine_lr, orthogonality_error
 from .fuse import (
     add_down_hadamard,
     add_qk_hadamard,
@@ -116,11 +116,12 @@ def train_quant_for(target: QuantConfig) -> dict:
 
 
 def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: QuantConfig | None = None):
-    """Rotate `model` in place with learned R1/R2. cfg keys (defaults from the SpinQuant recipe):
-    steps 100, lr 1.5, batch_size 1, seed, fallback, r3, r4, train_quant ('auto': derived from `target`
+    """Rotate `model` in place with learned R1/R2. cfg keys (defaults from the official recipe, see `_train`):
+    steps 100, lr 1.5, schedule cosine, batch_size 8 (global), micro_batch_size 1, max_grad_norm 1.0, retraction
+    exact, heldout 8, seed, fallback, r3, r4, train_quant ('auto': derived from `target`
     by `train_quant_for`, or a quant config dict such as {scheme: W4A4KV4, weight: {bits: 16}}), load
     (a saved rotation file to reuse instead of training), save (where to write the learned rotations),
-    progress. calib: token ids [samples, seq_len] to train on."""
+    progress. calib: token ids [samples, seq_len]; the last `heldout` rows are held back to measure the objective."""
     a = get_adapter(model)
     seed, fallback = int(cfg.get("seed", 0)), cfg.get("fallback", "error")
     hidden, hd = model.config.hidden_size, a.head_dim(model)
@@ -180,10 +181,48 @@ def _strip_quantizers(model) -> None:
         del model.quant_config
 
 
+def _objective(work, base, R1, R2s, weight_spec, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `work` on token ids x [b, seq] with the rotations applied on the fly."""
+    params = _rotated_params(work, base, R1, R2s, weight_spec)
+    logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+
+def _batches(n: int, batch: int, steps: int, g: torch.Generator):
+    """Index batches for `steps` steps: consecutive slices of seeded permutations of range(n), a new
+    permutation whenever one is used up (the official run passes over its 800 samples once: 100 × 8)."""
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        while order.numel() < batch:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        yield order[:batch]
+        order = order[batch:]
+
+
 def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
-    """Learn (R1, R2s) on `model`, which it leaves with norms folded and R3/R4 in place (FP function kept)."""
+    """Learn (R1, R2s) on `model`, which it leaves with norms folded and R3/R4 in place (FP function kept).
+
+    The official recipe (scripts/10_optimize_rotation.sh on transformers' Trainer): SGDG (`CayleySGD`), lr with
+    a cosine schedule over `steps`, a global batch of `batch_size` sequences (8 processes × 1 there; here
+    gradient accumulation over micro-batches of `micro_batch_size`, split over data-parallel processes), the
+    gradient clipped to global norm `max_grad_norm` (the Trainer's default 1.0, which the script keeps). The last
+    `heldout` calibration sequences are never trained on: the objective on them is recorded before and after."""
     torch.manual_seed(seed)
     rank, world, dp_device = _data_parallel()
+    steps, lr = int(cfg.get("steps", 100)), float(cfg.get("lr", 1.5))
+    bs, micro = int(cfg.get("batch_size", 8)), int(cfg.get("micro_batch_size", 1))
+    heldout, schedule = int(cfg.get("heldout", 8)), cfg.get("schedule", "cosine")
+    max_norm = cfg.get("max_grad_norm", 1.0)
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"rotation.schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if bs % world:
+        raise ValueError(f"rotation.batch_size={bs} (global) must be a multiple of the {world} processes")
+    if micro < 1 or steps < 1 or heldout < 1:
+        raise ValueError(f"rotation.steps, micro_batch_size and heldout must be >= 1, got {steps}, {micro}, {heldout}")
+    if calib.shape[0] <= heldout:
+        raise ValueError(f"spinquant needs more calibration sequences than rotation.heldout={heldout} "
+                         f"(got {calib.shape[0]}): the held-back ones measure the objective before and after")
+    train, held = calib[:-heldout], calib[-heldout:]
     work = model
     if dp_device is not None:
         work.to(dp_device)
@@ -204,20 +243,26 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     R2s = [nn.Parameter(random_orthogonal_hadamard(hd, seed + 1 + i, fallback).float().to(device))
            for i in range(n_layers)]
     rotations = [R1, *R2s]
-    opt = CayleySGD(rotations, lr=float(cfg.get("lr", 1.5)))
-    steps, bs = int(cfg.get("steps", 100)), int(cfg.get("batch_size", 1))  # bs per process
+    opt = CayleySGD(rotations, lr=lr, retraction=cfg.get("retraction", "exact"), seed=seed)
+
+    def heldout_loss() -> float:
+        with torch.no_grad():
+            return sum(_objective(work, base, R1, R2s, weight_spec, held[i:i + micro].to(device)).item()
+                       * len(held[i:i + micro]) for i in range(0, len(held), micro)) / len(held)
+
+    before = heldout_loss()
     g = torch.Generator().manual_seed(seed)  # same draws on every process: one global batch per step
-    losses, t0 = [], time.time()
+    losses, lrs, alphas, t0 = [], [], [], time.time()
     bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True) or rank != 0)
-    for _ in bar:
-        idx = torch.randint(0, calib.shape[0], (bs * world,), generator=g)[rank::world]
-        x = calib[idx].to(device)
-        params = _rotated_params(work, base, R1, R2s, weight_spec)
-        logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    for step, idx in zip(bar, _batches(train.shape[0], bs, steps, g)):
+        mine = idx[rank::world]  # this process's share of the global batch
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        loss = loss.detach()
+        loss = torch.zeros((), dtype=torch.float64)
+        for i in range(0, len(mine), micro):  # equal-length sequences: the mean of chunk means, weighted by size
+            x = train[mine[i:i + micro]].to(device)
+            part = _objective(work, base, R1, R2s, weight_spec, x) * (len(x) / len(mine))
+            part.backward()
+            loss += part.detach().double().cpu()
         if world > 1:  # equal shares: the mean of the per-process means is the global mean
             import torch.distributed as dist
             for R in rotations:
@@ -225,15 +270,25 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
                 R.grad /= world
             dist.all_reduce(loss)
             loss /= world
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(rotations, float(max_norm))
+        step_lr = cosine_lr(lr, step, steps) if schedule == "cosine" else lr
+        for group in opt.param_groups:
+            group["lr"] = step_lr
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        lrs.append(step_lr)
+        alphas.append(opt.last_alpha[0])  # R1's step after the cap
+        bar.set_postfix(loss=f"{loss.item():.3f}", step=f"{alphas[-1]:.3g}")
+    after = heldout_loss()
     _strip_quantizers(work)
     for n, p in work.named_parameters():
         p.requires_grad_(requires.get(n, False))
     err = max(orthogonality_error(R) for R in rotations)
-    stats = {"steps": steps, "lr": float(cfg.get("lr", 1.5)), "batch_size": bs * world, "processes": world,
-             "samples": int(calib.shape[0]), "seq_len": int(calib.shape[1]), "train_s": time.time() - t0,
-             "loss_first": losses[0], "loss_last": losses[-1], "losses": losses, "orthogonality_error": err,
-             "train_quant": tq.to_dict()}
+    stats = {"steps": steps, "lr": lr, "schedule": schedule, "batch_size": bs, "micro_batch_size": micro,
+             "processes": world, "max_grad_norm": max_norm, "retraction": opt.defaults["retraction"],
+             "samples": int(train.shape[0]), "heldout": heldout, "seq_len": int(calib.shape[1]),
+             "train_s": time.time() - t0, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+             "lrs": lrs, "r1_step": alphas, "heldout_loss_before": before, "heldout_loss_after": after,
+             "orthogonality_error": err, "train_quant": tq.to_dict()}
     return R1.detach().cpu(), [r.detach().cpu() for r in R2s], stats
