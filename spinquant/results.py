@@ -30,6 +30,8 @@ def _absent_default(key: str, value) -> bool:
         return isinstance(value, dict) and value.get("name") == "none"
     if key == "lm_eval":  # eval.lm_eval with no tasks
         return isinstance(value, dict) and not value.get("tasks")
+    if key == "calib_act_quant":
+        return value is False
     return key == "plugins" and not value
 
 

@@ -161,7 +161,8 @@ def test_bad_qat_input_is_a_clear_error():
 def test_qat_refuses_a_spec_other_than_the_loaded_rotations(tmp_path):
     import qat
     from spinquant import rotation
-    cfg = {"name": "spinquant", "steps": 1, "batch_size": 1, "heldout": 1, "progress": False, "train_quant": "auto", "save": str(tmp_path / "r.pt")}
+    cfg = {"name": "spinquant", "steps": 1, "batch_size": 1, "heldout": 1, "progress": False, "train_quant": "auto",
+           "save": str(tmp_path / "r.pt")}
     rotation.apply(make_tiny("llama", hidden=48), cfg, torch.randint(0, 128, (2, 16)),
                    target=QuantConfig.from_dict({"scheme": "W4A4KV4", "method": "gptq"}))
     model = rotation.apply(make_tiny("llama", hidden=48), {"name": "spinquant", "load": str(tmp_path / "r.pt")})

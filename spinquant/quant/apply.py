@@ -15,6 +15,7 @@ from ..models.adapter import FamilyAdapter, get_adapter
 from ..models.attention import use_spinquant_attention
 from .gptq import HessianAccumulator
 from .linear import KVQuantizer, QuantEmbedding, QuantLinear
+from .quantizer import fake_quantize
 from .registry import get_weight_quantizer
 from .rtn import rtn
 from .schemes import QuantConfig
@@ -103,16 +104,28 @@ def _capture_layer_inputs(model, adapter: FamilyAdapter, calib: torch.Tensor, ba
 
 @torch.no_grad()
 def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress):
+    """Layer by layer, group by group. With config.calib_act_quant the calibration inputs are the quantized
+    model's: every already-quantized linear quantizes its input activations, attention quantizes K/V, and the
+    Hessian is built from the activations each weight really multiplies (fake-quantized), as llm-compressor /
+    GPTQModel calibrate W4A8 models. Without it, earlier layers' weights are quantized but activations stay FP."""
     wq = get_weight_quantizer(config.method)
+    act_on = config.calib_act_quant and config.act.enabled
     inputs = _capture_layer_inputs(model, adapter, calib, batch_size)
     layers = adapter.decoder_layers(model)
+
+    def weight_input(m, x):
+        x = _weight_input(m, x)
+        return fake_quantize(x, config.act) if act_on else x
+
     for li in tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress):
         layer = layers[li]
         paths = adapter.linear_names()
+        if config.calib_act_quant and config.kv.enabled:
+            adapter.attention(layer).kv_quantizer = KVQuantizer(config.kv, config.kv)
         for group in SEQUENTIAL_GROUPS:
             accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
             hooks = [layer.get_submodule(paths[r]).register_forward_hook(
-                lambda m, inp, out, r=r, accs=accs: accs[r].add(_weight_input(m, inp[0]))) for r in group]
+                lambda m, inp, out, r=r, accs=accs: accs[r].add(weight_input(m, inp[0]))) for r in group]
             for hidden, kw in inputs:
                 layer(hidden, **kw)
             for h in hooks:
@@ -121,7 +134,7 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
                 lin = layer.get_submodule(paths[role])
                 qw = wq.fn(lin.weight.data.float(), config.weight_spec_for(lin.in_features),
                            hessian=accs[role].hessian(), **config.method_options)
-                _set(layer, paths[role], QuantLinear.from_linear(lin, qw))
+                _set(layer, paths[role], QuantLinear.from_linear(lin, qw, config.act if act_on else None))
         inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
 
 

@@ -32,7 +32,7 @@ class HessianAccumulator:
         return (2.0 / self.n * self.H).float()
 
 
-def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_hessian_cholesky(H: torch.Tensor, damp: float, dtype=torch.float32) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, retrying with more damping if H is singular."""
     n = H.shape[0]
     mean_diag = H.diagonal().mean()
@@ -43,20 +43,29 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
             Hinv = torch.cholesky_inverse(L)
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
-                return U.float()
+                return U.to(dtype)
     raise RuntimeError("GPTQ: Hessian is not positive definite even with 1e5× damping; check calibration data")
 
 
 @register_weight_quantizer("gptq", needs_hessian=True)
 def gptq(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None, damp: float = 0.01,
          act_order: bool = True, block_size: int = 128) -> QuantizedWeight:
-    """weight [out, in], hessian [in, in] -> QuantizedWeight (codes in the original column order)."""
+    """weight [out, in], hessian [in, in] -> QuantizedWeight (codes in the original column order). Computes in
+    float32, or float64 when the weight is float64 (as the reference test does).
+
+    The GPTQ update of Frantar et al. (Algorithm 1 with lazy block updates) as in the official gptq.py: columns in
+    order (descending diag H with act_order), error / [H⁻¹]_ii pushed onto later columns through the upper
+    Cholesky factor of (H + damp·mean(diag H)·I)⁻¹. One departure: without act_order a group's scale / zero are
+    computed from its weights after every earlier column's update; the official code reads them from W as of
+    the start of the current block, which makes its result depend on block_size when groups are smaller than
+    blocks (the two agree when block_size == group_size). Ours is block-size invariant (tested)."""
     if hessian is None:
         raise ValueError("gptq needs a Hessian from calibration data (spinquant.quant.apply collects it)")
     out_f, in_f = weight.shape
     spec.check_shape(in_f, "weight")
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
+    dt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(dt).clone()
+    H = hessian.detach().to(dt).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -70,19 +79,19 @@ def gptq(weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
         s, z = compute_qparams(W, spec)
         col_scale = s.reshape(-1, 1).expand(out_f, in_f) if spec.granularity != "tensor" else s.reshape(1, 1).expand(out_f, in_f)
         col_zero = z.reshape(-1, 1).expand(out_f, in_f) if spec.granularity != "tensor" else z.reshape(1, 1).expand(out_f, in_f)
-        col_scale, col_zero = col_scale.clone(), col_zero.clone()
+        col_scale, col_zero = col_scale.to(dt).clone(), col_zero.to(dt).clone()
     else:
-        col_scale = torch.empty(out_f, in_f)
-        col_zero = torch.empty(out_f, in_f)
+        col_scale = torch.empty(out_f, in_f, dtype=dt)
+        col_zero = torch.empty(out_f, in_f, dtype=dt)
         if act_order:  # static groups from the original weights
             s, z = compute_qparams(W, spec)  # [out, n_groups, 1]
-            col_scale = s.expand(-1, -1, gs).reshape(out_f, in_f).clone()
-            col_zero = z.expand(-1, -1, gs).reshape(out_f, in_f).clone()
+            col_scale = s.expand(-1, -1, gs).reshape(out_f, in_f).to(dt).clone()
+            col_zero = z.expand(-1, -1, gs).reshape(out_f, in_f).to(dt).clone()
 
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(in_f)
     W, H = W[:, perm], H[perm][:, perm]
     col_scale, col_zero = col_scale[:, perm], col_zero[:, perm]
-    Hinv = _inverse_hessian_cholesky(H, damp)
+    Hinv = _inverse_hessian_cholesky(H, damp, dt)
 
     Q = torch.zeros_like(W)
     group_spec = QuantSpec(**{**spec.to_dict(), "granularity": "channel", "group_size": None})

@@ -28,6 +28,9 @@ class QuantConfig:
     lm_head_act: QuantSpec | None = None
     scheme: str = "W16A16"
     group_fallback: str = "error"  # "error" | "channel": layers whose width a group does not divide
+    # calibrated quantizers (GPTQ): calibrate each layer on the quantized model's activations (act / KV quantization
+    # on in the layers already done, Hessian of the quantized input), as llm-compressor and GPTQModel do
+    calib_act_quant: bool = False
 
     def __post_init__(self):
         """Fields left unset take the `scheme` preset's values: QuantConfig(scheme="W4A8") is the W4A8 preset
@@ -59,7 +62,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = {k: getattr(self, k).to_dict() for k in SPEC_FIELDS}
         return {**d, "method": self.method, "method_options": dict(self.method_options), "scheme": self.scheme,
-                "group_fallback": self.group_fallback}
+                "group_fallback": self.group_fallback, "calib_act_quant": self.calib_act_quant}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -72,7 +75,7 @@ class QuantConfig:
             if d.get(k):
                 kw[k] = QuantSpec.from_dict({**getattr(base, k).to_dict(), **dict(d.pop(k))})
             d.pop(k, None)
-        for k in ("method", "group_fallback"):
+        for k in ("method", "group_fallback", "calib_act_quant"):
             if k in d:
                 kw[k] = d.pop(k)
         if d.get("method_options"):
@@ -80,7 +83,7 @@ class QuantConfig:
         d.pop("method_options", None)
         if d:
             raise ValueError(f"unknown quant config key(s) {sorted(d)}; known: scheme, method, method_options, "
-                             f"group_fallback, weight, act, kv, embed, lm_head, lm_head_act")
+                             f"group_fallback, calib_act_quant, weight, act, kv, embed, lm_head, lm_head_act")
         return replace(base, **kw)
 
 
