@@ -309,12 +309,23 @@ def to_latex(markdown: str) -> str:
 LAYOUTS = {"schemes": "render", "rotation": "render_rotation", "qat": "render_qat"}
 
 
+def provenance(rows: list[dict]) -> str:
+    """The commits the rows come from, most rows first: what a table says about its own provenance."""
+    revs: dict[str, int] = {}
+    for r in rows:
+        revs[str(r.get("git_rev"))] = revs.get(str(r.get("git_rev")), 0) + 1
+    parts = [f"`{rev}` ({n})" for rev, n in sorted(revs.items(), key=lambda kv: (-kv[1], kv[0]))]
+    one = len(revs) == 1
+    return f"Rows from {'commit' if one else f'{len(revs)} commits'} " + ", ".join(parts) + \
+        ("." if one else " (rows per commit): to be regenerated at one commit.") + "\n"
+
+
 def render_layout(rows: list[dict], layout: str, dataset: str = "wikitext2") -> str:
-    """Markdown of `rows` in one of the LAYOUTS."""
+    """Markdown of `rows` in one of the LAYOUTS, ending with the commits the rows come from."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     fn = globals()[LAYOUTS[layout]]
-    return fn(rows) if layout == "schemes" else fn(rows, dataset)
+    return (fn(rows) if layout == "schemes" else fn(rows, dataset)) + "\n" + provenance(rows)
 
 
 def main(argv=None):

@@ -105,3 +105,11 @@ def test_delta_column_gives_the_paired_standard_error_and_marks_noise():
     assert cell["W16A16"] == "+0.00"
     assert cell["W8A16"].endswith(" ≈") and " ± " in cell["W8A16"]
     assert " ± " in cell["W4A16"] and not cell["W4A16"].endswith("≈")
+
+
+def test_tables_name_the_commits_their_rows_come_from():
+    import make_tables
+    rows = [{"git_rev": "aaaa"}, {"git_rev": "bbbb-dirty"}, {"git_rev": "aaaa"}]
+    assert make_tables.provenance(rows[::2]) == "Rows from commit `aaaa` (2).\n"
+    assert make_tables.provenance(rows) == ("Rows from 2 commits `aaaa` (2), `bbbb-dirty` (1) (rows per commit): "
+                                            "to be regenerated at one commit.\n")

@@ -40,14 +40,14 @@ def test_skip_rules_match_group_choices_globs_lists_and_config_keys():
         skip_rule(cfg, {}, ["w4a8"])
 
 
-def _sweep_jobs(experiment: str):
-    """(choices, composed config) of every job `-m +experiment=<experiment>` runs, and of those it skips."""
-    base = _compose([f"+experiment={experiment}"], hydra=True)
+def _sweep_jobs(experiment: str, *extra: str):
+    """(choices, composed config) of every job `-m +experiment=<experiment> [extra]` runs, and of those it skips."""
+    base = _compose([f"+experiment={experiment}", *extra], hydra=True)
     params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
     rows, skipped = [], 0
     for combo in itertools.product(*params.values()):
         ov = [f"{k}={v}" for k, v in zip(params, combo)]
-        cfg = _compose([f"+experiment={experiment}", *ov])
+        cfg = _compose([f"+experiment={experiment}", *extra, *ov])
         if skip_rule(cfg, dict(zip(params, combo)), cfg.sweep.skip):
             skipped += 1
         else:
@@ -58,14 +58,20 @@ def _sweep_jobs(experiment: str):
 PENDING = json.loads((ROOT / "paper/results/pending.json").read_text())["tables"]
 
 
-def test_rotation_sweep_is_exactly_the_committed_rotation_table():
-    rows, skipped = _sweep_jobs("rotation")
+def _committed(table: str, model: str) -> set[str]:
+    return {p.stem for p in (ROOT / "paper/results" / table).glob("*.json")
+            if json.loads(p.read_text())["model"] == model}
+
+
+@pytest.mark.parametrize("model", ["ref-llama", "stories260k"])
+def test_rotation_sweep_is_exactly_the_committed_rotation_table(model):
+    rows, skipped = _sweep_jobs("rotation", f"model={model}")
     assert len(rows) == 3 * 6 + 1 and skipped == 2
-    committed = {p.stem for p in (ROOT / "paper/results/rotation").glob("*.json")}
+    committed = _committed("rotation", model)
     ids = {run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows}
     assert committed <= ids  # no committed row that today's code would not produce (e.g. an old optimizer's)
     # rerunning the sweep recomputes nothing (skip_existing) but the rows declared pending in paper/results/pending.json
-    assert ids - committed == set(PENDING.get("rotation", {}))
+    assert ids - committed == set(PENDING.get("rotation", {}).get(model, {}))
 
 
 def test_qat_sweep_has_the_tables_22_rows_and_reuses_the_committed_ones():
@@ -75,12 +81,12 @@ def test_qat_sweep_has_the_tables_22_rows_and_reuses_the_committed_ones():
     assert kinds == {(False, "none", "none"), (True, "none", "none"), (False, "full", "none"),
                      (False, "lora", "none"), (False, "lora", "spinquant")}
     assert {c["quant"] for c, _ in rows if c["qat"] == "lora" and c["rotation"] == "none"} >= {"w16a16", "w4a8"}
-    committed = {p.stem for p in (ROOT / "paper/results/qat").glob("*.json")}
+    committed = _committed("qat", "ref-llama")
     ids = [run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows]
     assert len(set(ids)) == 22
     # every committed QAT row is a job of the sweep: the sweep reproduces the table, it does not fork it
     assert committed <= set(ids)
-    assert set(ids) - committed == set(PENDING.get("qat", {}))  # and the only missing rows are declared pending
+    assert set(ids) - committed == set(PENDING.get("qat", {}).get("ref-llama", {}))  # the missing rows: declared pending
 
 
 def _launch(tmp_path, quants, *extra):
