@@ -24,7 +24,7 @@ import bench_table  # noqa: E402
 import make_tables  # noqa: E402
 import plot_pareto  # noqa: E402
 
-from spinquant.results import read_rows  # noqa: E402
+from spinquant.results import conflicting_rows, read_rows  # noqa: E402
 
 # (rows folder, layout, output stem under paper/, documents to splice the Markdown into)
 TABLES = [("paper/results/foundation", "schemes", "foundation_table", ["README.md", "paper/README.md"]),
@@ -97,6 +97,9 @@ def main(argv=None):
         return
     for f in build(ROOT):
         print(f"wrote {f}")
+    rows = [r for folder, *_ in TABLES for r in read_rows([ROOT / folder])]
+    for line in conflicting_rows(rows):  # one configuration, two numbers: rows from different commits
+        print(f"[warning] one configuration, different numbers: {line}")
 
 
 if __name__ == "__main__":

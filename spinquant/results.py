@@ -100,6 +100,38 @@ def write_row(row: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# config keys that choose what is reported, not what a perplexity is: rows differing only in these must agree
+REPORTING = ("experiment_name", "kernels")
+REPORTING_EVAL = ("datasets", "lm_eval", "size", "memory")
+
+
+def computation_key(row: dict) -> str:
+    """What determines a row's perplexities: its resolved config minus the non-semantic keys and the reporting
+    choices (experiment, which datasets / extra metrics are reported). Two rows with one key are one
+    configuration and must have one number per dataset."""
+    c = {k: v for k, v in _normalize(row["config"]).items() if k not in REPORTING}
+    if isinstance(c.get("eval"), dict):
+        c["eval"] = {k: v for k, v in c["eval"].items() if k not in REPORTING_EVAL}
+    return json.dumps(_semantic(c), sort_keys=True, default=str)
+
+
+def conflicting_rows(rows: list[dict], rel: float = 1e-5) -> list[str]:
+    """One line per dataset on which rows of one configuration (`computation_key`) report different perplexities
+    (beyond `rel`, float noise from thread counts)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(computation_key(r), []).append(r)
+    out = []
+    for rs in groups.values():
+        for ds in sorted({d for r in rs for d in r["metrics"].get("ppl", {})}):
+            vals = [(r["metrics"]["ppl"][ds], r) for r in rs if ds in r["metrics"].get("ppl", {})]
+            lo, hi = min(v for v, _ in vals), max(v for v, _ in vals)
+            if hi - lo > rel * lo:
+                where = ", ".join(f"{r.get('_file', r.get('run_id'))} ({r['git_rev']}): {v:.3f}" for v, r in vals)
+                out.append(f"{rs[0]['model']} {rs[0]['scheme']} {ds}: {where}")
+    return out
+
+
 class MalformedRowError(ValueError):
     pass
 

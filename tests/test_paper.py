@@ -113,3 +113,19 @@ def test_tables_name_the_commits_their_rows_come_from():
     assert make_tables.provenance(rows[::2]) == "Rows from commit `aaaa` (2).\n"
     assert make_tables.provenance(rows) == ("Rows from 2 commits `aaaa` (2), `bbbb-dirty` (1) (rows per commit): "
                                             "to be regenerated at one commit.\n")
+
+
+def test_conflicting_rows_finds_one_configuration_with_two_numbers():
+    from spinquant.results import computation_key, conflicting_rows
+
+    def row(exp, datasets, ppl, seed=0, rev="a"):
+        cfg = {"experiment_name": exp, "seed": seed, "progress": False, "quant": {"scheme": "W4A8"},
+               "eval": {"datasets": datasets, "seq_len": 512}}
+        return {"model": "m", "scheme": "W4A8", "git_rev": rev, "config": cfg, "metrics": {"ppl": ppl}}
+    a = row("foundation", ["wikitext2", "ptb"], {"wikitext2": 182.56, "ptb": 30.0})
+    b = row("qat", ["wikitext2"], {"wikitext2": 182.84}, rev="b")      # same configuration, another table
+    c = row("qat", ["wikitext2"], {"wikitext2": 190.0}, seed=1)        # another seed: another configuration
+    assert computation_key(a) == computation_key(b) != computation_key(c)
+    found = conflicting_rows([a, b, c])
+    assert len(found) == 1 and "W4A8 wikitext2" in found[0] and "182.560" in found[0] and "182.840" in found[0]
+    assert conflicting_rows([a, {**b, "metrics": {"ppl": {"wikitext2": 182.56 * (1 + 1e-7)}}}, c]) == []
