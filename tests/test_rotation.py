@@ -168,6 +168,8 @@ def test_spinquant_trains_against_the_target_scheme_with_16bit_weights_before_gp
     assert QuantConfig.from_dict(train_quant_for(rtn)) == rtn  # RTN follows: train with weights quantized
     t = QuantConfig.from_dict(train_quant_for(gptq))
     assert not t.weight.enabled and t.act == gptq.act and t.kv == gptq.kv  # GPTQ follows: W16A8KV8
+    w_only = QuantConfig.from_dict({"scheme": "W4A16", "method": "gptq"})  # W16A16 would not depend on the rotation
+    assert QuantConfig.from_dict(train_quant_for(w_only)).weight == w_only.weight
     from spinquant import rotation
     with pytest.raises(ValueError, match="train_quant=auto needs the target"):
         rotation.apply(make_tiny("llama"), {"name": "spinquant", "steps": 1}, torch.randint(0, 128, (2, 8)))

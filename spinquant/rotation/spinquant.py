@@ -107,10 +107,13 @@ def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
 def train_quant_for(target: QuantConfig) -> dict:
     """The quantization seen while learning rotations for a `target` config (SpinQuant's recipe): the
     target's activation / KV specs, and its weight spec only when RTN follows; when GPTQ (or any
-    Hessian-based quantizer) follows, weights stay 16-bit during training (W16A4KV4 for W4A4KV4)."""
+    Hessian-based quantizer) follows, weights stay 16-bit during training (W16A4KV4 for W4A4KV4).
+    Departure: a weight-only target followed by GPTQ (W4A16) would then train against nothing quantized, where
+    the loss does not depend on the rotation at all; there the weights stay quantized (RTN) in training."""
     from ..quant.registry import get_weight_quantizer
     d = target.to_dict()
-    if not target.weight.enabled or get_weight_quantizer(target.method).needs_hessian:
+    act_or_kv = target.act.enabled or target.kv.enabled
+    if not target.weight.enabled or (get_weight_quantizer(target.method).needs_hessian and act_or_kv):
         d["weight"] = {"bits": 16}
     return d
 
