@@ -118,6 +118,8 @@ def preflight(cfg: DictConfig, qcfg: QuantConfig, out: Path):
     if qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian:
         _check_long_enough(tok, cfg.data.calib, root, cfg.data.calib_seq_len + 2, "calibration text")
     if cfg.rotation.name == "spinquant" and not cfg.rotation.get("load"):
+        from spinquant.rotation.spinquant import check_config
+        check_config(cfg.rotation, int(os.environ.get("WORLD_SIZE", 1)))
         _check_long_enough(tok, cfg.data.calib, root, cfg.rotation.seq_len + 2, "calibration text")
     if cfg.qat.name != "none":
         dataset_path(cfg.qat.data, root)

@@ -135,3 +135,10 @@ def test_committed_rows_are_refused_from_a_dirty_tree(tmp_path, run_mod, monkeyp
     with pytest.raises(results.DirtyTreeError, match="committed rows"):
         results.write_row(row, results.PAPER_RESULTS / "should_not_exist" / "r.json")
     assert results.revision_for(tmp_path / "elsewhere") == "0123456789ab-dirty"  # other folders: recorded as is
+
+
+def test_bad_spinquant_settings_are_reported_before_the_model_loads(tmp_path, run_mod):
+    with pytest.raises(ValueError, match="rotation.schedule must be 'cosine' or 'constant', got 'linear'"):
+        run_mod.run(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.schedule=linear"))
+    with pytest.raises(ValueError, match="rotation.lr must be > 0"):
+        run_mod.run(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.batch_size=0"))

@@ -184,6 +184,21 @@ def _strip_quantizers(model) -> None:
         del model.quant_config
 
 
+def check_config(cfg: dict, world: int = 1) -> None:
+    """The training settings' errors, raised before any model is loaded (experiments/run.py calls this first)."""
+    schedule, retraction = cfg.get("schedule", "cosine"), cfg.get("retraction", "exact")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"rotation.schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if retraction not in ("exact", "iterative"):
+        raise ValueError(f"rotation.retraction must be 'exact' or 'iterative', got {retraction!r}")
+    ints = {k: int(cfg.get(k, d)) for k, d in (("steps", 100), ("batch_size", 8), ("micro_batch_size", 1),
+                                                ("heldout", 8))}
+    if min(ints.values()) < 1 or float(cfg.get("lr", 1.5)) <= 0:
+        raise ValueError(f"rotation.lr must be > 0 and {', '.join(ints)} >= 1, got lr={cfg.get('lr', 1.5)}, {ints}")
+    if ints["batch_size"] % world:
+        raise ValueError(f"rotation.batch_size={ints['batch_size']} (global) must be a multiple of the {world} processes")
+
+
 def _objective(work, base, R1, R2s, weight_spec, x: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `work` on token ids x [b, seq] with the rotations applied on the fly."""
     params = _rotated_params(work, base, R1, R2s, weight_spec)
@@ -212,16 +227,11 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     `heldout` calibration sequences are never trained on: the objective on them is recorded before and after."""
     torch.manual_seed(seed)
     rank, world, dp_device = _data_parallel()
+    check_config(cfg, world)
     steps, lr = int(cfg.get("steps", 100)), float(cfg.get("lr", 1.5))
     bs, micro = int(cfg.get("batch_size", 8)), int(cfg.get("micro_batch_size", 1))
     heldout, schedule = int(cfg.get("heldout", 8)), cfg.get("schedule", "cosine")
     max_norm = cfg.get("max_grad_norm", 1.0)
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"rotation.schedule must be 'cosine' or 'constant', got {schedule!r}")
-    if bs % world:
-        raise ValueError(f"rotation.batch_size={bs} (global) must be a multiple of the {world} processes")
-    if micro < 1 or steps < 1 or heldout < 1:
-        raise ValueError(f"rotation.steps, micro_batch_size and heldout must be >= 1, got {steps}, {micro}, {heldout}")
     if calib.shape[0] <= heldout:
         raise ValueError(f"spinquant needs more calibration sequences than rotation.heldout={heldout} "
                          f"(got {calib.shape[0]}): the held-back ones measure the objective before and after")
