@@ -22,7 +22,7 @@ CASES = {
     "stories260k-fp": ["model=stories260k", "quant=w16a16"],
     "stories260k-w4a8-rtn": ["model=stories260k", "quant=w4a8", "quant.group_fallback=channel"],
     "stories260k-w4a4kv4-quarot-rtn": ["model=stories260k", "quant=w4a4kv4", "rotation=quarot"],
-    "stories260k-w4a4kv4-spinquant-rtn": ["model=stories260k", "quant=w4a4kv4", "rotation=spinquant", "rotation.steps=4",
+    "stories260k-w4a4kv4-spinquant-rtn": ["model=stories260k", "quant=w4a4kv4", "rotation=spinquant", "rotation.steps=2",
                                           "rotation.batch_size=2", "rotation.samples=8", "rotation.heldout=2",
                                           "rotation.seq_len=128"],
     "stories260k-w4a8-qat-lora": ["model=stories260k", "quant=w4a8", "quant.group_fallback=channel", "qat=lora",

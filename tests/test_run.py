@@ -181,6 +181,13 @@ def test_committed_rotation_table_is_rendered_from_the_committed_rows():
                for r in rows if r["model"] == model and r["scheme"] == "W4A4KV4"}
         for w in ("rtn", "gptq"):
             assert ppl[("quarot", w)] <= ppl[("none", w)], (model, w)
+    learned = [r for r in rows if r["method"]["rotation"] == "spinquant"]
+    assert len(learned) == 12 - sum(len(v) for v in pending.values())
+    for r in learned:  # trained by the official optimizer, and the training lowered its own held-back objective
+        st = r["metrics"]["rotation_train"]
+        assert st["schedule"] == "cosine" and st["batch_size"] == 8 and st["max_grad_norm"] == 1.0, r["_file"]
+        assert st["heldout_loss_after"] < st["heldout_loss_before"], (r["_file"], st["heldout_loss_before"],
+                                                                       st["heldout_loss_after"])
 
 
 def test_qat_rows_get_training_cost_columns():

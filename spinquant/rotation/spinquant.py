@@ -199,11 +199,32 @@ def check_config(cfg: dict, world: int = 1) -> None:
         raise ValueError(f"rotation.batch_size={ints['batch_size']} (global) must be a multiple of the {world} processes")
 
 
-def _objective(work, base, R1, R2s, weight_spec, x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `work` on token ids x [b, seq] with the rotations applied on the fly."""
-    params = _rotated_params(work, base, R1, R2s, weight_spec)
+def _objective(work, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `work` with weights `params` (rotated, see `_rotated_params`) on x [b, seq]."""
     logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+
+
+def _accumulated_objective(work, base, R1, R2s, weight_spec, xs: torch.Tensor, micro: int, backward: bool):
+    """Mean objective over xs [n, seq] in micro-batches; with `backward`, its gradient accumulated into R1 / R2s.
+    The rotated (and fake-quantized) weights are built once: each micro-batch back-propagates to them only, and
+    their summed gradient goes through the rotation once (exact; the weight side, e.g. RTN's MSE clip search,
+    is not recomputed per micro-batch)."""
+    with torch.set_grad_enabled(backward):
+        params = _rotated_params(work, base, R1, R2s, weight_spec)
+    leaves = {k: v.detach().requires_grad_(backward) for k, v in params.items()}
+    total = 0.0
+    for i in range(0, len(xs), micro):
+        x = xs[i:i + micro]
+        with torch.set_grad_enabled(backward):
+            part = _objective(work, leaves, x) * (len(x) / len(xs))  # equal-length sequences: size-weighted means
+        if backward:
+            part.backward()
+        total += part.item()
+    if backward:
+        keys = [k for k in params if leaves[k].grad is not None]
+        torch.autograd.backward([params[k] for k in keys], [leaves[k].grad for k in keys])
+    return total
 
 
 def _batches(n: int, batch: int, steps: int, g: torch.Generator):
@@ -259,9 +280,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     opt = CayleySGD(rotations, lr=lr, retraction=cfg.get("retraction", "exact"), seed=seed)
 
     def heldout_loss() -> float:
-        with torch.no_grad():
-            return sum(_objective(work, base, R1, R2s, weight_spec, held[i:i + micro].to(device)).item()
-                       * len(held[i:i + micro]) for i in range(0, len(held), micro)) / len(held)
+        return _accumulated_objective(work, base, R1, R2s, weight_spec, held.to(device), micro, backward=False)
 
     before = heldout_loss()
     g = torch.Generator().manual_seed(seed)  # same draws on every process: one global batch per step
@@ -270,12 +289,8 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     for step, idx in zip(bar, _batches(train.shape[0], bs, steps, g)):
         mine = idx[rank::world]  # this process's share of the global batch
         opt.zero_grad(set_to_none=True)
-        loss = torch.zeros((), dtype=torch.float64)
-        for i in range(0, len(mine), micro):  # equal-length sequences: the mean of chunk means, weighted by size
-            x = train[mine[i:i + micro]].to(device)
-            part = _objective(work, base, R1, R2s, weight_spec, x) * (len(x) / len(mine))
-            part.backward()
-            loss += part.detach().double().cpu()
+        loss = torch.tensor(_accumulated_objective(work, base, R1, R2s, weight_spec, train[mine].to(device), micro,
+                                                   backward=True), dtype=torch.float64)
         if world > 1:  # equal shares: the mean of the per-process means is the global mean
             import torch.distributed as dist
             for R in rotations:
