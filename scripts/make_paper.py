@@ -30,7 +30,8 @@ from spinquant.results import conflicting_rows, read_rows  # noqa: E402
 TABLES = [("paper/results/foundation", "schemes", "foundation_table", ["README.md", "paper/README.md"]),
           ("paper/results/rotation", "rotation", "rotation_table", ["README.md", "paper/README.md"]),
           ("paper/results/qat", "qat", "qat_table", ["README.md", "paper/README.md"]),
-          ("paper/results/lm_eval", "schemes", "lm_eval_table", ["paper/README.md"])]
+          ("paper/results/lm_eval", "schemes", "lm_eval_table", ["paper/README.md"]),
+          ("paper/results/spinquant_study", "spinquant_study", "spinquant_study", ["paper/README.md"])]
 SPLICED = ["README.md", "paper/README.md"]
 
 

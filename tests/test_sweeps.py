@@ -162,3 +162,10 @@ def test_wandb_offline_run_holds_the_rows_config_and_metrics(tmp_path):
     cfg = _compose(["quant=w16a16", *TINY, f"results_dir={tmp_path}", "experiment_name=wb",
                     f"checkpoint_dir={tmp_path}/ck2", "wandb.mode=disabled"])
     assert run_mod.run(cfg)["scheme"] == "W16A16" and not (tmp_path / "ck2").exists()
+
+
+def test_spinquant_study_sweep_is_exactly_the_committed_study():
+    rows, skipped = _sweep_jobs("spinquant_study", "model=stories260k")
+    assert len(rows) == 12 + 4 and skipped == 8  # RTN: lr x steps x batch; GPTQ: lr 0.5 / 1.5 at 100 steps
+    ids = {run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows}
+    assert ids == _committed("spinquant_study", "stories260k")
