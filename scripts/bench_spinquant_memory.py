@@ -66,7 +66,10 @@ def main(argv=None):
 
     t = time.time()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        rotation.apply(model, {"name": "spinquant", "steps": args.steps, "progress": False, "train_quant": "auto"},
+        # one micro-batch of one sequence per step (the official per-device batch); memory does not grow with
+        # the global batch, which accumulates gradients over micro-batches
+        rotation.apply(model, {"name": "spinquant", "steps": args.steps, "batch_size": 1, "heldout": 1,
+                               "progress": False, "train_quant": "auto"},
                        calib, target=QuantConfig.from_dict({"scheme": "W4A4KV4", "method": "gptq"}))
     peak = _rss("VmHWM")
     out = {"config": vars(args) | {"out": None}, "dtype": "bfloat16", "weight_bytes": weight_bytes,
