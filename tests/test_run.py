@@ -127,7 +127,8 @@ def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(t
     assert rot.is_file()
     again = run_mod.run(_cfg(tmp_path, *common, f"rotation.load={rot}", "experiment_name=t2"))
     assert again["metrics"]["rotation_train"] == {"loaded_from": str(rot), "train_quant": st["train_quant"]}
-    assert again["metrics"]["ppl"]["wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"], rel=1e-4)
+    # the reloaded rotations are fused in the training run's order: the same weights bit for bit, the same number
+    assert again["metrics"]["ppl"]["wikitext2"] == row["metrics"]["ppl"]["wikitext2"]
     with pytest.raises(Exception, match="model.path"):
         run_mod.run(_cfg(tmp_path, "model=local"))
 

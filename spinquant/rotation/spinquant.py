@@ -28,7 +28,6 @@ from .fuse import (
     check_sizes,
     fuse_norms,
     rotate_heads,
-    rotate_model,
     rotate_o_heads,
     rotate_reader,
     rotate_residual,
@@ -135,7 +134,9 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: Quant
     if cfg.get("load"):
         R1, R2s, meta = load_rotations(cfg["load"], model, with_meta=True)
         stats = {"loaded_from": str(cfg["load"]), "train_quant": meta.get("train_quant")}
-        rotate_model(model, R1.double(), [r.double() for r in R2s], fallback, cfg.get("r3", True), cfg.get("r4", True))
+        _prepare(model, cfg, fallback)  # the training run's order (online R3/R4 before R1/R2): bit-identical weights
+        rotate_residual(model, R1.double())
+        rotate_heads(model, [r.double() for r in R2s])
     else:
         if calib is None:
             raise ValueError("spinquant needs calibration token ids to learn rotations (or rotation.load=<file>)")
@@ -182,6 +183,15 @@ def _strip_quantizers(model) -> None:
         a.attention(layer).kv_quantizer = None
     if hasattr(model, "quant_config"):
         del model.quant_config
+
+
+def _prepare(model, cfg: dict, fallback: str) -> None:
+    """Norms folded and the online R3 / R4 Hadamards in place: the model R1 / R2 are learned on and fused into."""
+    fuse_norms(model)
+    if cfg.get("r3", True):
+        add_qk_hadamard(model, fallback)
+    if cfg.get("r4", True):
+        add_down_hadamard(model, fallback)
 
 
 def check_config(cfg: dict, world: int = 1) -> None:
@@ -260,11 +270,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     work = model
     if dp_device is not None:
         work.to(dp_device)
-    fuse_norms(work)
-    if cfg.get("r3", True):
-        add_qk_hadamard(work, fallback)
-    if cfg.get("r4", True):
-        add_down_hadamard(work, fallback)
+    _prepare(work, cfg, fallback)
     tq = QuantConfig.from_dict(dict(cfg["train_quant"]))
     weight_spec = tq.weight
     quantize_(work, QuantConfig(act=tq.act, kv=tq.kv), progress=False)  # activation / KV quantizers only
