@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):
     for row in (fp, q):
         for k in ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config"):
             assert k in row
+        assert row["threads"] == torch.get_num_threads() and row["config"]["threads"] is None  # the count used
         assert set(row["metrics"]["ppl"]) == {"wikitext2", "wikitext2-tok", "python-docs"}
         for k in ("size_bytes", "size_on_disk_bytes", "peak_mem_bytes", "wall_s"):
             assert row["metrics"][k] > 0
