@@ -49,3 +49,27 @@ def hydra_choices() -> dict[str, str] | None:
     if not HydraConfig.initialized():
         return None
     return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None and not k.startswith("hydra")}
+
+
+def sweep_jobs(config_dir, experiment: str, *overrides: str) -> tuple[list[tuple[dict, object]], int]:
+    """Every job `run.py -m +experiment=<experiment> [overrides]` would run, as (choices, composed config), and the
+    number its `sweep.skip` rules drop. Composes configs only: nothing is loaded or run."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+
+    def _compose(ov, hydra=False):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            return compose("config", overrides=ov, return_hydra_config=hydra)
+
+    base = _compose([f"+experiment={experiment}", *overrides], hydra=True)
+    params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
+    jobs, skipped = [], 0
+    for combo in itertools.product(*params.values()):
+        choices = dict(zip(params, combo))
+        cfg = _compose([f"+experiment={experiment}", *overrides, *(f"{k}={v}" for k, v in choices.items())])
+        if skip_rule(cfg, choices, cfg.sweep.skip):
+            skipped += 1
+        else:
+            jobs.append((choices, cfg))
+    return jobs, skipped

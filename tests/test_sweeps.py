@@ -1,6 +1,5 @@
 """Sweeps: skip rules, every table's sweep = its committed rows, kill-and-resume, the joblib and submitit
 launchers, wandb mirroring of a run, and clear errors for unknown experiments."""
-import itertools
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from spinquant.results import run_id
-from spinquant.sweeps import skip_rule
+from spinquant.sweeps import skip_rule, sweep_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -42,17 +41,7 @@ def test_skip_rules_match_group_choices_globs_lists_and_config_keys():
 
 def _sweep_jobs(experiment: str, *extra: str):
     """(choices, composed config) of every job `-m +experiment=<experiment> [extra]` runs, and of those it skips."""
-    base = _compose([f"+experiment={experiment}", *extra], hydra=True)
-    params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
-    rows, skipped = [], 0
-    for combo in itertools.product(*params.values()):
-        ov = [f"{k}={v}" for k, v in zip(params, combo)]
-        cfg = _compose([f"+experiment={experiment}", *extra, *ov])
-        if skip_rule(cfg, dict(zip(params, combo)), cfg.sweep.skip):
-            skipped += 1
-        else:
-            rows.append((dict(zip(params, combo)), cfg))
-    return rows, skipped
+    return sweep_jobs(ROOT / "configs", experiment, *extra)
 
 
 PENDING = json.loads((ROOT / "paper/results/pending.json").read_text())["tables"]
