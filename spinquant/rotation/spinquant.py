@@ -296,7 +296,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
         mine = idx[rank::world]  # this process's share of the global batch
         opt.zero_grad(set_to_none=True)
         loss = torch.tensor(_accumulated_objective(work, base, R1, R2s, weight_spec, train[mine].to(device), micro,
-                                                   backward=True), dtype=torch.float64)
+                                                   backward=True), dtype=torch.float64, device=device)  # nccl: on GPU
         if world > 1:  # equal shares: the mean of the per-process means is the global mean
             import torch.distributed as dist
             for R in rotations:
