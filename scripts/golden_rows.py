@@ -58,9 +58,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(ROOT))
-    from spinquant.results import git_rev
+    from spinquant.results import git_rev, is_uncommitted
     rev = git_rev()
-    if args.write and (rev.endswith("-dirty") or rev == "unknown"):
+    if args.write and is_uncommitted(rev):
         raise SystemExit(f"refusing to write {GOLDEN}: the checkout is {rev}; commit first")
     with tempfile.TemporaryDirectory() as d:
         rows = {name: compute(name, Path(d)) for name in CASES}

@@ -319,11 +319,10 @@ def render_study(rows: list[dict], dataset: str = "wikitext2") -> str:
             mr = [r for r in rows if r["model"] == model and r["method"]["weights"] == weights]
             if not mr:
                 continue
-            st = {id(r): r["metrics"]["rotation_train"] for r in mr}
-            mr.sort(key=lambda r: (st[id(r)]["lr"], st[id(r)]["steps"], st[id(r)]["batch_size"]))
+            mr.sort(key=lambda r: tuple(r["metrics"]["rotation_train"][k] for k in ("lr", "steps", "batch_size")))
             best = min(r["metrics"]["ppl"][dataset] for r in mr)
             for r in mr:
-                t, ppl = st[id(r)], r["metrics"]["ppl"][dataset]
+                t, ppl = r["metrics"]["rotation_train"], r["metrics"]["ppl"][dataset]
                 d = t["heldout_loss_after"] - t["heldout_loss_before"]
                 cell = f"**{ppl:.2f}**" if ppl == best else f"{ppl:.2f}"
                 lines.append(f"| {weights.upper()} | {t['lr']:g} | {t['steps']} | {t['batch_size']} | "

@@ -68,6 +68,11 @@ class DirtyTreeError(RuntimeError):
     pass
 
 
+def is_uncommitted(rev: str) -> bool:
+    """A revision that names no commit's code: a dirty tree or no git checkout."""
+    return str(rev).endswith("-dirty") or rev == "unknown"
+
+
 def _committed(path) -> bool:
     p = Path(path).resolve()
     return p == PAPER_RESULTS.resolve() or PAPER_RESULTS.resolve() in p.parents
@@ -77,7 +82,7 @@ def revision_for(path=None) -> str:
     """The git revision to record in results written to `path`, checked before any work: the committed rows
     (paper/results) are written only from a clean checkout, so every committed number names the code it came from."""
     rev = git_rev()
-    if path is not None and _committed(path) and (rev.endswith("-dirty") or rev == "unknown"):
+    if path is not None and _committed(path) and is_uncommitted(rev):
         raise DirtyTreeError(f"refusing to write {path}: paper/results holds the committed rows and the checkout is "
                              f"{'not a git checkout' if rev == 'unknown' else 'dirty (' + rev + ')'}; commit or stash "
                              f"first, or write to another results_dir")
@@ -90,7 +95,7 @@ def write_row(row: dict, path: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in row]
     if missing:
         raise ValueError(f"results row lacks required keys {missing}")
-    if _committed(path) and (str(row["git_rev"]).endswith("-dirty") or row["git_rev"] == "unknown"):
+    if _committed(path) and is_uncommitted(row["git_rev"]):
         raise DirtyTreeError(f"refusing to write {path}: a row from {row['git_rev']} into the committed rows")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
