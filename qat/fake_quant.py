@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from spinquant.models.adapter import get_adapter
 from spinquant.models.attention import use_spinquant_attention
-from spinquant.quant.apply import _check_shapes, _quantize_embeddings, _set
+from spinquant.quant.apply import _check_shapes, _quantize_embeddings, _set, linear_specs
 from spinquant.quant.linear import KVQuantizer, QuantLinear
 from spinquant.quant.quantizer import _group_view, compute_qparams, fake_quant_grouped, fake_quantize, quantize
 from spinquant.quant.registry import QuantizedWeight
@@ -120,11 +120,12 @@ def prepare(model: nn.Module, quant: QuantConfig, cfg: QATConfig | None = None) 
     use_spinquant_attention(model)
     for p in model.parameters():
         p.requires_grad_(False)
+    specs = linear_specs(model, quant)  # per module, after quant.overrides
     for i, layer in enumerate(a.decoder_layers(model)):
         for role, path in a.linear_names().items():
             lin = layer.get_submodule(path)
-            w_spec = quant.weight_spec_for(lin.in_features, f"layer {i} {role}_proj weight")
-            fq = FakeQuantLinear(lin, w_spec, quant.act, cfg.scales == "learnable" and w_spec.enabled,
+            w_spec, act_spec = specs[i][role]
+            fq = FakeQuantLinear(lin, w_spec, act_spec, cfg.scales == "learnable" and w_spec.enabled,
                                  train_weight=cfg.mode == "full")
             if cfg.mode == "lora" and role in cfg.lora_targets:
                 pool = None

@@ -7,6 +7,8 @@ activations. Activation quantizers are installed after all weights are done.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
@@ -18,7 +20,8 @@ from .linear import KVQuantizer, QuantEmbedding, QuantLinear
 from .quantizer import fake_quantize
 from .registry import get_weight_quantizer
 from .rtn import rtn
-from .schemes import QuantConfig
+from .schemes import FP, QuantConfig
+from .spec import QuantSpec
 
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
@@ -69,7 +72,13 @@ def check_config_shapes(model_config, config: QuantConfig) -> None:
     """The group-size checks of `quantize_`, from the model's config alone (before its weights are loaded)."""
     from ..models.adapter import adapter_for_model_type
     a = adapter_for_model_type(model_config.model_type)
-    _check_widths(a.linear_in_features(model_config), a.head_dim(model_config), model_config.hidden_size, config)
+    widths = a.linear_in_features(model_config)
+    _check_widths(widths, a.head_dim(model_config), model_config.hidden_size, config)
+    names = {f"{a.layers}.{i}.{path}": widths[role] for i in range(model_config.num_hidden_layers)
+             for role, path in a.linear_names().items()}
+    config.check_overrides(names)
+    for name, n in names.items():
+        config.specs_for(name, n)  # an override's group size against its modules' widths
 
 
 @torch.no_grad()
@@ -103,7 +112,7 @@ def _capture_layer_inputs(model, adapter: FamilyAdapter, calib: torch.Tensor, ba
 
 
 @torch.no_grad()
-def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress):
+def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress, specs):
     """Layer by layer, group by group. With config.calib_act_quant the calibration inputs are the quantized
     model's: every already-quantized linear quantizes its input activations, attention quantizes K/V, and the
     Hessian is built from the activations each weight really multiplies (fake-quantized), as llm-compressor /
@@ -113,9 +122,9 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
     inputs = _capture_layer_inputs(model, adapter, calib, batch_size)
     layers = adapter.decoder_layers(model)
 
-    def weight_input(m, x):
+    def weight_input(m, x, act):
         x = _weight_input(m, x)
-        return fake_quantize(x, config.act) if act_on else x
+        return fake_quantize(x, act) if act_on else x
 
     for li in tqdm(range(len(layers)), desc=f"{config.method} layers", disable=not progress):
         layer = layers[li]
@@ -125,16 +134,17 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
         for group in SEQUENTIAL_GROUPS:
             accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
             hooks = [layer.get_submodule(paths[r]).register_forward_hook(
-                lambda m, inp, out, r=r, accs=accs: accs[r].add(weight_input(m, inp[0]))) for r in group]
+                lambda m, inp, out, r=r, accs=accs: accs[r].add(weight_input(m, inp[0], specs[li][r][1]))) for r in group]
             for hidden, kw in inputs:
                 layer(hidden, **kw)
             for h in hooks:
                 h.remove()
             for role in group:
                 lin = layer.get_submodule(paths[role])
-                qw = wq.fn(lin.weight.data.float(), config.weight_spec_for(lin.in_features),
-                           hessian=accs[role].hessian(), **config.method_options)
-                _set(layer, paths[role], QuantLinear.from_linear(lin, qw, config.act if act_on else None))
+                w_spec, act = specs[li][role]
+                qw = wq.fn(lin.weight.data.float(), w_spec, hessian=accs[role].hessian(),
+                           **config.method_options) if w_spec.enabled else None
+                _set(layer, paths[role], QuantLinear.from_linear(lin, qw, act if act_on and act.enabled else None))
         inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
 
 
@@ -151,13 +161,37 @@ def _check_options(wq, options: dict) -> None:
                          f"(it takes: {', '.join(known) or 'none'})")
 
 
+def linear_specs(model, config: QuantConfig, filter_fn=None) -> list[dict[str, tuple[QuantSpec, QuantSpec]]]:
+    """Per decoder layer, role -> (weight spec, input activation spec) of each linear after `config.overrides`
+    and `filter_fn(module, name) -> bool` (False or a `skip` override: both specs FP). Every override pattern
+    must match some linear."""
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out, all_names = [], []
+    for layer in adapter.decoder_layers(model):
+        per = {}
+        for role, lin in adapter.layer_linears(layer).items():
+            name = names[id(lin)]
+            all_names.append(name)
+            specs = config.specs_for(name, lin.in_features)
+            if specs is None or (filter_fn is not None and not filter_fn(lin, name)):
+                specs = (FP, FP)
+            per[role] = specs
+        out.append(per)
+    config.check_overrides(all_names)
+    return out
+
+
 def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None = None, batch_size: int = 8,
-              progress: bool = True) -> nn.Module:
+              progress: bool = True, filter_fn=None) -> nn.Module:
     """Quantize `model` in place according to `config`; `calib` [n, seq] token ids for calibrated methods.
+    filter_fn(module, name) -> bool (torchao's convention): decoder linears (and the lm_head) for which it
+    returns False stay in full precision; `config.overrides` change or skip modules by name pattern.
     A model that is already quantized is refused (a second config would silently stack on the first)."""
     adapter = get_adapter(model)
     check_not_quantized(model, adapter)
     _check_shapes(model, adapter, config)
+    specs = linear_specs(model, config, filter_fn)
     wq = get_weight_quantizer(config.method)
     _check_options(wq, config.method_options)
     use_spinquant_attention(model)
@@ -166,29 +200,31 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
     if config.weight.enabled and wq.needs_hessian:
         if calib is None:
             raise ValueError(f"weight quantizer {config.method!r} needs calibration data (calib token ids [n, seq])")
-        _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress)
+        _quantize_weights_calibrated(model, adapter, config, calib, batch_size, progress, specs)
     else:
-        for layer in layers:
+        for i, layer in enumerate(layers):
             for role, path in adapter.linear_names().items():
                 lin = layer.get_submodule(path)
-                spec = config.weight_spec_for(lin.in_features)
+                spec = specs[i][role][0]
                 qw = wq.fn(lin.weight.data.float(), spec, **config.method_options) if spec.enabled else None
                 _set(layer, path, QuantLinear.from_linear(lin, qw))
 
-    for layer in layers:  # activation and KV quantizers
-        for path in adapter.linear_names().values():
-            ql = layer.get_submodule(path)
-            ql.act_spec = config.act if config.act.enabled else None
+    for i, layer in enumerate(layers):  # activation and KV quantizers
+        for role, path in adapter.linear_names().items():
+            act = specs[i][role][1]
+            layer.get_submodule(path).act_spec = act if act.enabled else None
         attn = adapter.attention(layer)
         attn.kv_quantizer = KVQuantizer(config.kv, config.kv) if config.kv.enabled else None
 
-    _quantize_embeddings(model, adapter, config)
+    _quantize_embeddings(model, adapter, config, filter_fn)
     model.quant_config = config
     return model
 
 
-def _quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
+def _quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig, filter_fn=None) -> None:
     """Embedding / lm_head at 8-bit (or whatever the config says); unties them if only one is quantized."""
+    if filter_fn is not None and config.lm_head.enabled and not filter_fn(adapter.head(model), adapter.lm_head):
+        config = replace(config, lm_head=FP, lm_head_act=FP)
     if not (config.embed.enabled or config.lm_head.enabled):
         return
     if adapter.tied_embeddings(model):

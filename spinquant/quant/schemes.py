@@ -1,12 +1,41 @@
 """`QuantConfig` (what to quantize, how) and the named scheme presets."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field, replace
 
 from .spec import QuantSpec
 
 FP = QuantSpec()
 SPEC_FIELDS = ("weight", "act", "kv", "embed", "lm_head", "lm_head_act")
+
+
+@dataclass(frozen=True)
+class ModuleOverride:
+    """Per-module exception to a QuantConfig: decoder linears whose full name matches `modules` (fnmatch
+    pattern, e.g. "*.down_proj", "model.layers.0.*") take `weight` / `act` fields merged over the config's
+    specs (e.g. {"bits": 8}), or stay in full precision (`skip`)."""
+
+    modules: str
+    weight: dict = field(default_factory=dict)
+    act: dict = field(default_factory=dict)
+    skip: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModuleOverride":
+        d = dict(d)
+        unknown = sorted(set(d) - {"modules", "weight", "act", "skip"})
+        if unknown or not isinstance(d.get("modules"), str):
+            raise ValueError(f"quant.overrides entry {d}: needs `modules` (a module-name pattern) and only weight, act, "
+                             f"skip" + (f"; unknown key(s) {unknown}" if unknown else ""))
+        if d.get("skip") and (d.get("weight") or d.get("act")):
+            raise ValueError(f"quant.overrides entry for {d['modules']!r}: skip=true with weight/act fields is ambiguous")
+        for k in ("weight", "act"):
+            QuantSpec.from_dict({**QuantSpec().to_dict(), **dict(d.get(k) or {})})  # unknown spec keys: an error now
+        return cls(d["modules"], dict(d.get("weight") or {}), dict(d.get("act") or {}), bool(d.get("skip", False)))
+
+    def to_dict(self) -> dict:
+        return {"modules": self.modules, "weight": dict(self.weight), "act": dict(self.act), "skip": self.skip}
 
 
 @dataclass(frozen=True)
@@ -31,6 +60,8 @@ class QuantConfig:
     # calibrated quantizers (GPTQ): calibrate each layer on the quantized model's activations (act / KV quantization
     # on in the layers already done, Hessian of the quantized input), as llm-compressor and GPTQModel do
     calib_act_quant: bool = False
+    # per-module exceptions, in order (a later match refines an earlier one): see ModuleOverride
+    overrides: tuple[ModuleOverride, ...] = ()
 
     def __post_init__(self):
         """Fields left unset take the `scheme` preset's values: QuantConfig(scheme="W4A8") is the W4A8 preset
@@ -44,10 +75,35 @@ class QuantConfig:
                 object.__setattr__(self, k, getattr(base, k) if base is not None else ("rtn" if k == "method" else FP))
         if self.group_fallback not in ("error", "channel"):
             raise ValueError(f"group_fallback must be 'error' or 'channel', got {self.group_fallback!r}")
+        object.__setattr__(self, "overrides", tuple(o if isinstance(o, ModuleOverride) else ModuleOverride.from_dict(o)
+                                                    for o in self.overrides))
+
+    def specs_for(self, name: str, in_features: int) -> tuple[QuantSpec, QuantSpec] | None:
+        """(weight spec, input activation spec) of the decoder linear called `name` (its full module name), after
+        the matching overrides and the group fallback; None when an override skips it (it stays FP)."""
+        w, a = self.weight, self.act
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o.modules):
+                if o.skip:
+                    return None
+                w = QuantSpec.from_dict({**w.to_dict(), **o.weight}) if o.weight else w
+                a = QuantSpec.from_dict({**a.to_dict(), **o.act}) if o.act else a
+        return self._fallback(w, in_features, f"{name} weight"), a
+
+    def check_overrides(self, names) -> None:
+        """Every override pattern must match at least one of the decoder linears `names` (a pattern matching
+        nothing would silently do nothing)."""
+        names = list(names)
+        for o in self.overrides:
+            if not any(fnmatch.fnmatchcase(n, o.modules) for n in names):
+                raise ValueError(f"quant.overrides pattern {o.modules!r} matches no decoder linear; names look like "
+                                 f"{names[0]!r} … {names[-1]!r}")
 
     def weight_spec_for(self, in_features: int, what: str = "weight") -> QuantSpec:
         """The weight spec for a linear with `in_features` inputs (per-channel fallback if allowed)."""
-        w = self.weight
+        return self._fallback(self.weight, in_features, what)
+
+    def _fallback(self, w: QuantSpec, in_features: int, what: str) -> QuantSpec:
         if w.enabled and w.granularity == "group" and in_features % w.group_size:
             if self.group_fallback == "channel":
                 return replace(w, granularity="channel", group_size=None)
@@ -57,12 +113,14 @@ class QuantConfig:
     def label(self) -> str:
         """`W{w}A{a}` plus `KV{kv}` when the KV cache is quantized."""
         s = f"W{self.weight.bits}A{self.act.bits}"
-        return s + (f"KV{self.kv.bits}" if self.kv.enabled else "")
+        s += f"KV{self.kv.bits}" if self.kv.enabled else ""
+        return s + ("-mixed" if self.overrides else "")
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k).to_dict() for k in SPEC_FIELDS}
         return {**d, "method": self.method, "method_options": dict(self.method_options), "scheme": self.scheme,
-                "group_fallback": self.group_fallback, "calib_act_quant": self.calib_act_quant}
+                "group_fallback": self.group_fallback, "calib_act_quant": self.calib_act_quant,
+                **({"overrides": [o.to_dict() for o in self.overrides]} if self.overrides else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -81,9 +139,13 @@ class QuantConfig:
         if d.get("method_options"):
             kw["method_options"] = dict(d.pop("method_options"))
         d.pop("method_options", None)
+        if d.get("overrides"):
+            kw["overrides"] = tuple(ModuleOverride.from_dict(o) for o in d.pop("overrides"))
+        d.pop("overrides", None)
         if d:
             raise ValueError(f"unknown quant config key(s) {sorted(d)}; known: scheme, method, method_options, "
-                             f"group_fallback, calib_act_quant, weight, act, kv, embed, lm_head, lm_head_act")
+                             f"group_fallback, calib_act_quant, overrides, weight, act, kv, embed, lm_head, "
+                             f"lm_head_act")
         return replace(base, **kw)
 
 
