@@ -20,8 +20,8 @@ install: $(STAMP)
 
 # The default experiment: FP / W8A8 / W4A16 / W4A8 / W4A4KV4 (RTN and GPTQ) on the shipped reference model.
 demo: $(STAMP)
-	$(BIN)/python experiments/run.py -m +experiment=demo results_dir=results progress=false
-	$(BIN)/python scripts/make_tables.py results/demo
+	$(BIN)/spinquant sweep +experiment=demo results_dir=results progress=false
+	$(BIN)/spinquant tables results/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/python -m pytest -q
@@ -41,9 +41,12 @@ lint: $(STAMP)
 
 # Regenerate every table and figure in paper/ (and the tables spliced into README.md) from the committed rows.
 paper: $(STAMP)
-	$(BIN)/python scripts/make_paper.py
+	$(BIN)/spinquant paper
 
-tables: paper
+# Your own rows as tables: make tables RESULTS=results/<experiment> (one table per model)
+RESULTS ?= results
+tables: $(STAMP)
+	$(BIN)/spinquant tables $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .venv-latest results outputs multirun

@@ -15,7 +15,8 @@ __all__ = ["FakeQuantLinear", "LoRA", "QATConfig", "TrainConfig", "check_rotatio
 
 def check_rotation_spec(model, quant) -> None:
     """Refuse QAT at a spec other than the one a loaded SpinQuant rotation was learned for (act / KV bits)."""
-    st = getattr(model, "spinquant_stats", None) or {}
+    state = getattr(model, "rotation_state", None)
+    st = state.stats if state is not None else {}
     tq = st.get("train_quant")
     if not tq:
         return

@@ -1,80 +1,9 @@
-"""Render the benchmark JSONs into Markdown: end-to-end (size, memory, speed vs BF16) and per kernel.
-
-    python scripts/bench_table.py --e2e paper/results/bench_e2e.json --kernels paper/results/bench_kernels.json \
-        --out paper/bench_table.md [--splice README.md:bench_table]
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""Thin wrapper: `spinquant.report.bench` (see its docstring; `python scripts/bench_table.py --help`)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tables import splice  # noqa: E402
-
-
-def render_e2e(rows: list[dict]) -> str:
-    out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mrows = [r for r in rows if r["model"] == model]
-        r0 = mrows[0]
-        out += [f"**{model}** — {r0['machine']}, {r0['threads']} threads, torch {r0['torch']}, git {r0['git_rev']}; "
-                f"prefill {round(r0['prefill_s'] * r0['prefill_tok_s'])} tokens, decode batch 1; streaming-read "
-                f"bandwidth {r0['mem_bandwidth_bytes_s'] / 1e9:.1f} GB/s", "",
-                "| Scheme | Size on disk (MB) | × BF16 | Peak RSS (MB) | × BF16 | Prefill tok/s | × BF16 | "
-                "Decode tok/s | × BF16 | Decode roofline tok/s | % of roofline |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in mrows:
-            v = r["vs_bf16"]
-            out.append(f"| {r['scheme']} | {r['size_bytes'] / 1e6:.1f} | {v['size_bytes']:.2f} | "
-                       f"{r['peak_rss_bytes'] / 1e6:.0f} | {v['peak_rss_bytes']:.2f} | {r['prefill_tok_s']:.1f} | "
-                       f"{v['prefill_tok_s']:.2f} | {r['decode_tok_s']:.2f} | {v['decode_tok_s']:.2f} | "
-                       f"{r['roofline_decode_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% |")
-        out.append("")
-    return "\n".join(out)
-
-
-def render_kernels(d: dict) -> str:
-    p = d["peaks"]
-    out = [f"Kernels — {d['machine']}, {d['threads']} threads, git {d['git_rev']}: bandwidth "
-           f"{p['mem_bandwidth_bytes_s'] / 1e9:.1f} GB/s, fp32 matmul {p['fp32_matmul_flop_s'] / 1e9:.0f} GFLOP/s, "
-           f"bf16 matmul {p['bf16_matmul_flop_s'] / 1e9:.0f} GFLOP/s, int8 `_int_mm` {p['int8_matmul_op_s'] / 1e9:.0f} "
-           "GOP/s", "", "| Shape (N×K) | M | Kernel | ms | GB/s | GFLOP/s | % of roofline |",
-           "|---|---:|---|---:|---:|---:|---:|"]
-    for r in d["rows"]:
-        out.append(f"| {r['shape']} ({r['N']}×{r['K']}) | {r['M']} | {r['kernel']} | {r['time_s'] * 1e3:.3f} | "
-                   f"{r['gb_s']:.1f} | {r['gflop_s']:.1f} | {100 * r['roofline_frac']:.0f}% ({r['bound']}) |")
-    if d.get("hadamard"):
-        out += ["", "| Hadamard n (64 tokens) | dense ms | FWHT ms | speed-up |", "|---:|---:|---:|---:|"]
-        out += [f"| {h['n']} | {h['dense_s'] * 1e3:.3f} | {h['fwht_s'] * 1e3:.3f} | {h['speedup']:.1f}× |"
-                for h in d["hadamard"]]
-    if isinstance(d.get("triton"), str):
-        out += ["", f"Triton: {d['triton']}."]
-    return "\n".join(out) + "\n"
-
-
-def render(e2e: list[dict] | None = None, kernels: dict | None = None) -> str:
-    """The end-to-end table, then the kernel table (either may be left out)."""
-    return "\n".join(([render_e2e(e2e)] if e2e is not None else []) + ([render_kernels(kernels)] if kernels is not None else []))
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--e2e", type=Path)
-    p.add_argument("--kernels", type=Path)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER")
-    args = p.parse_args(argv)
-    if not (args.e2e or args.kernels):
-        p.error("give --e2e and/or --kernels")
-    text = render(*(json.loads(f.read_text()) if f else None for f in (args.e2e, args.kernels)))
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    for target in args.splice:
-        splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spinquant.report.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

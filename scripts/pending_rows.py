@@ -20,19 +20,22 @@ sys.path.insert(0, str(ROOT))
 from spinquant.results import run_id  # noqa: E402
 from spinquant.sweeps import sweep_jobs  # noqa: E402
 
-TABLES = {"rotation": ["ref-llama", "stories260k"], "qat": ["ref-llama"], "spinquant_study": ["stories260k"]}
-WHY = ("SpinQuant rows trained with the old optimizer (constant lr 1.5, no step cap, batch 1) were removed; they are "
-       "to be regenerated with the official SGDG recipe (issue 13). Each entry: a job of the table's sweep without a "
-       "committed row, by model.")
+# table -> model -> the extra overrides its committed rows were run with (the sweep file's header says which)
+TABLES = {"foundation": {"ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
+          "rotation": {"ref-llama": [], "stories260k": []}, "qat": {"ref-llama": []},
+          "spinquant_study": {"stories260k": []}}
+WHY = ("Jobs of a committed table's sweep that have no committed row yet (new configurations such as W4A8-mixed, or "
+       "rows removed to be regenerated), by table and model; `spinquant sweep +experiment=<table> results_dir="
+       "paper/results` from a clean checkout computes exactly these.")
 
 
 def pending() -> dict:
     out = {"why": WHY, "tables": {}}
     for table, models in TABLES.items():
-        for model in models:
+        for model, extra in models.items():
             committed = {p.stem for p in (ROOT / "paper/results" / table).glob("*.json")
                          if json.loads(p.read_text())["model"] == model}
-            jobs, _ = sweep_jobs(ROOT / "configs", table, f"model={model}")
+            jobs, _ = sweep_jobs(ROOT / "configs", table, f"model={model}", *extra)
             miss = {run_id(OmegaConf.to_container(c, resolve=True)): " ".join(f"{k}={v}" for k, v in sorted(ch.items()))
                     for ch, c in jobs}
             miss = {k: v for k, v in sorted(miss.items()) if k not in committed}

@@ -112,7 +112,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             "dtype": str(getattr(model, "packed_dtype", torch.bfloat16)).replace("torch.", ""),
             "model_config": model.config.to_dict(), "quant_config": qc.to_dict() if qc is not None else None,
             "modules": modules, "attention": attention,
-            "rotation": {k: v for k, v in (getattr(model, "spinquant_stats", None) or {}).items() if k != "losses"}}
+            "rotation": state.to_dict() if (state := getattr(model, "rotation_state", None)) is not None else None}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
     if tokenizer is not None:
@@ -232,6 +232,9 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     use_spinquant_attention(model)
     model.packed_dtype = dtype
     model.spinquant_meta = meta
+    if meta.get("rotation"):
+        from .rotation import RotationState
+        model.rotation_state = RotationState(**meta["rotation"])
     if meta.get("quant_config"):
         from .quant.schemes import QuantConfig
         model.quant_config = QuantConfig.from_dict({k: v for k, v in meta["quant_config"].items()})

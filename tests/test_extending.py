@@ -1,14 +1,12 @@
 """The worked extension example (examples/hqq_quantizer.py + configs/quant/w4a16_hqq.yaml, docs/extending.md):
 the quantizer is better than RTN at what it optimizes, and the example runs end to end through run.py."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def _load_example():
@@ -40,24 +38,25 @@ def test_hqq_lowers_the_lp_error_it_optimizes_against_rtn_on_heavy_tailed_weight
 
 
 def test_example_runs_end_to_end_and_its_size_counts_fractional_zeros(tmp_path):
-    import run as run_mod
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
+
+    from spinquant import cli as run_mod
     base = ["model=stories260k", f"results_dir={tmp_path}", "experiment_name=ext", "progress=false", "wandb.mode=disabled",
             "eval.datasets=[wikitext2]", "eval.max_windows=2", "eval.seq_len=128", "quant.group_fallback=channel"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[*base, "quant=w4a16_hqq", f"plugins=[{ROOT / 'examples/hqq_quantizer.py'}]"])
         rtn = compose("config", overrides=[*base, "quant=w4a16_hqq", "quant.method=rtn"])
         bad = compose("config", overrides=[*base, "quant=w4a16_hqq", "plugins=[no_such_module_xyz]"])
-    row = run_mod.run(cfg)
+    row = run_mod.run_hydra(cfg)
     with pytest.raises(ValueError, match=r"method_options \['iters', 'p'\] are not options of weight quantizer 'rtn'"):
-        run_mod.run(rtn)
+        run_mod.run_hydra(rtn)
     with open_dict(rtn):
         rtn.quant.method_options = {}
-    ref = run_mod.run(rtn)
+    ref = run_mod.run_hydra(rtn)
     assert row["method"]["weights"] == "hqq" and row["scheme"] == "W4A16"
     assert 1 < row["metrics"]["ppl"]["wikitext2"] < 1.5 * ref["metrics"]["ppl"]["wikitext2"]
     # same codes and scales, fp16 instead of 4-bit zero points: 12 more bits per group
     assert row["metrics"]["size_bytes"] > ref["metrics"]["size_bytes"]
     with pytest.raises(ModuleNotFoundError, match="plugin 'no_such_module_xyz' cannot be imported"):
-        run_mod.run(bad)
+        run_mod.run_hydra(bad)

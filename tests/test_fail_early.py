@@ -1,10 +1,9 @@
 """Bad input fails before expensive work, with a message naming the problem; nothing is silently wrong.
 
-Each run below would load a model and run GPTQ / SpinQuant / evaluation; `run.load` is replaced by a function
+Each run below would load a model and run GPTQ / SpinQuant / evaluation; `spinquant.pipeline.load` is replaced by a function
 that fails the test, so an error raised after the model load would show up as that failure instead."""
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from spinquant.quant.schemes import SCHEMES
 from tests.conftest import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def _cfg(tmp_path, *overrides):
@@ -29,12 +27,12 @@ def _cfg(tmp_path, *overrides):
 
 @pytest.fixture
 def run_mod(monkeypatch):
-    import run
+    from spinquant import cli, pipeline
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
-    monkeypatch.setattr(run, "load", no_load)
-    return run
+    monkeypatch.setattr(pipeline, "load", no_load)
+    return cli
 
 
 def test_quant_config_with_a_scheme_name_is_that_preset_and_unknown_names_are_refused():
@@ -60,29 +58,29 @@ def test_quantizing_a_quantized_model_is_refused():
 def test_missing_eval_file_is_reported_before_the_model_loads(tmp_path, run_mod):
     from spinquant.data import DataError
     with pytest.raises(DataError, match="missing data file.*nope.txt"):
-        run_mod.run(_cfg(tmp_path, "quant=w4a16_gptq", f"eval.datasets=[{tmp_path / 'nope.txt'}]"))
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a16_gptq", f"eval.datasets=[{tmp_path / 'nope.txt'}]"))
 
 
 def test_eval_file_shorter_than_one_window_is_reported_before_the_model_loads(tmp_path, run_mod):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time there was a cat.\n")
     with pytest.raises(ValueError, match=r"eval dataset .*short.txt' has \d+ tokens, fewer than the 128"):
-        run_mod.run(_cfg(tmp_path, "quant=w4a16_gptq", f"eval.datasets=[{short}]"))
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a16_gptq", f"eval.datasets=[{short}]"))
 
 
 def test_unwritable_results_dir_is_reported_before_the_model_loads(tmp_path, run_mod):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(PermissionError, match="not writable.*set results_dir"):
-        run_mod.run(_cfg(tmp_path, "quant=w4a8", f"results_dir={blocker / 'results'}"))
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a8", f"results_dir={blocker / 'results'}"))
 
 
 def test_group_size_that_does_not_divide_a_layer_is_reported_from_the_config(tmp_path, run_mod):
     # stories260K: hidden 64, MLP 172; group 32 does not divide down_proj's input (172)
     with pytest.raises(ValueError, match="group_size 32 does not divide the last dimension 172 of down_proj weight"):
-        run_mod.run(_cfg(tmp_path, "quant=w4a8_gptq"))
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a8_gptq"))
     with pytest.raises(ValueError, match="group_size 48 does not divide the last dimension 64 of q_proj"):
-        run_mod.run(_cfg(tmp_path, "quant=w4a8", "quant.group_fallback=channel", "++quant.act.group_size=48",
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a8", "quant.group_fallback=channel", "++quant.act.group_size=48",
                          "++quant.act.granularity=group"))
 
 
@@ -90,7 +88,7 @@ def test_cuda_on_a_cpu_only_torch_is_a_clear_error(tmp_path, run_mod):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     with pytest.raises(ValueError, match="device='cuda' but this torch .* (CPU-only build|sees no GPU)"):
-        run_mod.run(_cfg(tmp_path, "device=cuda"))
+        run_mod.run_hydra(_cfg(tmp_path, "device=cuda"))
 
 
 def _local_model(tmp_path, tokenizer=True, max_pos=None) -> Path:
@@ -110,7 +108,7 @@ def _local_model(tmp_path, tokenizer=True, max_pos=None) -> Path:
 def test_model_folder_without_a_tokenizer_is_a_clear_error(tmp_path, run_mod):
     path = _local_model(tmp_path, tokenizer=False)
     with pytest.raises(FileNotFoundError, match="has no tokenizer.*tokenizer.json"):
-        run_mod.run(_cfg(tmp_path, "model=local", f"model.path={path}", "eval.max_windows=2"))
+        run_mod.run_hydra(_cfg(tmp_path, "model=local", f"model.path={path}", "eval.max_windows=2"))
 
 
 def test_local_model_evaluates_within_its_context(tmp_path, run_mod, capsys):
@@ -119,17 +117,17 @@ def test_local_model_evaluates_within_its_context(tmp_path, run_mod, capsys):
     cfg = _cfg(tmp_path, "model=local", f"model.path={path}", "eval.seq_len=${model.seq_len}",
                f"eval.datasets=[{tmp_path / 'nope.txt'}]")
     with pytest.raises(Exception, match="nope.txt"):  # stops at the (later) dataset check, after choosing the length
-        run_mod.run(cfg)
+        run_mod.run_hydra(cfg)
     assert cfg.model.seq_len == 256 and "evaluating and calibrating at 256 tokens" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"eval.seq_len=512 exceeds the model's context \(max_position_embeddings=256"):
-        run_mod.run(_cfg(tmp_path, "model=local", f"model.path={path}", "model.seq_len=512", "eval.seq_len=512"))
+        run_mod.run_hydra(_cfg(tmp_path, "model=local", f"model.path={path}", "model.seq_len=512", "eval.seq_len=512"))
 
 
 def test_committed_rows_are_refused_from_a_dirty_tree(tmp_path, run_mod, monkeypatch):
     from spinquant import results
     monkeypatch.setattr(results, "git_rev", lambda: "0123456789ab-dirty")
     with pytest.raises(results.DirtyTreeError, match="dirty"):
-        run_mod.run(_cfg(tmp_path, f"results_dir={results.PAPER_RESULTS}", "experiment_name=should_not_exist"))
+        run_mod.run_hydra(_cfg(tmp_path, f"results_dir={results.PAPER_RESULTS}", "experiment_name=should_not_exist"))
     assert not (results.PAPER_RESULTS / "should_not_exist").exists()
     row = {k: "x" for k in results.REQUIRED_KEYS} | {"git_rev": "0123456789ab-dirty"}
     with pytest.raises(results.DirtyTreeError, match="committed rows"):
@@ -139,6 +137,6 @@ def test_committed_rows_are_refused_from_a_dirty_tree(tmp_path, run_mod, monkeyp
 
 def test_bad_spinquant_settings_are_reported_before_the_model_loads(tmp_path, run_mod):
     with pytest.raises(ValueError, match="rotation.schedule must be 'cosine' or 'constant', got 'linear'"):
-        run_mod.run(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.schedule=linear"))
+        run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.schedule=linear"))
     with pytest.raises(ValueError, match="rotation.lr must be > 0"):
-        run_mod.run(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.batch_size=0"))
+        run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.batch_size=0"))

@@ -3,7 +3,6 @@ tests/golden/rows.json (written by `scripts/golden_rows.py --write` from a clean
 below what a real change of behaviour moves (a one-character change to the quantizer's rounding or to the
 Cayley step fails it) and above run-to-run float noise on one machine kind."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ REL = 2e-4
 
 @pytest.mark.parametrize("name", sorted(GOLDEN["cases"]))
 def test_golden_row_is_reproduced(name, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import golden_rows
+    from tests import golden_cases as golden_rows
     assert golden_rows.CASES[name] == GOLDEN["cases"][name]["overrides"], "the case changed: rewrite the golden file"
     assert golden_rows.COMMON == GOLDEN["common"]
     got = golden_rows.compute(name, tmp_path)

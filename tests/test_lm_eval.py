@@ -2,7 +2,6 @@
 perplexity, the window protocol against lm-eval's, lm-eval in a results row, and bad task names."""
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -80,17 +79,17 @@ def test_unknown_task_is_a_clear_error_before_any_work(stories):
 
 def test_lm_eval_metrics_join_the_row_for_fake_quant_and_packed_models(tmp_path):
     from hydra import compose, initialize_config_dir
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import run as run_mod
+
+    from spinquant import cli as run_mod
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[
             "model=stories260k", "quant=w4a16", f"results_dir={tmp_path}", "experiment_name=le", "progress=false",
             "eval.datasets=[wikitext2]", "eval.max_windows=2", "eval.seq_len=128", "wandb.mode=disabled",
             "eval.lm_eval.tasks=[spinquant_wikitext2]", "eval.lm_eval.limit=2", "kernels=cpu", "eval.size=false"])
         bad = compose("config", overrides=["model=stories260k", f"results_dir={tmp_path}", "eval.lm_eval.tasks=[nope]"])
-    row = run_mod.run(cfg)
+    row = run_mod.run_hydra(cfg)
     fq, packed = row["metrics"]["lm_eval"]["spinquant_wikitext2"], row["metrics"]["packed"]["lm_eval"]["spinquant_wikitext2"]
     assert set(fq) >= {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert packed["word_perplexity"] == pytest.approx(fq["word_perplexity"], rel=2e-2)  # bf16 packed vs fp32 fake-quant
     with pytest.raises(ValueError, match="unknown lm-eval task"):
-        run_mod.run(bad)  # before loading the model
+        run_mod.run_hydra(bad)  # before loading the model

@@ -3,23 +3,20 @@ the Pareto front; malformed rows stop the build; a new row lands in its table.""
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def test_make_paper_regenerates_paper_byte_for_byte_from_the_committed_rows():
-    import make_paper
-    assert make_paper.check() == []
+    from spinquant.report import paper as make_paper
+    assert make_paper.check(ROOT) == []
 
 
 def test_latex_tables_follow_the_markdown_cells_and_escape_specials():
-    import make_tables
+    from spinquant.report import tables as make_tables
     md = ("**m** — title with 50% and a_b\n\n| Scheme | Δ ppl | × FP |\n|---|---:|---:|\n| W4A8 & co | +0.60 | 0.569 |\n"
           "| W4A4KV4 | – | 89% |\n\n\\* note `quant.group_fallback=channel`\n")
     tex = make_tables.to_latex(md)
@@ -33,7 +30,7 @@ def test_latex_tables_follow_the_markdown_cells_and_escape_specials():
 
 
 def test_pareto_front_against_brute_force():
-    from plot_pareto import pareto_front
+    from spinquant.report.plots import pareto_front
     rng = random.Random(0)
     for _ in range(50):
         pts = [(rng.choice([1, 2, 3, 4, 5]) + rng.random() * 0.1, rng.random()) for _ in range(rng.randint(1, 30))]
@@ -51,8 +48,7 @@ def _copy_paper(tmp_path) -> Path:
 
 
 def test_malformed_row_stops_make_paper_before_anything_is_written(tmp_path):
-    import make_paper
-
+    from spinquant.report import paper as make_paper
     from spinquant.results import MalformedRowError
     src = _copy_paper(tmp_path)
     row_file = next((src / "paper/results/qat").glob("*.json"))
@@ -66,10 +62,10 @@ def test_malformed_row_stops_make_paper_before_anything_is_written(tmp_path):
 
 
 def test_a_new_row_appends_to_its_table_and_the_old_rows_stay(tmp_path):
-    import make_tables
-    import run as run_mod
     from hydra import compose, initialize_config_dir
 
+    from spinquant import cli as run_mod
+    from spinquant.report import tables as make_tables
     from spinquant.results import read_rows
     res = tmp_path / "results"
     shutil.copytree(ROOT / "paper/results/foundation", res / "foundation")
@@ -78,17 +74,18 @@ def test_a_new_row_appends_to_its_table_and_the_old_rows_stay(tmp_path):
         cfg = compose("config", overrides=["+experiment=foundation", "model=stories260k", "quant=w4a16_g128",
                                            f"results_dir={res}", "quant.group_fallback=channel", "eval.max_windows=2",
                                            "progress=false", "wandb.mode=disabled"])
-    row = run_mod.run(cfg)
+    row = run_mod.run_hydra(cfg)
     after = make_tables.render(read_rows([res / "foundation"]))
     new = [ln for ln in after.splitlines() if ln not in before.splitlines()]
-    assert len(new) == 1 and new[0].startswith("| W4A16 | rtn | g128")
+    assert len(new) == 2 and new[0].startswith("| W4A16 | rtn | g128") and "†" in new[0]  # 2 windows: marked
+    assert new[1].startswith("† evaluated on only the first 2 windows")
     assert f"{row['metrics']['ppl']['wikitext2']:.2f}" in new[0]
-    kept = [ln for ln in after.splitlines() if ln in before.splitlines()]
-    assert kept == before.splitlines()  # every old line kept, in order
+    kept = [ln for ln in after.splitlines() if ln in before.splitlines() and ln]
+    assert kept == [ln for ln in before.splitlines() if ln]  # every old line kept, in order
 
 
 def test_delta_column_gives_the_paired_standard_error_and_marks_noise():
-    import make_tables
+    from spinquant.report import tables as make_tables
 
     def row(name, w_bits, wins):
         tok = [511] * len(wins)
@@ -108,7 +105,7 @@ def test_delta_column_gives_the_paired_standard_error_and_marks_noise():
 
 
 def test_tables_name_the_commits_their_rows_come_from():
-    import make_tables
+    from spinquant.report import tables as make_tables
     rows = [{"git_rev": "aaaa"}, {"git_rev": "bbbb-dirty"}, {"git_rev": "aaaa"}]
     assert make_tables.provenance(rows[::2]) == "Rows from commit `aaaa` (2).\n"
     assert make_tables.provenance(rows) == ("Rows from 2 commits `aaaa` (2), `bbbb-dirty` (1) (rows per commit): "

@@ -1,6 +1,5 @@
 """experiments/run.py end to end (through Hydra's compose API) and the table renderer."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,8 +7,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def _cfg(tmp_path, *overrides):
@@ -20,11 +17,11 @@ def _cfg(tmp_path, *overrides):
 
 
 def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):
-    import make_tables
-    import run as run_mod
+    from spinquant import cli as run_mod
+    from spinquant.report import tables as make_tables
 
-    fp = run_mod.run(_cfg(tmp_path, "quant=w16a16"))
-    q = run_mod.run(_cfg(tmp_path, "quant=w4a4kv4_gptq"))
+    fp = run_mod.run_hydra(_cfg(tmp_path, "quant=w16a16"))
+    q = run_mod.run_hydra(_cfg(tmp_path, "quant=w4a4kv4_gptq"))
     for row in (fp, q):
         for k in ("experiment", "run_id", "model", "scheme", "method", "spec", "metrics", "seed", "git_rev", "config"):
             assert k in row
@@ -40,7 +37,7 @@ def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):
     files = sorted((tmp_path / "t").glob("*.json"))
     assert len(files) == 2
     mtime = files[0].stat().st_mtime_ns
-    again = run_mod.run(_cfg(tmp_path, "quant=w16a16"))
+    again = run_mod.run_hydra(_cfg(tmp_path, "quant=w16a16"))
     assert again["run_id"] == fp["run_id"] and files[0].stat().st_mtime_ns == mtime
 
     table = make_tables.render(make_tables.read_rows([tmp_path / "t"]))
@@ -60,18 +57,19 @@ def test_malformed_row_is_a_clear_error(tmp_path):
 
 
 def test_unknown_rotation_and_scheme_are_clear_errors(tmp_path):
-    import run as run_mod
     from omegaconf import open_dict
+
+    from spinquant import cli as run_mod
     cfg = _cfg(tmp_path)
     with open_dict(cfg):
         cfg.rotation.name = "flatquant"
     with pytest.raises(ValueError, match="unknown rotation 'flatquant'"):
-        run_mod.run(cfg)
+        run_mod.run_hydra(cfg)
     cfg = _cfg(tmp_path)
     with open_dict(cfg):
         cfg.quant.scheme = "W3A3"
     with pytest.raises(KeyError, match="unknown quantization scheme"):
-        run_mod.run(cfg)
+        run_mod.run_hydra(cfg)
 
 
 def test_run_id_ignores_display_and_path_keys_at_any_depth():
@@ -92,12 +90,12 @@ def test_every_quant_config_composes_into_its_preset(tmp_path, option):
     head, _, suffix = option.rpartition("_")
     base, method = (head, suffix) if suffix in ("gptq", "hqq") else (option, "rtn")  # <scheme>[_<method>].yaml
     assert q.method == method
-    assert q.scheme.lower().replace("-", "_") == base
+    assert (q.scheme + ("-mixed" if q.overrides else "")).lower().replace("-", "_") == base  # w4a8_mixed: overrides
     assert q.label().startswith(f"W{q.weight.bits}A{q.act.bits}")
 
 
 def test_committed_table_and_readme_are_rendered_from_the_committed_rows():
-    import make_tables
+    from spinquant.report import tables as make_tables
     rows = make_tables.read_rows([ROOT / "paper" / "results" / "foundation"])
     assert {r["model"] for r in rows} == {"ref-llama", "stories260k"} and len(rows) == 16
     text = make_tables.render_layout(rows, "schemes")
@@ -112,8 +110,7 @@ def test_committed_table_and_readme_are_rendered_from_the_committed_rows():
 
 def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(tmp_path):
     """The README's one command, on a local folder (stories260K stands in for the user's checkpoint)."""
-    import run as run_mod
-
+    from spinquant import cli as run_mod
     from spinquant.models.load import models_root
     path = models_root() / "stories260K"
     if not path.is_dir():
@@ -121,18 +118,18 @@ def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(t
     rot = tmp_path / "rot.pt"
     common = ["model=local", f"model.path={path}", "model.name=my-llama", "model.seq_len=128", "eval.datasets=[wikitext2]",
               "rotation=spinquant", "quant=w4a4kv4_gptq", "rotation.steps=3", "rotation.samples=8"]
-    row = run_mod.run(_cfg(tmp_path, *common, f"rotation.save={rot}"))
+    row = run_mod.run_hydra(_cfg(tmp_path, *common, f"rotation.save={rot}"))
     st = row["metrics"]["rotation_train"]
     assert row["model"] == "my-llama" and row["method"] == {"rotation": "spinquant", "weights": "gptq", "qat": "none"}
     assert len(st["losses"]) == 3 and st["orthogonality_error"] < 1e-4 and st["samples"] == 8
     assert st["train_quant"]["weight"]["bits"] == 16 and st["train_quant"]["act"]["bits"] == 4  # W16A4KV4
     assert rot.is_file()
-    again = run_mod.run(_cfg(tmp_path, *common, f"rotation.load={rot}", "experiment_name=t2"))
+    again = run_mod.run_hydra(_cfg(tmp_path, *common, f"rotation.load={rot}", "experiment_name=t2"))
     assert again["metrics"]["rotation_train"] == {"loaded_from": str(rot), "train_quant": st["train_quant"]}
     # the reloaded rotations are fused in the training run's order: the same weights bit for bit, the same number
     assert again["metrics"]["ppl"]["wikitext2"] == row["metrics"]["ppl"]["wikitext2"]
     with pytest.raises(Exception, match="model.path"):
-        run_mod.run(_cfg(tmp_path, "model=local"))
+        run_mod.run_hydra(_cfg(tmp_path, "model=local"))
 
 
 def _fake_row(rot, weights, w, a, kv, ppl, rid):
@@ -141,7 +138,7 @@ def _fake_row(rot, weights, w, a, kv, ppl, rid):
 
 
 def test_rotation_layout_pivots_methods_against_schemes_and_refuses_duplicates():
-    import make_tables
+    from spinquant.report import tables as make_tables
     rows = [_fake_row("none", "none", 16, 16, 16, 10.0, "a"), _fake_row("none", "rtn", 4, 4, 4, 30.0, "b"),
             _fake_row("spinquant", "gptq", 4, 4, 4, 12.5, "c"), _fake_row("quarot", "rtn", 4, 16, 16, 11.0, "d")]
     lines = make_tables.render_rotation(rows).splitlines()
@@ -153,16 +150,16 @@ def test_rotation_layout_pivots_methods_against_schemes_and_refuses_duplicates()
 
 
 def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_path):
-    import run as run_mod
+    from spinquant import cli as run_mod
     common = ["quant=w4a8", "quant.group_fallback=channel", "eval.datasets=[wikitext2]", f"checkpoint_dir={tmp_path}/ck",
               "qat.train.steps=3", "qat.train.batch_size=2", "qat.train.micro_batch_size=1", "qat.train.seq_len=64",
               "qat.train.wandb_mode=disabled"]
-    row = run_mod.run(_cfg(tmp_path, *common, "qat=lora", "qat.lora.rank=4"))
+    row = run_mod.run_hydra(_cfg(tmp_path, *common, "qat=lora", "qat.lora.rank=4"))
     st = row["metrics"]["qat_train"]
     assert row["method"]["qat"] == "lora" and len(st["losses"]) == 3 and st["train_tokens"] == 3 * 2 * 64
     assert 0 < st["trainable_params"] < 30_000  # adapters only (stories260K has 260K parameters)
     assert (tmp_path / "ck" / "t" / row["run_id"] / "checkpoint" / "trainer.json").is_file()
-    full = run_mod.run(_cfg(tmp_path, *common, "qat=full"))
+    full = run_mod.run_hydra(_cfg(tmp_path, *common, "qat=full"))
     assert full["metrics"]["qat_train"]["trainable_params"] > 100_000
     with pytest.raises(ValueError, match="unknown qat method"):
         import qat
@@ -170,7 +167,7 @@ def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_p
 
 
 def test_committed_rotation_table_is_rendered_from_the_committed_rows():
-    import make_tables
+    from spinquant.report import tables as make_tables
     rows = make_tables.read_rows([ROOT / "paper" / "results" / "rotation"])
     pending = json.loads((ROOT / "paper" / "results" / "pending.json").read_text())["tables"].get("rotation", {})
     assert {r["model"] for r in rows} == {"ref-llama", "stories260k"}
@@ -194,7 +191,7 @@ def test_committed_rotation_table_is_rendered_from_the_committed_rows():
 
 
 def test_qat_rows_get_training_cost_columns():
-    import make_tables
+    from spinquant.report import tables as make_tables
     fp = _fake_row("none", "none", 16, 16, 16, 10.0, "a")
     q = {**_fake_row("none", "rtn", 4, 8, 16, 11.0, "b"), "scheme": "W4A8"}
     q["method"]["qat"] = "lora"
@@ -210,13 +207,12 @@ def test_qat_rows_get_training_cost_columns():
 def test_packed_evaluation_and_saved_round_trip(tmp_path, model):
     """kernels=cpu: the packed model's perplexity sits beside the fake-quant one (bf16 kernels: within 1 %), and
     the model saved and loaded back gives exactly the perplexity of the in-memory packed model."""
-    import run as run_mod
-
+    from spinquant import cli as run_mod
     from spinquant import export
     common = [f"model={model}", "quant=w4a8", "quant.group_fallback=channel", "kernels=cpu", "eval.datasets=[wikitext2]",
               "++quant.embed.bits=8", "++quant.lm_head.bits=8"]
-    saved = run_mod.run(_cfg(tmp_path, *common, f"kernels.save={tmp_path / 'ckpt'}"))
-    mem = run_mod.run(_cfg(tmp_path / "b", *common))
+    saved = run_mod.run_hydra(_cfg(tmp_path, *common, f"kernels.save={tmp_path / 'ckpt'}"))
+    mem = run_mod.run_hydra(_cfg(tmp_path / "b", *common))
     fq, pk = saved["metrics"]["ppl"]["wikitext2"], saved["metrics"]["packed"]["ppl"]["wikitext2"]
     assert abs(pk - fq) / fq < 0.01
     assert mem["metrics"]["packed"]["ppl"]["wikitext2"] == pk  # in memory == saved, then loaded
@@ -232,7 +228,7 @@ def test_kernels_none_keeps_old_run_ids():
 
 
 def test_qat_table_pivots_methods_and_reports_recovered_gap():
-    import make_tables
+    from spinquant.report import tables as make_tables
 
     def row(scheme, w, a, rot, weights, qat_name, ppl, trained=False):
         r = {"model": "m", "scheme": scheme, "run_id": f"{scheme}{rot}{weights}{qat_name}",
@@ -260,7 +256,7 @@ def test_qat_table_pivots_methods_and_reports_recovered_gap():
 
 
 def test_committed_bench_table_is_rendered_from_the_committed_json():
-    import bench_table
+    from spinquant.report import bench as bench_table
     e2e = json.loads((ROOT / "paper" / "results" / "bench_e2e.json").read_text())
     kern = json.loads((ROOT / "paper" / "results" / "bench_kernels.json").read_text())
     text = bench_table.render_e2e(e2e) + "\n" + bench_table.render_kernels(kern)
@@ -278,7 +274,7 @@ def test_committed_bench_table_is_rendered_from_the_committed_json():
 
 
 def test_committed_qat_table_is_rendered_from_the_committed_rows():
-    import make_tables
+    from spinquant.report import tables as make_tables
     rows = make_tables.read_rows([ROOT / "paper" / "results" / "qat"])
     text = make_tables.render_layout(rows, "qat")
     assert (ROOT / "paper" / "qat_table.md").read_text() == text

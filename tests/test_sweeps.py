@@ -16,7 +16,6 @@ from spinquant.results import run_id
 from spinquant.sweeps import skip_rule, sweep_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
 TINY = ["model=stories260k", "eval.datasets=[wikitext2]", "eval.max_windows=2", "eval.seq_len=128",
         "quant.group_fallback=channel", "progress=false", "wandb.mode=disabled"]
 
@@ -61,6 +60,16 @@ def test_rotation_sweep_is_exactly_the_committed_rotation_table(model):
     assert committed <= ids  # no committed row that today's code would not produce (e.g. an old optimizer's)
     # rerunning the sweep recomputes nothing (skip_existing) but the rows declared pending in paper/results/pending.json
     assert ids - committed == set(PENDING.get("rotation", {}).get(model, {}))
+
+
+@pytest.mark.parametrize("model,extra", [("ref-llama", []), ("stories260k", ["quant.group_fallback=channel"])])
+def test_foundation_sweep_is_the_committed_foundation_table_plus_declared_pending_rows(model, extra):
+    rows, skipped = _sweep_jobs("foundation", f"model={model}", *extra)
+    assert len(rows) == 10 and skipped == 0
+    committed = _committed("foundation", model)
+    ids = {run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows}
+    assert committed <= ids
+    assert ids - committed == set(PENDING.get("foundation", {}).get(model, {}))
 
 
 def test_qat_sweep_has_the_tables_22_rows_and_reuses_the_committed_ones():
@@ -134,12 +143,11 @@ def test_unknown_experiment_is_a_clear_error(tmp_path):
 
 
 def test_wandb_offline_run_holds_the_rows_config_and_metrics(tmp_path):
-    import run as run_mod
-
+    from spinquant import cli as run_mod
     from spinquant.tracking import read_offline_run_full
     cfg = _compose(["quant=w4a8", *TINY, f"results_dir={tmp_path}", "experiment_name=wb",
                     f"checkpoint_dir={tmp_path}/ck", "wandb.mode=offline"])
-    row = run_mod.run(cfg)
+    row = run_mod.run_hydra(cfg)
     history, summary, config = read_offline_run_full(tmp_path / "ck" / "wb" / row["run_id"])
     assert summary["ppl/wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"])
     assert summary["size_bytes"] == row["metrics"]["size_bytes"] and summary["scheme"] == "W4A8"
@@ -150,7 +158,7 @@ def test_wandb_offline_run_holds_the_rows_config_and_metrics(tmp_path):
     # disabled mode: no wandb folder at all
     cfg = _compose(["quant=w16a16", *TINY, f"results_dir={tmp_path}", "experiment_name=wb",
                     f"checkpoint_dir={tmp_path}/ck2", "wandb.mode=disabled"])
-    assert run_mod.run(cfg)["scheme"] == "W16A16" and not (tmp_path / "ck2").exists()
+    assert run_mod.run_hydra(cfg)["scheme"] == "W16A16" and not (tmp_path / "ck2").exists()
 
 
 def test_spinquant_study_sweep_is_exactly_the_committed_study():

@@ -146,18 +146,16 @@ def test_whole_model_packed_for_triton_matches_cpu_packing_and_saves_the_same_ch
 
 def test_run_py_evaluates_the_triton_packed_model(tmp_path):
     """kernels=triton in an experiment: the packed model's perplexity sits next to the fake-quant one."""
-    import sys
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "experiments"))
-    import run as run_mod
+    from spinquant import cli as run_mod
     with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["model=stories260k", "quant=w4a16", f"results_dir={tmp_path}", "progress=false",
                                            "experiment_name=tri", "wandb.mode=disabled", "eval.datasets=[wikitext2]",
                                            "eval.max_windows=2", "eval.seq_len=64", "eval.size=false", "kernels=triton"])
-    row = run_mod.run(cfg)
+    row = run_mod.run_hydra(cfg)
     packed = row["metrics"]["packed"]
     assert packed["kernels"] == {"triton_int4": 35}
     assert packed["ppl"]["wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"], rel=2e-2)

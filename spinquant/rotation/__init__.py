@@ -1,19 +1,125 @@
-"""Rotations: `none`, `quarot` (random Hadamard R1/R2 + online R3/R4), `spinquant` (learned R1/R2)."""
+"""Rotations by name: `none`, `quarot` (random Hadamard R1/R2 + online R3/R4), `spinquant` (learned R1/R2),
+plus any registered with `register_rotation`. Each has a typed config (unknown keys are refused) and records a
+`RotationState` on the model it rotates."""
 from __future__ import annotations
 
-from .quarot import quarot
-from .spinquant import spinquant
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
-ROTATIONS = {"none": lambda model, cfg, calib=None, target=None: model,
-             "quarot": lambda model, cfg, calib=None, target=None: quarot(model, cfg, calib),
-             "spinquant": spinquant}
+from .quarot import quarot
+from .spinquant import learn_rotations
+
+
+@dataclass
+class NoRotation:
+    name: str = "none"
+
+
+@dataclass
+class QuaRotConfig:
+    """QuaRot (Ashkboos et al. 2024): random orthogonal Hadamard R1 / R2 fused, online Hadamard R3 (Q/K) and R4."""
+    name: str = "quarot"
+    seed: int = 0
+    fallback: str = "error"  # error | block_diagonal (sizes with no Hadamard construction)
+    r3: bool = True
+    r4: bool = True
+
+
+@dataclass
+class SpinQuantConfig:
+    """SpinQuant (Liu et al. 2024): R1 / R2 learned by Cayley SGD; defaults are the official recipe
+    (configs/rotation/spinquant.yaml documents each key and the stated departures)."""
+    name: str = "spinquant"
+    seed: int = 0
+    steps: int = 100
+    lr: float = 1.5
+    schedule: str = "cosine"
+    batch_size: int = 8
+    micro_batch_size: int = 1
+    max_grad_norm: float | None = 1.0
+    retraction: str = "exact"
+    samples: int = 800
+    heldout: int = 8
+    seq_len: int = 2048
+    fallback: str = "error"
+    r3: bool = True
+    r4: bool = True
+    train_quant: object = "auto"
+    load: str | None = None
+    save: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RotationState:
+    """What rotated a model, recorded once on it (`model.rotation_state`), saved and reloaded with it."""
+    name: str
+    config: dict
+    stats: dict = field(default_factory=dict)  # learned rotations: training statistics (losses, held-back loss, ...)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "config": dict(self.config),
+                "stats": {k: v for k, v in self.stats.items() if k != "losses"}}
+
+
+@dataclass(frozen=True)
+class Rotation:
+    name: str
+    config: type
+    fn: Callable  # fn(model, config dict, calib, target) -> stats dict or None
+    summary: str
+
+
+ROTATIONS: dict[str, Rotation] = {}
+
+
+def register_rotation(name: str, config: type, fn: Callable, summary: str = "") -> Rotation:
+    """Register a rotation: `config` a dataclass with a `name` field (its fields are the accepted keys), `fn(model,
+    cfg: dict, calib, target)` rotating the model in place and returning its statistics (or None)."""
+    if "name" not in {f.name for f in fields(config)}:
+        raise TypeError(f"rotation config {config.__name__} needs a `name` field")
+    ROTATIONS[name] = Rotation(name, config, fn, summary or (config.__doc__ or "").strip().split("\n")[0])
+    return ROTATIONS[name]
+
+
+register_rotation("none", NoRotation, lambda model, cfg, calib=None, target=None: None, "no rotation")
+def _quarot(model, cfg: dict, calib=None, target=None) -> None:
+    quarot(model, cfg)
+
+
+register_rotation("quarot", QuaRotConfig, _quarot)
+register_rotation("spinquant", SpinQuantConfig, learn_rotations)
+
+
+def rotation_config(cfg) -> object:
+    """A typed rotation config from a dict (a Hydra `rotation` group) or an instance; unknown keys are refused."""
+    if not isinstance(cfg, dict) and hasattr(cfg, "name") and type(cfg) in {r.config for r in ROTATIONS.values()}:
+        return cfg
+    d = dict(cfg or {})
+    name = d.get("name", "none")
+    if name not in ROTATIONS:
+        raise ValueError(f"unknown rotation {name!r}; available: {', '.join(ROTATIONS)}")
+    cls = ROTATIONS[name].config
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown rotation.{unknown[0]} for rotation {name!r} (unknown key(s) {unknown}); "
+                         f"known: {', '.join(sorted(known))}")
+    return cls(**d)
 
 
 def apply(model, cfg, calib=None, target=None):
-    """Apply the rotation named by cfg['name'] to `model` in place (exact in full precision).
-    calib: token ids for learned rotations; target: the QuantConfig that will follow (SpinQuant trains
-    against it when train_quant is 'auto')."""
-    name = cfg.get("name", "none")
-    if name not in ROTATIONS:
-        raise ValueError(f"unknown rotation {name!r}; available: {', '.join(ROTATIONS)}")
-    return ROTATIONS[name](model, cfg, calib, target)
+    """Rotate `model` in place (exact in full precision) by the typed config or dict `cfg`, and record a
+    `RotationState` on it. calib: token ids for learned rotations; target: the QuantConfig that will follow
+    (SpinQuant trains against it when train_quant is 'auto')."""
+    typed = rotation_config(cfg)
+    d = asdict(typed)
+    stats = ROTATIONS[typed.name].fn(model, d, calib, target) or {}
+    model.rotation_state = RotationState(typed.name, d, stats)
+    return model
+
+
+rotate = apply
+
+__all__ = ["NoRotation", "QuaRotConfig", "ROTATIONS", "Rotation", "RotationState", "SpinQuantConfig", "apply",
+           "learn_rotations", "quarot", "register_rotation", "rotate", "rotation_config"]

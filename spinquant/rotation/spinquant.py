@@ -117,8 +117,9 @@ def train_quant_for(target: QuantConfig) -> dict:
     return d
 
 
-def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: QuantConfig | None = None):
-    """Rotate `model` in place with learned R1/R2. cfg keys (defaults from the official recipe, see `_train`):
+def learn_rotations(model, cfg: dict, calib: torch.Tensor | None = None, target: QuantConfig | None = None) -> dict:
+    """Rotate `model` in place with learned R1/R2; returns the training statistics.
+    cfg keys (defaults from the official recipe, see `_train`):
     steps 100, lr 1.5, schedule cosine, batch_size 8 (global), micro_batch_size 1, max_grad_norm 1.0, retraction
     exact, heldout 8, seed, fallback, r3, r4, train_quant ('auto': derived from `target`
     by `train_quant_for`, or a quant config dict such as {scheme: W4A4KV4, weight: {bits: 16}}), load
@@ -152,8 +153,7 @@ def spinquant(model, cfg: dict, calib: torch.Tensor | None = None, target: Quant
         rotate_heads(model, [r.double() for r in R2s])
         if cfg.get("save") and _data_parallel()[0] == 0:
             save_rotations(cfg["save"], R1, R2s, fingerprint, stats)
-    model.spinquant_stats = stats
-    return model
+    return stats
 
 
 def _data_parallel():

@@ -1,0 +1,466 @@
+"""The main job as a library: a typed run configuration and `run(config) -> row`.
+
+    cfg = RunConfig.from_dict({"model": {"name": "ref-llama", "path": "ref-llama"}, "quant": {"scheme": "W4A8"}})
+    row = run(cfg)                      # load -> rotate -> quantize (or QAT) -> evaluate -> (pack) -> one results row
+
+Each section is a small dataclass whose fields are the keys of its Hydra group (`configs/<group>/*.yaml`): a key
+that is not a field is refused (a misspelled `++eval.max_window=2` would otherwise do nothing). The steps are the
+public functions `load_model`, `rotation.apply`, `quantize_`, `evaluate`, `pack_and_evaluate`; the row keeps the
+resolved config dict it was given (its run id is computed from that dict).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import rotation, tracking
+from .data import calibration_batch, dataset_path, tokenize_dataset
+from .eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk
+from .models import load
+from .models.load import check_device, load_config, load_tokenizer
+from .quant import QuantConfig, get_weight_quantizer, quantize_
+from .quant.apply import check_config_shapes
+from .results import revision_for, run_id, write_row
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _typed(cls, d, where: str):
+    """cls(**d), refusing keys that are not fields of cls with the section's name in the message."""
+    if isinstance(d, cls):
+        return d
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; {where} takes: "
+                         f"{', '.join(sorted(known))}")
+    return cls(**d)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "ref-llama"       # shown in tables
+    path: str = "ref-llama"       # a short name (ref-llama, stories260k), a local HF folder, or (online) a hub id
+    dtype: str = "float32"
+    seq_len: int | None = 512     # evaluation / calibration window; None: min(2048, max_position_embeddings)
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None       # None: $SPINQUANT_DATA, else ../shared/data, else ~/.cache/spinquant/data
+    calib: str = "wikitext2-train"
+    calib_samples: int = 128
+    calib_seq_len: int | None = None  # None: model.seq_len
+
+
+@dataclass
+class LMEvalConfig:
+    tasks: list = field(default_factory=list)
+    include_defaults: bool = False
+    batch_size: int = 4
+    limit: int | None = None
+    num_fewshot: int | None = None
+    add_bos_token: bool | None = False
+
+
+@dataclass
+class EvalConfig:
+    datasets: list = field(default_factory=lambda: ["wikitext2", "wikitext2-tok", "python-docs"])
+    seq_len: int | None = None    # None: model.seq_len
+    stride: int | None = None     # None: seq_len (non-overlapping windows)
+    batch_size: int = 4
+    max_windows: int | None = None  # windows per dataset (quick runs); None: the whole test set
+    size: bool = True
+    memory: bool = True
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+
+    def __post_init__(self):
+        self.lm_eval = _typed(LMEvalConfig, self.lm_eval, "eval.lm_eval")
+
+
+@dataclass
+class KernelsConfig:
+    name: str = "none"            # none | cpu | triton
+    dtype: str = "bfloat16"
+    save: str | None = None       # folder: save the packed model there
+    reload: bool = True           # with save: evaluate the model loaded back from it
+
+    def __post_init__(self):
+        if self.name not in ("none", "cpu", "triton"):
+            raise ValueError(f"unknown kernels {self.name!r}; available: none, cpu, triton")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"kernels.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass
+class QATRunConfig:
+    name: str = "none"            # none | full | lora
+    scales: str = "fixed"
+    lora: dict = field(default_factory=dict)
+    merge: bool = False
+    data: str = "wikitext2-train"
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        import qat
+        if self.name not in qat.METHODS:
+            raise ValueError(f"unknown qat method {self.name!r}; available: {', '.join(qat.METHODS)}")
+        _typed(qat.TrainConfig, {**self.train, "seq_len": 1}, "qat.train")
+        unknown = sorted(set(self.lora) - {"rank", "alpha", "dropout", "targets", "qa_lora"})
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join('qat.lora.' + k for k in unknown)}")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"        # offline | online | disabled
+    project: str = "spinquant"
+    group: str | None = None
+    dir: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """One run. `raw`: the resolved config dict the row records and its run id hashes (the Hydra config for
+    Hydra runs; `to_dict()` for configs built in Python)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rotation: object = field(default_factory=rotation.NoRotation)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    qat: QATRunConfig = field(default_factory=QATRunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    experiment_name: str = "default"
+    seed: int = 0
+    device: str = "cpu"
+    results_dir: str = "results"
+    checkpoint_dir: str = "checkpoints"
+    skip_existing: bool = True
+    progress: bool = True
+    threads: int | None = None
+    plugins: list = field(default_factory=list)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: dict = field(default_factory=dict)
+    raw: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.model = _typed(ModelConfig, self.model, "model")
+        self.data = _typed(DataConfig, self.data, "data")
+        self.rotation = rotation.rotation_config(self.rotation)
+        if not isinstance(self.quant, QuantConfig):
+            self.quant = QuantConfig.from_dict(dict(self.quant or {}))
+        self.qat = _typed(QATRunConfig, self.qat, "qat")
+        self.eval = _typed(EvalConfig, self.eval, "eval")
+        self.kernels = _typed(KernelsConfig, self.kernels, "kernels")
+        self.wandb = _typed(WandbConfig, self.wandb, "wandb")
+        if self.model.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.model.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """From a resolved (Hydra) dict; plugins are imported first, since they may register rotations or
+        quantizers the dict names."""
+        d = dict(d)
+        load_plugins(d.get("plugins"))
+        known = {f.name for f in fields(cls)} - {"raw"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; a run takes: {', '.join(sorted(known))}")
+        return cls(**d, raw=json.loads(json.dumps(d)))
+
+    def to_dict(self) -> dict:
+        if self.raw is not None:
+            return self.raw
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw"}
+        d["quant"] = self.quant.to_dict()
+        return json.loads(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in d.items()}))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_plugins(names) -> None:
+    """Import user modules (dotted names or .py files) that register quantizers, families or rotations."""
+    for name in names or []:
+        name = str(name)
+        if name.endswith(".py"):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"plugin file {path} does not exist (plugins: {list(names)})")
+            mod_name = f"spinquant_plugin_{path.stem}"
+            if getattr(sys.modules.get(mod_name), "__file__", None) == str(path.resolve()):
+                continue  # a sweep in one process loads each plugin once
+            spec = importlib.util.spec_from_file_location(mod_name, path.resolve())
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(f"plugin {name!r} cannot be imported ({e}); give a module on the Python "
+                                          f"path or a path to a .py file") from None
+
+
+def resolve_seq_len(model_path: str) -> int:
+    """model.seq_len None: the model's context, capped at the papers' 2048, said out loud."""
+    ctx = getattr(load_config(model_path), "max_position_embeddings", None) or 2048
+    n = min(2048, ctx)
+    print(f"[note] model.seq_len=null: evaluating and calibrating at {n} tokens "
+          f"(min(2048, max_position_embeddings={ctx})); set model.seq_len to choose")
+    return n
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"results folder {folder} is not writable ({e.strerror}); set results_dir to a "
+                              f"writable folder") from None
+
+
+def _check_long_enough(tok, name: str, root, need: int, what: str) -> None:
+    n = tokenize_dataset(tok, name, root, add_bos=False).shape[1]
+    if n < need:
+        raise ValueError(f"{what} {name!r} has {n} tokens, fewer than the {need} one window needs")
+
+
+def _lengths(cfg: RunConfig) -> tuple[int, int]:
+    """(eval seq_len, calibration seq_len), defaulting to model.seq_len."""
+    if cfg.model.seq_len is None:
+        cfg.model.seq_len = resolve_seq_len(cfg.model.path)
+    return cfg.eval.seq_len or cfg.model.seq_len, cfg.data.calib_seq_len or cfg.model.seq_len
+
+
+def preflight(cfg: RunConfig, out: Path):
+    """Everything checkable before the model's weights are read (and before GPTQ / SpinQuant / QAT run), so a
+    bad config fails in seconds: device, results folder, model family and tokenizer, group sizes and overrides
+    against every layer the config quantizes (from config.json), eval length against the model's context,
+    every dataset present and at least one window long. Returns the tokenizer."""
+    qcfg = cfg.quant
+    check_device(cfg.device)
+    _check_writable(out.parent)
+    get_weight_quantizer(qcfg.method)  # unknown method (a plugin not loaded?): a clear error now, not after loading
+    eval_len, calib_len = _lengths(cfg)
+    mconf = load_config(cfg.model.path)
+    check_config_shapes(mconf, qcfg)
+    ctx = getattr(mconf, "max_position_embeddings", None)
+    if ctx and eval_len > ctx:
+        raise ValueError(f"eval.seq_len={eval_len} exceeds the model's context (max_position_embeddings="
+                         f"{ctx}); set model.seq_len (or eval.seq_len) to at most {ctx}")
+    tok = load_tokenizer(cfg.model.path)
+    root = cfg.data.root
+    for ds in cfg.eval.datasets:
+        _check_long_enough(tok, ds, root, eval_len, "eval dataset")
+    if qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian:
+        _check_long_enough(tok, cfg.data.calib, root, calib_len + 2, "calibration text")
+    rot = cfg.rotation
+    if rot.name == "spinquant" and not rot.load:
+        from .rotation.spinquant import check_config
+        check_config(asdict(rot), int(os.environ.get("WORLD_SIZE", 1)))
+        _check_long_enough(tok, cfg.data.calib, root, rot.seq_len + 2, "calibration text")
+    if cfg.qat.name != "none":
+        dataset_path(cfg.qat.data, root)
+    le = cfg.eval.lm_eval
+    if le.tasks:
+        from .eval.harness import check_tasks
+        check_tasks(list(le.tasks), le.include_defaults, root)
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: str = "cpu"):
+    """(model, tokenizer) for `cfg` (a ModelConfig or a name / path)."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg, path=cfg)
+    return load(cfg.path, dtype=DTYPES[cfg.dtype], device=device)
+
+
+def evaluate(model, tok, cfg: EvalConfig, data_root=None, progress: bool = True, seq_len: int | None = None) -> dict:
+    """Perplexity on every eval dataset: {"ppl": {ds: ppl}, "ppl_detail": {ds: PerplexityResult dict}}."""
+    seq_len = cfg.seq_len or seq_len
+    if seq_len is None:
+        raise ValueError("evaluate needs eval.seq_len (or seq_len=)")
+    out: dict = {"ppl": {}, "ppl_detail": {}}
+    for ds in cfg.datasets:
+        r = perplexity(model, tok, ds, seq_len, cfg.stride, cfg.batch_size, cfg.max_windows, data_root,
+                       progress=progress)
+        out["ppl"][ds] = r.ppl
+        out["ppl_detail"][ds] = r.to_dict()
+        print(f"  {ds}: ppl {r.ppl:.3f} ({r.tokens_scored} tokens, {r.windows} windows of {r.seq_len})")
+    return out
+
+
+def evaluate_lm_eval(model, tok, cfg: RunConfig) -> dict:
+    """eval.lm_eval.tasks through lm-eval-harness on the model in memory: {task: {metric: value}}."""
+    from .eval.harness import evaluate_tasks
+    le = cfg.eval.lm_eval
+    res = evaluate_tasks(model, tok, list(le.tasks), max_length=_lengths(cfg)[0], batch_size=le.batch_size,
+                         limit=le.limit, num_fewshot=le.num_fewshot, include_defaults=le.include_defaults,
+                         add_bos_token=le.add_bos_token, data_root=cfg.data.root, seed=cfg.seed)
+    for task, m in res.items():
+        print(f"  lm-eval {task}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    return res
+
+
+def pack_and_evaluate(model, tok, cfg: RunConfig) -> dict:
+    """Pack the quantized model onto real kernels (in place), save it, optionally reload it, and evaluate."""
+    from . import export, kernels
+    kc = cfg.kernels
+    t = time.time()
+    kernels.pack(model, DTYPES[kc.dtype], backend=kc.name)
+    out = {"kernels": kernels.kernel_summary(model), "dtype": kc.dtype, "ppl": {}}
+    with tempfile.TemporaryDirectory() as d:
+        path = export.save(model, kc.save or Path(d) / "packed", tok)
+        out["size_on_disk_bytes"] = (path / export.WEIGHTS).stat().st_size
+        if kc.save and kc.reload:
+            model, _ = export.load(path)
+            out["reloaded_from"] = str(path)
+    out["pack_s"] = time.time() - t
+    res = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, _lengths(cfg)[0])
+    for ds, ppl in res["ppl"].items():
+        out["ppl"][ds] = ppl
+        print(f"  packed {ds}: ppl {ppl:.3f}")
+    if cfg.eval.lm_eval.tasks:
+        out["lm_eval"] = evaluate_lm_eval(model, tok, cfg)
+    return out
+
+
+def run(cfg: RunConfig | dict) -> dict:
+    """One run -> one row (written to results_dir/experiment_name/<run id>.json atomically, and returned). A row
+    that exists for the same resolved config is returned without running (skip_existing)."""
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    config = cfg.to_dict()
+    rid = run_id(config)
+    out = Path(cfg.results_dir) / cfg.experiment_name / f"{rid}.json"
+    if cfg.skip_existing and out.exists():
+        print(f"[skip] {out} exists (same resolved config)")
+        return json.loads(out.read_text())
+    rev = revision_for(out)  # committed rows (paper/results) only from a clean checkout: refused now, not after the run
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    qcfg = cfg.quant
+    tok = preflight(cfg, out)
+    eval_len, _ = _lengths(cfg)
+    t0 = time.time()
+    rank = int(os.environ.get("RANK", 0))
+    method = {"rotation": cfg.rotation.name, "weights": qcfg.method if qcfg.weight.enabled else "none",
+              "qat": cfg.qat.name}
+    tracker = None
+    if rank == 0:  # QAT training logs into this run too; the row's metrics are added when it is written
+        w = cfg.wandb
+        name = "+".join(v for v in method.values() if v != "none") or "fp"
+        tracker = tracking.start_run(config, w.mode, w.project, w.group or cfg.experiment_name,
+                                     name=f"{qcfg.label()} {name}",
+                                     run_dir=w.dir or Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
+                                     run_id=f"{cfg.experiment_name}-{rid}")
+    model, device, rotation_s, quant_s, qat_stats = build_quantized(cfg, tok, rid)
+    if model is None or rank != 0:  # QAT trained on every process; evaluation and the row are the main process's
+        return {}
+
+    with PeakMemory(device) as mem:
+        metrics = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len)
+    if cfg.eval.memory:
+        metrics["peak_mem_bytes"] = mem.peak_bytes
+        metrics["peak_mem_delta_bytes"] = mem.peak_delta_bytes
+    if cfg.eval.size:
+        sb = size_bits(model)
+        metrics["size_bytes"] = sb["total_bits"] // 8
+        metrics["size_on_disk_bytes"] = size_on_disk(model)
+        metrics["fp16_size_bytes"] = fp16_size_bits(model) // 8
+    metrics.update(wall_s=time.time() - t0, quant_s=quant_s, rotation_s=rotation_s)
+    if model.rotation_state.stats:
+        metrics["rotation_train"] = model.rotation_state.stats
+    if qat_stats is not None:
+        metrics["qat_train"] = qat_stats
+    if cfg.eval.lm_eval.tasks:
+        metrics["lm_eval"] = evaluate_lm_eval(model, tok, cfg)
+    if cfg.kernels.name != "none":
+        metrics["packed"] = pack_and_evaluate(model, tok, cfg)
+
+    row = make_row(cfg, rid, method, metrics, rev)
+    write_row(row, out)
+    tracking.log_row(tracker, row)
+    print(f"[done] {qcfg.label()} {row['method']['weights']}: {json.dumps(metrics['ppl'])} -> {out}")
+    return row
+
+
+def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
+    """load -> rotate -> quantize (or QAT: prepare, train, convert) as `cfg` says. Returns (model, device,
+    rotation seconds, quantization seconds, QAT stats or None); model None on a non-main process of a
+    data-parallel rotation run without QAT (it has nothing left to do)."""
+    qcfg, rot = cfg.quant, cfg.rotation
+    _, calib_len = _lengths(cfg)
+    # under `accelerate launch` / torchrun: each process its own GPU; rotation training is data-parallel,
+    # everything after it (quantization, evaluation, the row) runs on the main process only
+    rank, local_rank = int(os.environ.get("RANK", 0)), os.environ.get("LOCAL_RANK")
+    device = f"cuda:{local_rank}" if cfg.device == "cuda" and local_rank is not None else cfg.device
+    model, _ = load_model(cfg.model, device)
+    calib = rot_calib = None
+    if qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian:
+        calib = calibration_batch(tok, cfg.data.calib, cfg.data.calib_samples, calib_len, cfg.seed, cfg.data.root)
+    if rot.name == "spinquant" and not rot.load:
+        rot_calib = calibration_batch(tok, cfg.data.calib, rot.samples + rot.heldout, rot.seq_len, cfg.seed,
+                                      cfg.data.root)  # the last `heldout` held back
+    t = time.time()
+    rotation.apply(model, rot, rot_calib, target=qcfg)
+    rotation_s = time.time() - t
+    if rank != 0 and cfg.qat.name == "none":
+        return None, device, rotation_s, 0.0, None
+    t = time.time()
+    qat_stats = None
+    if cfg.qat.name == "none":
+        quantize_(model, qcfg, calib, progress=cfg.progress)
+    else:  # QAT starts from the (rotated) FP model: prepare -> train -> convert; checkpoints beside the row
+        import qat
+        config = cfg.to_dict()
+        tokens = tokenize_dataset(tok, cfg.qat.data, cfg.data.root, add_bos=False)[0]
+        qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
+                            run_config=config)
+    return model, device, rotation_s, time.time() - t, qat_stats
+
+
+def export_packed(cfg: RunConfig | dict, out) -> Path:
+    """Quantize as `cfg` says, pack onto `cfg.kernels` (cpu when none) and save the folder `out` (weights,
+    metadata, tokenizer), written atomically. No evaluation."""
+    from . import export, kernels
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    out = Path(out)
+    seed_everything(cfg.seed)
+    tok = preflight(cfg, out / "model.json")
+    model = build_quantized(cfg, tok)[0]
+    backend = cfg.kernels.name if cfg.kernels.name != "none" else "cpu"
+    kernels.pack(model, DTYPES[cfg.kernels.dtype], backend=backend)
+    return export.save(model, out, tok)
+
+
+def make_row(cfg: RunConfig, rid: str, method: dict, metrics: dict, rev: str) -> dict:
+    """The results row: what ran (resolved quant config included), its metrics, seed, revision and threads."""
+    qcfg = cfg.quant
+    w = qcfg.weight
+    return {
+        "experiment": cfg.experiment_name, "run_id": rid, "model": cfg.model.name, "scheme": qcfg.label(),
+        "method": method,
+        "spec": {"w_bits": w.bits, "w_group": w.group_size if w.granularity == "group" else None,
+                 "w_granularity": w.granularity, "w_sym": w.symmetric, "a_bits": qcfg.act.bits,
+                 "kv_bits": qcfg.kv.bits, "preset": qcfg.scheme},
+        "quant": qcfg.to_dict(), "metrics": metrics, "seed": cfg.seed, "git_rev": rev,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "config": cfg.to_dict(),
+    }

@@ -1,0 +1,405 @@
+"""Render results rows into Markdown tables (one table per model).
+
+    spinquant tables results/demo [more dirs or files] [--out paper/demo_table.md]
+    spinquant tables paper/results/rotation --layout rotation   # methods x schemes
+    spinquant tables paper/results/qat --layout qat             # QAT table + training cost
+    spinquant tables paper/results/qat --layout qat --latex paper/qat_table.tex   # + LaTeX (booktabs)
+
+Default layout: rows sorted FP first, then by weight bits, activation bits, KV bits (descending) and
+method; columns: perplexity per dataset, wikitext2 Δ vs the FP row, size (stored bits, MB) and its ratio
+to FP. Rotation layout (the papers' rotation table): one row per {rotation} x {weight quantizer}, one
+column per WxAyKVz scheme, cells = perplexity on one dataset, FP on top, rotation time per row.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from ..eval.paired import paired_diff
+from ..results import read_rows
+
+DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
+
+
+def _method(row) -> str:
+    m = row["method"]
+    parts = [p for p in (m.get("rotation"), m.get("weights"), m.get("qat")) if p and p != "none"]
+    return "+".join(parts) if parts else "FP"
+
+
+METHOD_RANK = {"FP": 0, "rtn": 1, "gptq": 2}
+
+
+def _fallback(row) -> bool:
+    return bool(row["spec"].get("w_group")) and row.get("quant", {}).get("group_fallback") == "channel"
+
+
+def _spec(row) -> str:
+    s = row["spec"]
+    if s.get("w_bits", 16) >= 16:
+        return "-"
+    if not s.get("w_group"):
+        return "per-ch"
+    return f"g{s['w_group']}" + ("*" if _fallback(row) else "")
+
+
+def _sort_key(row):
+    s = row["spec"]
+    m = _method(row)
+    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")),
+            METHOD_RANK.get(m.split("+")[-1], 9), m)
+
+
+LM_EVAL_METRICS = ("word_perplexity", "bits_per_byte", "acc_norm", "acc", "exact_match")
+
+
+def _lm_eval_metrics(rows, task: str) -> list[str]:
+    """The metrics shown for an lm-eval task: those of LM_EVAL_METRICS its rows report (perplexity tasks: word
+    perplexity and bits per byte; multiple choice: acc_norm / acc), else its first metric."""
+    have = {m for r in rows for m in r["metrics"].get("lm_eval", {}).get(task, {})}
+    shown = [m for m in LM_EVAL_METRICS if m in have]
+    return shown[:2] if shown else sorted(have)[:1]
+
+
+def _fmt_metric(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def _delta_cell(row, base, ds: str) -> str:
+    """ppl difference to the baseline row; with per-window NLLs in both rows, ± its paired standard error and a
+    '≈' where the difference is within two of them (spinquant.eval.paired)."""
+    ppl = row["metrics"]["ppl"]
+    if ds not in ppl:
+        return "–"
+    cell = f"{ppl[ds] - base['metrics']['ppl'][ds]:+.2f}"
+    a, b = row["metrics"].get("ppl_detail", {}).get(ds, {}), base["metrics"].get("ppl_detail", {}).get(ds, {})
+    if row is base or not a.get("window_nll") or not b.get("window_nll"):
+        return cell
+    d = paired_diff(a, b)
+    return cell + f" ± {d.se_ppl:.2f}" + (" ≈" if d.within_noise else "")
+
+
+def _dataset_label(name: str) -> str:
+    """A column name for a dataset: its registered name, or a text file's name without folder and extension."""
+    return Path(name).stem if "/" in name or name.endswith(".txt") else name
+
+
+def _subset(row) -> int | None:
+    """eval.max_windows of a row evaluated on only the first windows of each dataset (None: the whole test set)."""
+    return ((row.get("config") or {}).get("eval") or {}).get("max_windows")
+
+
+def render(rows: list[dict]) -> str:
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = sorted([r for r in rows if r["model"] == model], key=_sort_key)
+        datasets = [d for d in DATASET_ORDER if any(d in r["metrics"]["ppl"] for r in mrows)]
+        datasets += sorted({d for r in mrows for d in r["metrics"]["ppl"]} - set(datasets))
+        fp = next((r for r in mrows if r["spec"].get("w_bits", 16) >= 16 and r["spec"].get("a_bits", 16) >= 16
+                   and r["spec"].get("kv_bits", 16) >= 16), None)
+        tasks = sorted({t for r in mrows for t in r["metrics"].get("lm_eval", {})})
+        le_cols = [(t, m) for t in tasks for m in _lm_eval_metrics(mrows, t)]
+        head = ["Scheme", "Method", "W groups"] + [f"PPL {_dataset_label(d)}" for d in datasets]
+        head += [f"{t} {m.replace('_', ' ')}" for t, m in le_cols]
+        head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
+        head += ["Size (MB)", "× FP size"]
+        trained = any("qat_train" in r["metrics"] for r in mrows)
+        if trained:  # QAT rows: what the training cost
+            head += ["Train tokens", "Trainable params", "Wall s"]
+        rule = "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"
+        lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", rule]
+        for r in mrows:
+            ppl = r["metrics"]["ppl"]
+            mark = "†" if _subset(r) else ""
+            cells = [r["scheme"], _method(r), _spec(r)] + [f"{ppl[d]:.2f}{mark}" if d in ppl else "–" for d in datasets]
+            le = r["metrics"].get("lm_eval", {})
+            cells += [_fmt_metric(le[t][m]) if m in le.get(t, {}) else "–" for t, m in le_cols]
+            if fp and "wikitext2" in datasets:
+                cells.append(_delta_cell(r, fp, "wikitext2"))
+            size = r["metrics"].get("size_bytes")
+            cells.append(f"{size / 1e6:.2f}" if size else "–")
+            fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
+            cells.append(f"{size / fps:.3f}" if size and fps else "–")
+            if trained:
+                qt = r["metrics"].get("qat_train") or {}
+                cells += [f"{qt['train_tokens'] / 1e6:.2f}M" if qt else "–",
+                          f"{qt['trainable_params'] / 1e6:.2f}M" if qt else "–", f"{r['metrics'].get('wall_s', 0):.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        if any(_fallback(r) for r in mrows):
+            lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "
+                          "(`quant.group_fallback=channel`)."]
+        subsets = sorted({_subset(r) for r in mrows if _subset(r)})
+        if subsets:
+            lines += ["", f"† evaluated on only the first {' / '.join(map(str, subsets))} windows of each dataset "
+                          f"(`eval.max_windows`), not the whole test set: not comparable with full-set numbers."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+ROTATION_NAMES = {"none": "", "quarot": "QuaRot-", "spinquant": "SpinQuant-"}
+
+
+def _wakv(row) -> str:
+    s = row["spec"]
+    return f"W{s.get('w_bits', 16)}A{s.get('a_bits', 16)}KV{s.get('kv_bits', 16)}"
+
+
+def render_rotation(rows: list[dict], dataset: str = "wikitext2") -> str:
+    """Methods x schemes pivot of `dataset` perplexity; rotation seconds (SpinQuant: training) per cell."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
+        fp = [r for r in mrows if _wakv(r) == "W16A16KV16" and r["method"]["rotation"] == "none"]
+        q = [r for r in mrows if _wakv(r) != "W16A16KV16"]
+        cols = sorted({_wakv(r) for r in q}, key=lambda c: [-int(x) for x in c[1:].replace("A", " ").replace("KV", " ").split()])
+        cells: dict[tuple[str, str], dict] = {}
+        for r in q:
+            key = (r["method"]["rotation"], r["method"]["weights"])
+            if (key, _wakv(r)) in cells:
+                raise SystemExit(f"two rows for {model} {key} {_wakv(r)}: {cells[(key, _wakv(r))]['run_id']} and "
+                                 f"{r['run_id']}; keep one results folder per table")
+            cells[(key, _wakv(r))] = r
+        methods = sorted({k for k, _ in cells}, key=lambda k: (list(ROTATION_NAMES).index(k[0]) if k[0] in ROTATION_NAMES
+                                                                 else 9, METHOD_RANK.get(k[1], 9), k))
+        head = ["Method"] + cols + ["Rotation s (per column)"]
+        lines = [f"**{model}** — {dataset} perplexity", "", "| " + " | ".join(head) + " |",
+                 "|---|" + "|".join(["---:"] * len(cols)) + "|---:|"]
+        if fp:
+            v = fp[0]["metrics"]["ppl"][dataset]
+            lines.append("| FP | " + " | ".join(f"{v:.2f}" for _ in cols) + " | – |")
+        for k in methods:
+            name = ROTATION_NAMES.get(k[0], k[0] + "-") + k[1].upper()
+            ppl = [f"{cells[(k, c)]['metrics']['ppl'][dataset]:.2f}" if (k, c) in cells else "–" for c in cols]
+            secs = [cells[(k, c)]["metrics"].get("rotation_s") for c in cols if (k, c) in cells]
+            rot = " / ".join(f"{s:.0f}" for s in secs) if k[0] != "none" and secs else "–"
+            lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+QAT_METHODS = [  # (rotation, weights, qat) -> label, in table order
+    (("none", "none", "none"), "FP"), (("none", "rtn", "none"), "PTQ RTN"), (("none", "gptq", "none"), "PTQ GPTQ"),
+    (("none", "rtn", "full"), "QAT (full)"), (("none", "rtn", "lora"), "QAT+LoRA"),
+    (("spinquant", "rtn", "lora"), "SpinQuant+QAT+LoRA")]
+
+
+QAT_SCHEME_ORDER = ["W4A8", "W4A4KV4", "W3A16-g64", "W2A16-g64"]
+MIN_GAP = 0.01  # below this RTN→FP gap (relative to FP) a "% recovered" is noise: the row is marked "< FP" instead
+
+
+def _method_key(r) -> tuple[str, str, str]:
+    """(rotation, weight quantizer, qat) of a row."""
+    return r["method"]["rotation"], r["method"]["weights"], r["method"]["qat"]
+
+
+def _qat_scheme(row) -> str:
+    s = row["spec"]
+    g = s.get("w_group")
+    return row["scheme"] + (f"-g{g}" if g and s.get("a_bits", 16) >= 16 else "")
+
+
+def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
+    """Methods x schemes pivot of `dataset` perplexity with the share of the RTN→FP gap each row recovers,
+    then the training cost of every trained row (tokens, trainable parameters, time, throughput)."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
+        fp = next((r for r in mrows if _method_key(r) == ("none", "none", "none")), None)
+        q = [r for r in mrows if r["spec"].get("w_bits", 16) < 16]
+        cols = sorted({_qat_scheme(r) for r in q}, key=lambda c: (QAT_SCHEME_ORDER.index(c) if c in QAT_SCHEME_ORDER
+                                                                  else len(QAT_SCHEME_ORDER), c))
+        cells = {}
+        for r in q:
+            k = (_method_key(r), _qat_scheme(r))
+            if k in cells:
+                raise SystemExit(f"two rows for {model} {k}: {cells[k]['run_id']} and {r['run_id']}")
+            cells[k] = r
+        def ppl(r):
+            return r["metrics"]["ppl"][dataset]
+
+        control = next((r for r in mrows if _method_key(r) == ("none", "none", "lora")), None)
+        # the same LoRA training without quantization is what fine-tuning alone reaches: QAT is measured against it
+        ref_name = "FP + LoRA control" if control else "FP"
+        lines = [f"**{model}** — {dataset} perplexity (in brackets: share of the gap from RTN to the {ref_name} that QAT "
+                 f"recovers" + (", then the share of the RTN→FP gap" if control else "") +
+                 f", where the RTN→FP gap is over {100 * MIN_GAP:g}% of FP; < FP: below the FP model)", "",
+                 "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
+        if fp:
+            lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
+        if control:
+            lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}" for _ in cols) + " |")
+        for mk, label in QAT_METHODS[1:]:
+            if not any((mk, c) in cells for c in cols):
+                continue
+            row = []
+            for c in cols:
+                r, rtn = cells.get((mk, c)), cells.get((("none", "rtn", "none"), c))
+                if r is None:
+                    row.append("–")
+                    continue
+                cell = f"{ppl(r):.2f}"
+                if mk[2] != "none" and fp and rtn:
+                    gap = ppl(rtn) - ppl(fp)
+                    if gap > MIN_GAP * ppl(fp):
+                        vs_fp = f"{100 * (ppl(rtn) - ppl(r)) / gap:.0f}%"
+                        cell += (f" ({100 * (ppl(rtn) - ppl(r)) / (ppl(rtn) - ppl(control)):.0f}% / {vs_fp} FP)" if control
+                                 else f" ({vs_fp})")
+                    elif ppl(r) < ppl(fp):
+                        cell += " (< FP)"
+                row.append(cell)
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
+                         key=lambda r: (cols.index(_qat_scheme(r)) if _qat_scheme(r) in cols else -1, str(_method_key(r))))
+        if trained:
+            labels = dict(QAT_METHODS)
+            lines += ["", "| Scheme | Method | Train tokens | Trainable params | Train s | Train tok/s | Wall s | "
+                      f"PPL {dataset} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            for r in trained:
+                t = r["metrics"]["qat_train"]
+                name = labels.get(_method_key(r)) or ("FP + LoRA fine-tune" if r["method"]["qat"] == "lora" else
+                                              "FP fine-tune" if r["method"]["qat"] == "full" else str(_method_key(r)))
+                if r["spec"].get("w_bits", 16) >= 16:
+                    name += " (control)"
+                lines.append(f"| {_qat_scheme(r)} | {name} | {t['train_tokens'] / 1e6:.2f}M | "
+                             f"{t['trainable_params'] / 1e6:.2f}M | {t['train_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                             f"{r['metrics']['wall_s']:.0f} | {ppl(r):.2f} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+LATEX_SUBS = [("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"),
+              ("~", r"\textasciitilde{}"), ("^", r"\textasciicircum{}"), ("Δ", r"$\Delta$"), ("×", r"$\times$"),
+              ("→", r"$\to$"), ("–", "--"), ("—", "---"), ("≥", r"$\geq$"), ("≤", r"$\leq$"), ("±", r"$\pm$"),
+              ("≈", r"$\approx$")]
+
+
+def _latex_text(text: str) -> str:
+    """Escape one Markdown cell or line for LaTeX; **bold** and `code` become \textbf and \texttt."""
+    out = []
+    for chunk in re.split(r"(\*\*[^*]+\*\*|`[^`]+`)", text):
+        if len(chunk) > 4 and chunk.startswith("**") and chunk.endswith("**"):
+            out.append(r"\textbf{" + _latex_text(chunk[2:-2]) + "}")
+        elif len(chunk) > 2 and chunk.startswith("`") and chunk.endswith("`"):
+            out.append(r"\texttt{" + _latex_text(chunk[1:-1]) + "}")
+        else:
+            chunk = chunk.replace("\\*", "*").replace("\\", "\x00")
+            for a, b in LATEX_SUBS:
+                chunk = chunk.replace(a, b)
+            out.append(chunk.replace("\x00", r"\textbackslash{}"))
+    return "".join(out)
+
+
+def to_latex(markdown: str) -> str:
+    """The same tables as LaTeX booktabs `tabular`s: each Markdown table (| rows |) becomes a tabular with the
+    Markdown's column alignment; every other non-empty line (titles, notes) becomes a paragraph."""
+    out, table = [], []
+
+    def flush():
+        if not table:
+            return
+        head, align, *body = table
+        cols = "".join("r" if a.strip().endswith(":") else "l" for a in align)
+        out.append(r"\begin{tabular}{" + cols + "}")
+        out.append(r"\toprule")
+        out.append(" & ".join(_latex_text(c) for c in head) + r" \\")
+        out.append(r"\midrule")
+        out.extend(" & ".join(_latex_text(c) for c in row) + r" \\" for row in body)
+        out.extend([r"\bottomrule", r"\end{tabular}", ""])
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.strip():
+            out += [_latex_text(line.strip()), ""]
+    flush()
+    return "% generated by scripts/make_tables.py from results rows; do not edit\n" + "\n".join(out).rstrip() + "\n"
+
+
+def render_study(rows: list[dict], dataset: str = "wikitext2") -> str:
+    """The SpinQuant study: one line per (weight quantizer, lr, steps, global batch) with the objective on the
+    held-back calibration sequences before and after training and the resulting perplexity (best in bold)."""
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        lines = [f"**{model}** — SpinQuant at {', '.join(sorted({r['scheme'] for r in rows if r['model'] == model}))}: "
+                 f"held-back objective (cross-entropy of the training-time quantized model) and {dataset} perplexity",
+                 "", "| Weights | lr | Steps | Batch | Sequences | Held-out CE before | after | Δ | PPL " + dataset +
+                 " | Train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for weights in ("rtn", "gptq"):
+            mr = [r for r in rows if r["model"] == model and r["method"]["weights"] == weights]
+            if not mr:
+                continue
+            mr.sort(key=lambda r: tuple(r["metrics"]["rotation_train"][k] for k in ("lr", "steps", "batch_size")))
+            best = min(r["metrics"]["ppl"][dataset] for r in mr)
+            for r in mr:
+                t, ppl = r["metrics"]["rotation_train"], r["metrics"]["ppl"][dataset]
+                d = t["heldout_loss_after"] - t["heldout_loss_before"]
+                cell = f"**{ppl:.2f}**" if ppl == best else f"{ppl:.2f}"
+                lines.append(f"| {weights.upper()} | {t['lr']:g} | {t['steps']} | {t['batch_size']} | "
+                             f"{t['steps'] * t['batch_size']} | {t['heldout_loss_before']:.4f} | "
+                             f"{t['heldout_loss_after']:.4f} | {d:+.4f} | {cell} | {t['train_s']:.0f} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+LAYOUTS = {"schemes": "render", "rotation": "render_rotation", "qat": "render_qat", "spinquant_study": "render_study"}
+
+
+def provenance(rows: list[dict]) -> str:
+    """The commits the rows come from, most rows first: what a table says about its own provenance."""
+    revs: dict[str, int] = {}
+    for r in rows:
+        revs[str(r.get("git_rev"))] = revs.get(str(r.get("git_rev")), 0) + 1
+    parts = [f"`{rev}` ({n})" for rev, n in sorted(revs.items(), key=lambda kv: (-kv[1], kv[0]))]
+    one = len(revs) == 1
+    return f"Rows from {'commit' if one else f'{len(revs)} commits'} " + ", ".join(parts) + \
+        ("." if one else " (rows per commit): to be regenerated at one commit.") + "\n"
+
+
+def render_layout(rows: list[dict], layout: str, dataset: str = "wikitext2") -> str:
+    """Markdown of `rows` in one of the LAYOUTS, ending with the commits the rows come from."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    fn = globals()[LAYOUTS[layout]]
+    return (fn(rows) if layout == "schemes" else fn(rows, dataset)) + "\n" + provenance(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="results folders or row files")
+    p.add_argument("--out", type=Path, help="write the Markdown here too")
+    p.add_argument("--latex", type=Path, help="write the tables as LaTeX (booktabs) here")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="schemes",
+                   help="schemes: one row per run; rotation: methods x WxAyKVz schemes (the rotation table); "
+                        "qat: methods x schemes with the RTN→FP gap recovered and the training cost")
+    p.add_argument("--dataset", default="wikitext2", help="the perplexity shown by --layout rotation")
+    p.add_argument("--splice", action="append", default=[], metavar="FILE:MARKER",
+                   help="replace the text between <!-- BEGIN MARKER --> and <!-- END MARKER --> in FILE")
+    args = p.parse_args(argv)
+    rows = read_rows(args.paths)
+    if not rows:
+        raise SystemExit(f"no results rows under {args.paths}")
+    text = render_layout(rows, args.layout, args.dataset)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    if args.latex:
+        args.latex.parent.mkdir(parents=True, exist_ok=True)
+        args.latex.write_text(to_latex(text))
+    for target in args.splice:
+        splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
+    print(text)
+
+
+def splice(path: Path, marker: str, text: str) -> None:
+    """Put `text` between the BEGIN/END marker comments of `path` (clear error if they are missing)."""
+    begin, end = f"<!-- BEGIN {marker} -->", f"<!-- END {marker} -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {begin} ... {end} block to splice the table into")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
+

@@ -1,0 +1,174 @@
+"""The library surface: the README's Python API, typed configs (unknown keys refused), the `spinquant` command
+(help, resolved presets, tables, export) and the installed wheel outside the checkout."""
+import json
+import os
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+import spinquant as sq
+from spinquant import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- BEGIN python_api -->\n```python\n", 1)[1].split("```\n<!-- END python_api -->", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md python_api", "exec"), {})
+    ppl = float(re.search(r"'wikitext2': ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert 150 < ppl < 400  # ref-llama's FP is ~183 on the full set; W4A8 with FP layer 0 on 2 windows
+    model, tok = sq.load_packed(tmp_path / "out/ref-llama-w4a8")
+    assert model.rotation_state.name == "quarot" and model.rotation_state.config["seed"] == 0
+    assert model.quant_config.overrides[0].modules == "*.down_proj"
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}
+    assert kinds["model.layers.0.mlp.down_proj"] != "PackedLinear" and kinds["model.layers.1.mlp.down_proj"] == "PackedLinear"
+
+
+def test_top_level_exports_and_version():
+    assert re.match(r"\d+\.\d+", sq.__version__)
+    for name in ("load_model", "rotate", "quantize_", "evaluate", "pack", "save", "load_packed", "run", "RunConfig",
+                 "QuantConfig", "QuaRotConfig", "SpinQuantConfig", "register_rotation", "register_weight_quantizer"):
+        assert hasattr(sq, name), name
+
+
+@pytest.mark.parametrize("section,bad,match", [
+    ("rotation", {"name": "quarot", "sed": 1}, r"unknown rotation\.sed for rotation 'quarot'"),
+    ("rotation", {"name": "spinquant", "step": 10}, r"unknown rotation\.step"),
+    ("eval", {"max_window": 2}, r"eval\.max_window"),
+    ("model", {"name": "x", "pth": "y"}, r"model\.pth"),
+    ("qat", {"name": "lora", "train": {"step": 3}}, r"qat\.train\.step"),
+    ("qat", {"name": "lora", "lora": {"rnak": 3}}, r"qat\.lora\.rnak"),
+    ("kernels", {"name": "cuda"}, "unknown kernels 'cuda'"),
+])
+def test_misspelled_config_keys_are_refused(section, bad, match):
+    with pytest.raises(ValueError, match=match):
+        sq.RunConfig.from_dict({section: bad})
+
+
+def test_misspelled_key_through_hydra_plus_plus_is_refused(tmp_path):
+    cfg = cli.compose("model=stories260k", f"results_dir={tmp_path}", "++rotation.sed=3", "rotation=quarot")
+    with pytest.raises(ValueError, match=r"unknown rotation\.sed"):
+        cli.run_hydra(cfg, choices={})
+    cfg = cli.compose("model=stories260k", f"results_dir={tmp_path}", "++eval.max_window=2")
+    with pytest.raises(ValueError, match=r"eval\.max_window"):
+        cli.run_hydra(cfg, choices={})
+    assert not (tmp_path / "default").exists()
+
+
+def test_registered_rotation_runs_from_its_typed_config():
+    from dataclasses import dataclass
+    calls = []
+
+    @dataclass
+    class Scale:
+        name: str = "identity_check"
+        factor: float = 1.0
+
+    sq.register_rotation("identity_check", Scale, lambda model, cfg, calib=None, target=None: calls.append(cfg))
+    try:
+        from tests.conftest import make_tiny
+        model = make_tiny()
+        sq.rotate(model, {"name": "identity_check", "factor": 2.0})
+        assert calls == [{"name": "identity_check", "factor": 2.0}] and model.rotation_state.name == "identity_check"
+        with pytest.raises(ValueError, match=r"unknown rotation\.factr"):
+            sq.rotate(model, {"name": "identity_check", "factr": 2.0})
+    finally:
+        from spinquant.rotation import ROTATIONS
+        ROTATIONS.pop("identity_check")
+
+
+def test_help_lists_schemes_quantizers_rotations_and_families(capsys):
+    cli.main(["--help"])
+    out = capsys.readouterr().out
+    for want in ("W4A8 ", "int4 sym g32", "gptq", "rtn", "quarot", "spinquant", "llama", "qwen2", "mistral",
+                 "w4a8_mixed", "+experiment"):
+        assert want in out, want
+    cli.main(["run", "--help"])
+    assert "W4A4KV4" in capsys.readouterr().out
+
+
+def test_cfg_job_shows_the_resolved_preset(capsys):
+    cli.main(["run", "--cfg", "job", "quant=w4a8_mixed"])
+    out = capsys.readouterr().out
+    from omegaconf import OmegaConf
+    quant = OmegaConf.create(out.split("\n", 1)[1]).quant
+    assert quant.weight.bits == 4 and quant.weight.group_size == 32 and quant.act.bits == 8 and quant.act.granularity == "token"
+    assert quant.overrides[0].weight.bits == 8
+
+
+def test_row_records_the_resolved_quant_config(tmp_path):
+    row = cli.run_hydra(cli.compose("model=stories260k", "quant=w4a8_mixed", "quant.group_fallback=channel",
+                                    f"results_dir={tmp_path}", "eval.datasets=[wikitext2]", "eval.max_windows=1",
+                                    "eval.seq_len=128", "wandb.mode=disabled", "progress=false"), choices={})
+    assert row["scheme"] == "W4A8-mixed" and row["quant"]["weight"]["group_size"] == 32
+    assert row["quant"]["overrides"][0]["weight"]["bits"] == 8 and row["config"]["quant"]["weight"] == {}
+
+
+def test_tables_name_columns_by_dataset_and_mark_window_subsets(tmp_path, capsys):
+    text = tmp_path / "my_corpus.txt"
+    text.write_text((ROOT / "README.md").read_text())
+    for q in ("w16a16", "w4a8"):
+        cli.run_hydra(cli.compose("model=stories260k", f"quant={q}", "quant.group_fallback=channel",
+                                  f"results_dir={tmp_path}/res", f"eval.datasets=[{text}]", "eval.max_windows=2",
+                                  "eval.seq_len=128", "wandb.mode=disabled", "progress=false"), choices={})
+    capsys.readouterr()
+    cli.main(["tables", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert "PPL my_corpus |" in out and str(tmp_path) not in out
+    assert re.search(r"\| W4A8 \| rtn \|[^|]*\| [0-9.]+† \|", out)
+    assert "† evaluated on only the first 2 windows" in out
+
+
+def test_export_command_writes_a_packed_model_that_reloads(tmp_path):
+    cli.main(["export", str(tmp_path / "m"), "model=stories260k", "quant=w4a8", "quant.group_fallback=channel",
+              "progress=false"])
+    model, tok = sq.load_packed(tmp_path / "m")
+    assert tok is not None and model.quant_config.label() == "W4A8"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    with pytest.raises(SystemExit, match="usage: spinquant export OUT"):
+        cli.main(["export", "quant=w4a8"])
+
+
+def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
+    """Build the wheel, install it into a fresh venv outside the repository (dependencies reached through the
+    test environment's site-packages, not its spinquant), and run `spinquant --help` and the default experiment."""
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                    str(dist), str(ROOT)], check=True, env=ENV, capture_output=True)
+    wheel = next(dist.glob("spinquant-*.whl"))
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    site = next(env_dir.glob("lib/python*/site-packages"))
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    (site / "zz_deps.pth").write_text("\n".join(deps) + "\n")  # plain paths: their .pth files (our editable) are not run
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, env=ENV, capture_output=True)
+    from spinquant.data import data_root
+    env = {**ENV, "SPINQUANT_DATA": str(data_root())}  # the data as this checkout finds it; the model ships in the wheel
+    py, exe = env_dir / "bin" / "python", site / "bin" / "spinquant"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([str(py), "-c", "import spinquant, sys; print(spinquant.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(site)), where  # the wheel's copy, not the checkout's
+    run = [str(py), "-c", "import sys; from spinquant.cli import main; main(sys.argv[1:])"]
+    if exe.exists():
+        run = [str(py), str(exe)]
+    out = subprocess.run([*run, "--help"], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    assert "W4A4KV4" in out and "quarot" in out and str(site) in out  # configs shipped inside the package
+    res = subprocess.run([*run, "run", "eval.datasets=[wikitext2]", "eval.max_windows=2", "progress=false",
+                          "wandb.mode=disabled", "quant=w4a8"], cwd=work, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list((work / "results" / "default").glob("*.json"))
+    assert len(rows) == 1
+    row = json.loads(rows[0].read_text())
+    assert row["model"] == "ref-llama" and row["scheme"] == "W4A8" and row["metrics"]["ppl_detail"]["wikitext2"]["windows"] == 2
