@@ -6,6 +6,7 @@
     spinquant tables results/demo                                      # your rows as a Markdown table
     spinquant paper [--check]                                          # regenerate paper/ in a checkout
     spinquant export OUT model=ref-llama quant=w4a8                    # quantize, pack and save a model folder
+    spinquant export m.gguf --format gguf quant=gguf_q4_0_gptq         # a GGUF file for llama.cpp (bit-exact weights)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ COMMANDS = {"run": "one run -> one results row (Hydra overrides: group=option ke
             "sweep": "a Hydra multirun, e.g. +experiment=<table> (rows already written are skipped)",
             "tables": "render results rows (folders or files) as Markdown tables",
             "paper": "regenerate paper/ (tables, figures, README splices) from the committed rows of a checkout",
-            "export": "quantize (rotate, QAT) as configured, pack onto the kernels and save the model folder"}
+            "export": "quantize (rotate, QAT) as configured and save: a packed folder, or --format gguf for llama.cpp"}
 
 
 def run_hydra(cfg, choices: dict[str, str] | None = None) -> dict:
@@ -115,10 +116,21 @@ def usage() -> str:
               "($SPINQUANT_MODELS).")
 
 
+EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf] [group=option key=value ...]\n"
+                "  packed: a folder for spinquant.load_packed (our kernels); gguf: one .gguf file for llama.cpp "
+                "(quant=gguf_q4_0 / gguf_q8_0, weight-only, R1/R2 rotations only)")
+
+
 def export_cmd(argv: list[str]) -> None:
-    """spinquant export OUT [overrides]: the run's quantization, packed and saved to OUT (no evaluation)."""
+    """spinquant export OUT [--format packed|gguf] [overrides]: the run's quantization written to OUT (no evaluation)."""
+    fmt = "packed"
+    if "--format" in argv:
+        i = argv.index("--format")
+        if i + 1 >= len(argv) or argv[i + 1] not in ("packed", "gguf"):
+            raise SystemExit(EXPORT_USAGE)
+        fmt, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
-        raise SystemExit("usage: spinquant export OUT [group=option key=value ...]  (OUT: the folder to write)")
+        raise SystemExit(EXPORT_USAGE)
     from omegaconf import OmegaConf
 
     from . import pipeline
@@ -127,8 +139,8 @@ def export_cmd(argv: list[str]) -> None:
     if cfg.model.get("seq_len") is None:
         cfg.model.seq_len = pipeline.resolve_seq_len(cfg.model.path)
     rc = pipeline.RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    path = pipeline.export_packed(rc, out)
-    print(f"[done] {rc.quant.label()} packed model written to {path}")
+    path = (pipeline.export_gguf_run if fmt == "gguf" else pipeline.export_packed)(rc, out)
+    print(f"[done] {rc.quant.label()} {fmt} model written to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -361,7 +361,7 @@ def run(cfg: RunConfig | dict) -> dict:
     eval_len, _ = _lengths(cfg)
     t0 = time.time()
     rank = int(os.environ.get("RANK", 0))
-    method = {"rotation": cfg.rotation.name, "weights": qcfg.method if qcfg.weight.enabled else "none",
+    method = {"rotation": rotation_label(cfg.rotation), "weights": qcfg.method if qcfg.weight.enabled else "none",
               "qat": cfg.qat.name}
     tracker = None
     if rank == 0:  # QAT training logs into this run too; the row's metrics are added when it is written
@@ -402,6 +402,13 @@ def run(cfg: RunConfig | dict) -> dict:
     return row
 
 
+def rotation_label(rot) -> str:
+    """The rotation's name in rows and tables; `<name>-offline` when it fuses R1/R2 only (no online R3/R4)."""
+    if hasattr(rot, "r3") and not rot.r3 and not getattr(rot, "r4", True):
+        return f"{rot.name}-offline"
+    return rot.name
+
+
 def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     """load -> rotate -> quantize (or QAT: prepare, train, convert) as `cfg` says. Returns (model, device,
     rotation seconds, quantization seconds, QAT stats or None); model None on a non-main process of a
@@ -435,6 +442,20 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
         qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
                             run_config=config)
     return model, device, rotation_s, time.time() - t, qat_stats
+
+
+def export_gguf_run(cfg: RunConfig | dict, out) -> Path:
+    """Quantize as `cfg` says and write the GGUF file `out` for llama.cpp (weights bit-exact; see gguf_export).
+    Everything GGUF cannot hold is refused from the config, before the model loads."""
+    from .gguf_export import check_config, export_gguf
+    from .models.load import resolve_path
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    out = Path(out)
+    check_config(cfg.quant, cfg.rotation, cfg.qat)
+    seed_everything(cfg.seed)
+    tok = preflight(cfg, out)
+    model = build_quantized(cfg, tok)[0]
+    return export_gguf(model, out, resolve_path(cfg.model.path), name=cfg.model.name)
 
 
 def export_packed(cfg: RunConfig | dict, out) -> Path:

@@ -56,7 +56,7 @@ class QuantConfig:
     lm_head: QuantSpec | None = None
     lm_head_act: QuantSpec | None = None
     scheme: str = "W16A16"
-    group_fallback: str = "error"  # "error" | "channel": layers whose width a group does not divide
+    group_fallback: str = "error"  # "error" | "channel" | "none" (FP): layers whose width a group does not divide
     # calibrated quantizers (GPTQ): calibrate each layer on the quantized model's activations (act / KV quantization
     # on in the layers already done, Hessian of the quantized input), as llm-compressor and GPTQModel do
     calib_act_quant: bool = False
@@ -73,8 +73,8 @@ class QuantConfig:
         for k in SPEC_FIELDS + ("method",):
             if getattr(self, k) is None:
                 object.__setattr__(self, k, getattr(base, k) if base is not None else ("rtn" if k == "method" else FP))
-        if self.group_fallback not in ("error", "channel"):
-            raise ValueError(f"group_fallback must be 'error' or 'channel', got {self.group_fallback!r}")
+        if self.group_fallback not in ("error", "channel", "none"):
+            raise ValueError(f"group_fallback must be 'error', 'channel' or 'none', got {self.group_fallback!r}")
         object.__setattr__(self, "overrides", tuple(o if isinstance(o, ModuleOverride) else ModuleOverride.from_dict(o)
                                                     for o in self.overrides))
 
@@ -107,6 +107,8 @@ class QuantConfig:
         if w.enabled and w.granularity == "group" and in_features % w.group_size:
             if self.group_fallback == "channel":
                 return replace(w, granularity="channel", group_size=None)
+            if self.group_fallback == "none":  # left in full precision (llama.cpp's fallback for such tensors too)
+                return FP
             w.check_shape(in_features, what + " (set quant.group_fallback=channel to use per-channel there)")
         return w
 
@@ -149,9 +151,9 @@ class QuantConfig:
         return replace(base, **kw)
 
 
-def _w(bits, group=None, sym=True, clip="none"):
+def _w(bits, group=None, sym=True, clip="none", scale_dtype=None):
     return QuantSpec(bits=bits, symmetric=sym, granularity="group" if group else "channel", group_size=group,
-                     clip_search=clip)
+                     clip_search=clip, scale_dtype=scale_dtype)
 
 
 def _a(bits, clip=1.0, sym=False):
@@ -173,6 +175,13 @@ SCHEMES: dict[str, QuantConfig] = {
     "W4A8KV8": QuantConfig(weight=_w(4, clip="mse"), act=_a(8),
                            kv=QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True),
                            scheme="W4A8KV8"),
+    # GGUF's block formats, exactly: symmetric blocks of 32 with one fp16 scale (llama.cpp dequantizes q·d), so the
+    # codes and scales export bit for bit (spinquant.gguf_export). Decoder linears at Q4_0 / Q8_0; the embedding and
+    # lm_head at Q8_0 (llama.cpp's own Q4_0 files keep the output tensor at higher precision too).
+    "GGUF-Q4_0": QuantConfig(weight=_w(4, 32, clip="mse", scale_dtype="float16"), embed=_w(8, 32, scale_dtype="float16"),
+                             lm_head=_w(8, 32, scale_dtype="float16"), scheme="GGUF-Q4_0"),
+    "GGUF-Q8_0": QuantConfig(weight=_w(8, 32, scale_dtype="float16"), embed=_w(8, 32, scale_dtype="float16"),
+                             lm_head=_w(8, 32, scale_dtype="float16"), scheme="GGUF-Q8_0"),
     "W4A4KV4": QuantConfig(weight=_w(4, clip="mse"), act=_a(4, clip=0.9),
                            kv=QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True, clip_ratio=0.95),
                            scheme="W4A4KV4"),

@@ -25,6 +25,7 @@ class QuantSpec:
     dynamic: bool = False
     clip_ratio: float = 1.0
     clip_search: str = "none"  # "none" | "mse"
+    scale_dtype: str | None = None  # "float16": scales rounded to fp16, as GGUF's Q4_0 / Q8_0 blocks store them
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not (2 <= self.bits <= 8 or self.bits == 16):
@@ -41,6 +42,8 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if self.clip_search not in ("none", "mse"):
             raise ValueError(f"QuantSpec.clip_search must be 'none' or 'mse', got {self.clip_search!r}")
+        if self.scale_dtype not in (None, "float16"):
+            raise ValueError(f"QuantSpec.scale_dtype must be null or 'float16', got {self.scale_dtype!r}")
 
     @property
     def enabled(self) -> bool:
@@ -61,7 +64,10 @@ class QuantSpec:
                              f"pick a group size that divides {last_dim}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["scale_dtype"] is None:  # rows and saved models written before the field existed stay the same
+            del d["scale_dtype"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "QuantSpec":

@@ -32,7 +32,7 @@ METHOD_RANK = {"FP": 0, "rtn": 1, "gptq": 2}
 
 
 def _fallback(row) -> bool:
-    return bool(row["spec"].get("w_group")) and row.get("quant", {}).get("group_fallback") == "channel"
+    return bool(row["spec"].get("w_group")) and row.get("quant", {}).get("group_fallback") in ("channel", "none")
 
 
 def _spec(row) -> str:
@@ -126,9 +126,13 @@ def render(rows: list[dict]) -> str:
                 cells += [f"{qt['train_tokens'] / 1e6:.2f}M" if qt else "–",
                           f"{qt['trainable_params'] / 1e6:.2f}M" if qt else "–", f"{r['metrics'].get('wall_s', 0):.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        if any(_fallback(r) for r in mrows):
+        kinds = {r["quant"]["group_fallback"] for r in mrows if _fallback(r)}
+        if kinds == {"channel"}:
             lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "
                           "(`quant.group_fallback=channel`)."]
+        elif kinds:
+            lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "
+                          "(`quant.group_fallback=channel`) or left in full precision (`none`)."]
         subsets = sorted({_subset(r) for r in mrows if _subset(r)})
         if subsets:
             lines += ["", f"† evaluated on only the first {' / '.join(map(str, subsets))} windows of each dataset "
@@ -137,7 +141,8 @@ def render(rows: list[dict]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-ROTATION_NAMES = {"none": "", "quarot": "QuaRot-", "spinquant": "SpinQuant-"}
+ROTATION_NAMES = {"none": "", "quarot": "QuaRot-", "quarot-offline": "QuaRot-offline-", "spinquant": "SpinQuant-",
+                  "spinquant-offline": "SpinQuant-offline-"}
 
 
 def _wakv(row) -> str:

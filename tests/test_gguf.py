@@ -1,0 +1,179 @@
+"""GGUF export: our codes and scales written into llama.cpp's Q4_0 / Q8_0 blocks bit for bit (read back and
+dequantized by the `gguf` package, an independent implementation), refusals before any file exists, and (when
+llama-cpp-python is installed) llama.cpp's logits against ours."""
+import numpy as np
+import pytest
+import torch
+
+from spinquant import rotation
+from spinquant.gguf_export import GGUFExportError, encode_blocks, export_gguf, permute_rows
+from spinquant.models.load import resolve_path
+from spinquant.quant import QuantConfig, QuantLinear, quantize_
+from tests.conftest import make_tiny
+
+gguf = pytest.importorskip("gguf")
+STORIES = resolve_path("stories260k")
+
+
+def _tiny(family="llama", **kw):
+    """A tiny random model with stories260K's tokenizer (512 tokens), so the file has a real vocabulary."""
+    return make_tiny(family, vocab=512, hidden=64, intermediate=128, **kw)
+
+
+def _read(path):
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type)
+        out[t.name] = (t.tensor_type.name, torch.from_numpy(np.asarray(data, dtype=np.float32).copy()))
+    return r, out
+
+
+@pytest.mark.parametrize("scheme", ["GGUF-Q4_0", "GGUF-Q8_0"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_exported_blocks_dequantize_bit_identically(tmp_path, scheme, family):
+    model = _tiny(family)
+    quantize_(model, QuantConfig(scheme=scheme), progress=False)
+    path = export_gguf(model, tmp_path / "m.gguf", STORIES)
+    reader, tensors = _read(path)
+    fmt = scheme.split("-")[1]
+    n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    lin = model.model.layers[1].self_attn
+    for gname, mod, heads in (("blk.1.attn_q.weight", lin.q_proj, n_head), ("blk.1.attn_k.weight", lin.k_proj, n_kv),
+                              ("blk.1.attn_v.weight", lin.v_proj, None),
+                              ("blk.0.ffn_down.weight", model.model.layers[0].mlp.down_proj, None)):
+        kind, got = tensors[gname]
+        want = mod.qweight.dequantize()
+        if heads and family == "llama":  # llama.cpp's RoPE layout: rows of q / k permuted per head
+            want = permute_rows(want, heads)
+        assert kind == fmt and torch.equal(got.reshape(want.shape), want), gname
+    kind, emb = tensors["token_embd.weight"]
+    assert kind == "Q8_0" and torch.equal(emb.reshape(512, 64), model.model.embed_tokens.qweight.dequantize())
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == {"llama": "llama", "qwen2": "qwen2"}[family]
+    if family == "qwen2":
+        kind, b = tensors["blk.0.attn_q.bias"]
+        assert kind == "F32" and torch.allclose(b, model.model.layers[0].self_attn.q_proj.bias.float())
+
+
+def test_block_encoding_against_gguf_reference_quantizer():
+    """A block that llama.cpp's own Q8_0 / Q4_0 quantizer produces decodes identically from our encoding."""
+    x = torch.randn(4, 64)
+    for qtype, bits in ((gguf.GGMLQuantizationType.Q8_0, 8), (gguf.GGMLQuantizationType.Q4_0, 4)):
+        ref = gguf.quants.quantize(x.numpy(), qtype)
+        deq = torch.from_numpy(np.asarray(gguf.quants.dequantize(ref, qtype), dtype=np.float32)).reshape(4, 64)
+        # recover llama.cpp's codes and scales from its blocks, re-encode them ourselves: identical bytes
+        blocks = ref.reshape(4, 2, -1)
+        d = torch.from_numpy(blocks[..., :2].copy().view(np.float16).astype(np.float32)).reshape(4, 2)
+        codes = torch.round(deq.reshape(4, 2, 32) / d.unsqueeze(-1).where(d.unsqueeze(-1) != 0, torch.ones(1)))
+        codes = codes.reshape(4, 64).to(torch.int8)
+        assert np.array_equal(encode_blocks(codes, d, qtype.name), ref.reshape(4, -1)), qtype.name
+
+
+def test_permutation_matches_llama_cpp_convert():
+    """llama.cpp's convert_hf_to_gguf LlamaModel.permute, transcribed: reshape(n_head, 2, d/n_head/2, ...) swap."""
+    w = torch.arange(8 * 3).reshape(8, 3)
+    want = w.reshape(2, 2, 2, 3).swapaxes(1, 2).reshape(8, 3)
+    assert torch.equal(permute_rows(w, 2), want)
+    assert permute_rows(w, 2)[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+
+
+@pytest.mark.parametrize("setup,match", [
+    (lambda m: quantize_(m, QuantConfig(scheme="W4A16"), progress=False), "nearest exportable preset is quant=gguf_q4_0"),
+    (lambda m: quantize_(m, QuantConfig(scheme="W8A8"), progress=False), "input activations"),
+    (lambda m: quantize_(m, QuantConfig(scheme="W4A4KV4"), progress=False), "KV cache"),
+    (lambda m: (rotation.apply(m, {"name": "quarot"}), quantize_(m, QuantConfig(scheme="GGUF-Q4_0"), progress=False)),
+     "online Hadamard.*quarot_offline"),
+])
+def test_what_gguf_cannot_hold_is_refused_before_a_file_exists(tmp_path, setup, match):
+    model = _tiny()
+    setup(model)
+    with pytest.raises(GGUFExportError, match=match):
+        export_gguf(model, tmp_path / "m.gguf", STORIES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_rotation_exports(tmp_path):
+    model = _tiny()
+    rotation.apply(model, {"name": "quarot", "r3": False, "r4": False})
+    quantize_(model, QuantConfig(scheme="GGUF-Q4_0"), progress=False)
+    _, tensors = _read(export_gguf(model, tmp_path / "m.gguf", STORIES))
+    assert torch.equal(tensors["blk.0.ffn_up.weight"][1].reshape(128, 64), model.model.layers[0].mlp.up_proj.qweight.dequantize())
+    assert torch.all(tensors["blk.0.attn_norm.weight"][1] == 1)  # norms folded into the linears by the rotation
+
+
+def test_fp16_scale_rounding_only_where_asked():
+    from spinquant.quant.quantizer import compute_qparams
+    from spinquant.quant.schemes import SCHEMES
+    w = torch.randn(16, 64)
+    s16, _ = compute_qparams(w, SCHEMES["GGUF-Q4_0"].weight)
+    s32, _ = compute_qparams(w, SCHEMES["W4A8"].weight)
+    assert torch.equal(s16.half().float(), s16) and not torch.equal(s32.half().float(), s32)
+    assert "scale_dtype" not in SCHEMES["W4A8"].weight.to_dict()  # old rows and saved models keep their keys
+
+
+def test_gptq_on_the_q4_0_grid_exports_bit_exactly(tmp_path):
+    model = _tiny()
+    calib = torch.randint(0, 512, (4, 32))
+    quantize_(model, QuantConfig.from_dict({"scheme": "GGUF-Q4_0", "method": "gptq"}), calib, progress=False)
+    _, tensors = _read(export_gguf(model, tmp_path / "m.gguf", STORIES))
+    for i, layer in enumerate(model.model.layers):
+        m = layer.mlp.gate_proj
+        assert isinstance(m, QuantLinear)
+        assert torch.equal(tensors[f"blk.{i}.ffn_gate.weight"][1].reshape(128, 64), m.qweight.dequantize())
+
+
+def test_llama_cpp_logits_match_ours(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from spinquant.models import load
+    model, tok = load("stories260k")
+    quantize_(model, QuantConfig.from_dict({"scheme": "GGUF-Q8_0", "group_fallback": "none"}), progress=False)
+    path = export_gguf(model, tmp_path / "m.gguf", STORIES)
+    ids = tok("Once upon a time there was a little girl named Lily.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(ids)
+    got = torch.tensor(np.asarray(llm.scores[: len(ids)]), dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float()
+    rel = (got - want).norm() / want.norm()
+    assert rel < 2e-2, rel  # llama.cpp multiplies Q8_0 weights by activations it rounds to Q8_0 itself
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_cli_gguf_export_refuses_from_the_config_before_loading(tmp_path, monkeypatch):
+    from spinquant import cli, pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr(pipeline, "load", no_load)
+    for overrides, match in ((["quant=w4a8"], r"int4 sym g32 \(fp32 scales\).*quant=gguf_q4_0"),
+                             (["quant=gguf_q4_0", "++quant.act.bits=8"], "activation quantization"),
+                             (["quant=w4a16"], "nearest exportable preset is quant=gguf_q4_0"),
+                             (["quant=gguf_q4_0", "rotation=quarot"], "rotation=quarot_offline"),
+                             (["quant=gguf_q4_0", "qat=lora"], "qat.merge=true"),
+                             (["quant=gguf_q8_0", "qat=full"], "qat.scales=fixed")):
+        with pytest.raises(GGUFExportError, match=match):
+            cli.main(["export", str(tmp_path / "m.gguf"), "--format", "gguf", "model=stories260k", *overrides])
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_gguf_export_of_an_offline_rotated_gptq_model(tmp_path):
+    from spinquant import cli
+    out = tmp_path / "m.gguf"
+    cli.main(["export", str(out), "--format", "gguf", "model=stories260k", "quant=gguf_q4_0_gptq", "quant.group_fallback=none",
+              "rotation=quarot_offline", "rotation.fallback=block_diagonal", "data.calib_samples=4", "progress=false"])
+    reader, tensors = _read(out)
+    assert tensors["blk.0.attn_q.weight"][0] == "Q4_0" and tensors["output.weight"][0] == "Q8_0"
+    assert tensors["blk.0.ffn_down.weight"][0] == "F16"  # 172 inputs: no blocks of 32, left FP (group_fallback=none)
+    toks = reader.fields["tokenizer.ggml.tokens"]
+    assert len(toks.data) == 512 and bytes(toks.parts[toks.data[3]]).decode() == "<0x00>"
+
+
+def test_offline_rotation_rows_are_labelled(tmp_path):
+    from spinquant import cli
+    row = cli.run_hydra(cli.compose("model=stories260k", "rotation=quarot_offline", "rotation.fallback=block_diagonal",
+                                    "quant=gguf_q4_0", "quant.group_fallback=none", f"results_dir={tmp_path}",
+                                    "eval.datasets=[wikitext2]",
+                                    "eval.max_windows=1", "eval.seq_len=128", "wandb.mode=disabled", "progress=false"),
+                        choices={})
+    assert row["method"]["rotation"] == "quarot-offline" and row["quant"]["weight"]["scale_dtype"] == "float16"
