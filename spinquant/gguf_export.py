@@ -110,11 +110,11 @@ def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
                               "qat.scales=fixed")
 
 
-def _weight(module, name: str):
-    """(kind, payload) of a linear / embedding: ('Q4_0'|'Q8_0', (codes, scale)) or ('F16'|'F32', dense tensor)."""
+def _weight(module, name: str, fp: str = "F16"):
+    """(kind, payload) of a linear / embedding: ('Q4_0'|'Q8_0', (codes, scale)) or (`fp`, dense tensor)."""
     qw = getattr(module, "qweight", None)
     if qw is None:
-        return "F16", module.weight.detach().float()
+        return fp, module.weight.detach().float()
     fmt = block_format(qw)
     if fmt is None:
         spec = qw.spec
@@ -176,9 +176,12 @@ def _vocab(gguf, tokenizer_dir: Path):
                           f"fallback, or GPT-2 byte-level BPE): {'; '.join(errors)}")
 
 
-def export_gguf(model, path, tokenizer_dir, name: str | None = None) -> Path:
+def export_gguf(model, path, tokenizer_dir, name: str | None = None, fp: str = "F16") -> Path:
     """Write `model` (fake-quant or FP, after `quantize_`) to the GGUF file `path` with the tokenizer of
-    `tokenizer_dir`. Checks everything first; the file appears complete or not at all (temporary file + rename)."""
+    `tokenizer_dir`; unquantized matrices as `fp` (F16, or F32: exactly the FP weights, e.g. as the input of
+    llama.cpp's own quantizer). Checks everything first; the file appears complete or not at all."""
+    if fp not in ("F16", "F32"):
+        raise ValueError(f"fp must be 'F16' or 'F32', got {fp!r}")
     gguf = _gguf()
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
     check_exportable(model)
@@ -195,7 +198,7 @@ def export_gguf(model, path, tokenizer_dir, name: str | None = None) -> Path:
     tensors: list[tuple[str, str, object]] = []
 
     def add(gname: str, module, mname: str, permute: int | None = None):
-        kind, payload = _weight(module, mname)
+        kind, payload = _weight(module, mname, fp)
         if kind in ("Q4_0", "Q8_0"):
             codes, scale = payload
             scale = scale.reshape(codes.shape[0], -1)
@@ -204,7 +207,7 @@ def export_gguf(model, path, tokenizer_dir, name: str | None = None) -> Path:
             tensors.append((gname, kind, encode_blocks(codes, scale, kind)))
         else:
             w = permute_rows(payload, permute) if permute else payload
-            tensors.append((gname, kind, w.to(torch.float16).numpy()))
+            tensors.append((gname, kind, w.to(torch.float16 if kind == "F16" else torch.float32).numpy()))
 
     def add_vec(gname: str, t: torch.Tensor, permute: int | None = None):
         t = t.detach().float()
@@ -246,7 +249,8 @@ def export_gguf(model, path, tokenizer_dir, name: str | None = None) -> Path:
         w.add_vocab_size(c.vocab_size)
         kinds = {k for _, k, _ in tensors}
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if "Q4_0" in kinds else
-                        gguf.LlamaFileType.MOSTLY_Q8_0 if "Q8_0" in kinds else gguf.LlamaFileType.MOSTLY_F16)
+                        gguf.LlamaFileType.MOSTLY_Q8_0 if "Q8_0" in kinds else
+                        gguf.LlamaFileType.MOSTLY_F16 if "F16" in kinds else gguf.LlamaFileType.ALL_F32)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         toks, scores, types = zip(*vocab.all_tokens())
         if len(toks) != c.vocab_size:

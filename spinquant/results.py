@@ -89,12 +89,8 @@ def revision_for(path=None) -> str:
     return rev
 
 
-def write_row(row: dict, path: Path) -> None:
-    """Write JSON atomically (temp file + rename) so a killed run never leaves a half row; a row from a dirty
-    tree never lands in paper/results."""
-    missing = [k for k in REQUIRED_KEYS if k not in row]
-    if missing:
-        raise ValueError(f"results row lacks required keys {missing}")
+def _write_json(row: dict, path: Path) -> None:
+    """Atomically (temp file + rename); a row from a dirty tree never lands in paper/results."""
     if _committed(path) and is_uncommitted(row["git_rev"]):
         raise DirtyTreeError(f"refusing to write {path}: a row from {row['git_rev']} into the committed rows")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +99,27 @@ def write_row(row: dict, path: Path) -> None:
         json.dump(row, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_row(row: dict, path: Path) -> None:
+    """Write JSON atomically (temp file + rename) so a killed run never leaves a half row; a row from a dirty
+    tree never lands in paper/results."""
+    missing = [k for k in REQUIRED_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"results row lacks required keys {missing}")
+    _write_json(row, path)
+
+
+DEPLOY_KEYS = ("model", "runtime", "format", "quantizer", "ppl_runtime", "ppl_framework", "windows", "file_bytes",
+               "decode_tok_s", "prefill_tok_s", "git_rev")
+
+
+def write_deploy_row(row: dict, path: Path) -> None:
+    """A deploy-table row (one exported file in its runtime), atomically; the same dirty-tree rule as `write_row`."""
+    missing = [k for k in DEPLOY_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"deploy row lacks required keys {missing}")
+    _write_json(row, path)
 
 
 # config keys that choose what is reported, not what a perplexity is: rows differing only in these must agree

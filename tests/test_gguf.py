@@ -177,3 +177,26 @@ def test_offline_rotation_rows_are_labelled(tmp_path):
                                     "eval.max_windows=1", "eval.seq_len=128", "wandb.mode=disabled", "progress=false"),
                         choices={})
     assert row["method"]["rotation"] == "quarot-offline" and row["quant"]["weight"]["scale_dtype"] == "float16"
+
+
+def test_deploy_table_renders_rows_and_dirty_rows_are_refused(tmp_path):
+    from spinquant.report.deploy import render_deploy
+    from spinquant.results import DirtyTreeError, write_deploy_row
+
+    def row(q, fmt, rt, fw, size):
+        return {"model": "m", "runtime": "llama.cpp", "format": fmt, "quantizer": q, "ppl_runtime": rt,
+                "ppl_framework": fw, "windows": 4, "seq_len": 512, "file_bytes": size, "decode_tok_s": 100.0,
+                "prefill_tok_s": 1000.0, "git_rev": "abc", "threads": 1}
+    text = render_deploy([row("gptq", "Q4_0", 101.0, 100.0, 9e6), row("llama.cpp", "Q4_0", 110.0, None, 9e6),
+                          row("none", "F32", 90.0, 90.0, 60e6)])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")][1:]
+    assert lines[0].startswith("| FP (ours, unquantized) | F32 | 60.00 | 90.00 | 90.00 | +0.00% |")
+    assert lines[1].startswith("| llama.cpp (llama-quantize) | Q4_0 | 9.00 | 110.00 | – | – |")
+    assert lines[2].startswith("| gptq | Q4_0 | 9.00 | 101.00 | 100.00 | +1.00% | 1000 | 100 |")
+    with pytest.raises(ValueError, match="lacks required keys"):
+        write_deploy_row({"model": "m"}, tmp_path / "r.json")
+    from pathlib import Path
+    committed = Path(__file__).resolve().parents[1] / "paper" / "results" / "deploy" / "never-written.json"
+    with pytest.raises(DirtyTreeError):
+        write_deploy_row({**row("rtn", "Q4_0", 1.0, 1.0, 1), "git_rev": "abc-dirty"}, committed)
+    assert not committed.exists()

@@ -54,7 +54,8 @@ def _windows(n_tokens: int, seq_len: int, stride: int):
 @torch.no_grad()
 def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, batch_size: int = 4,
                       max_windows: int | None = None, progress: bool = True, desc: str = "ppl") -> PerplexityResult:
-    """ids [1, n] -> PerplexityResult over the windows described in the module docstring."""
+    """ids [1, n] -> PerplexityResult over the windows described in the module docstring. `model`: a causal LM
+    module, or any callable x [b, L] -> logits [b, L, vocab] (e.g. another runtime, scored with the same protocol)."""
     stride = stride or seq_len
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in 1..seq_len={seq_len}, got {stride}")
@@ -63,7 +64,13 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     wins = list(_windows(ids.numel(), seq_len, stride))[:max_windows]
     win_nll, win_tok = [], []
-    device = next(model.parameters()).device
+    if isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
+
+        def forward(x):
+            return model(x.to(device), use_cache=False).logits
+    else:
+        forward = model
     for i in tqdm(range(0, len(wins), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = wins[i: i + batch_size]
         if len({e - s for s, e, _ in chunk}) > 1:  # ragged last window of a strided run: one at a time
@@ -71,8 +78,9 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
         else:
             groups = [chunk]
         for g in groups:
-            x = torch.stack([ids[s:e] for s, e, _ in g]).to(device)
-            logits = model(x, use_cache=False).logits[:, :-1]
+            x = torch.stack([ids[s:e] for s, e, _ in g])
+            logits = forward(x)[:, :-1]
+            x = x.to(logits.device)
             tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                       reduction="none").view(x.shape[0], -1)  # [b, L-1]; j predicts token j+1
             for row, (_, _, first) in enumerate(g):

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..results import conflicting_rows, read_rows
-from . import activation_stats
+from . import activation_stats, deploy
 from . import bench as bench_table
 from . import plots as plot_pareto
 from . import tables as make_tables
@@ -58,6 +58,8 @@ def build(out: Path, src: Path) -> list[Path]:
     write("paper/bench_table.md", bench)
     for doc in SPLICED:
         make_tables.splice(out / doc, "bench_table", bench)
+    if (src / "paper/results/deploy").is_dir():
+        write("paper/deploy_table.md", deploy.render_deploy(deploy.read_deploy_rows(src / "paper/results/deploy")))
     for f in sorted((src / "paper/results").glob("activation_stats_*.json")):
         d = json.loads(f.read_text())
         write(f"paper/{f.stem}.md", activation_stats.markdown(d["model"], d["stats"]))

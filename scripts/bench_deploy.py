@@ -1,0 +1,96 @@
+"""The deploy table: GGUF files measured inside llama.cpp, llama.cpp's own quantizations beside ours.
+
+    python scripts/bench_deploy.py --model ref-llama --out paper/results/deploy      # rows: <model>-<quantizer>-<format>.json
+    python scripts/bench_deploy.py --model stories260k --out paper/results/deploy
+
+Per model, in one process: our FP model written as an F32 GGUF; llama.cpp's own Q8_0 / Q4_0 / Q4_K_M of that
+file (llama_model_quantize, the `llama-quantize` a user runs); and ours (RTN, GPTQ, SpinQuant-offline + GPTQ,
+fixed-scale full QAT) quantized on the GGUF grids and exported bit-exactly. Each file's WikiText-2 perplexity is
+computed inside llama.cpp with our windows (spinquant.deploy.LlamaCppLM through eval.perplexity_of_ids); our rows
+also carry our fake-quant perplexity on the same windows. Rows are written one by one (atomically); a rerun skips
+the rows that exist.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+    from omegaconf import OmegaConf
+
+    from spinquant import cli, pipeline
+    from spinquant.data import tokenize_dataset
+    from spinquant.deploy import LLAMA_CPP, OURS, deploy_row, quantize_gguf
+    from spinquant.eval.perplexity import perplexity_of_ids
+    from spinquant.gguf_export import export_gguf
+    from spinquant.models.load import resolve_path
+    from spinquant.results import revision_for, write_deploy_row
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ref-llama")
+    p.add_argument("--out", type=Path, default=Path("results/deploy"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--only", nargs="*", default=None, help="quantizer-format labels to run (default: all)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rev = revision_for(args.out / "x.json")
+    base = [f"model={args.model}", "progress=false", "wandb.mode=disabled", f"threads={args.threads}"]
+    if args.model == "stories260k":
+        base.append("quant.group_fallback=none")  # MLP width 172: no blocks of 32 (llama.cpp keeps it F16 too)
+    fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))
+    model, tok = pipeline.load_model(fp_cfg.model)
+    seq_len, vocab = fp_cfg.model.seq_len, model.config.vocab_size
+    ids = tokenize_dataset(tok, "wikitext2", add_bos=True)
+    common = {"git_rev": rev, "dataset": "wikitext2", "torch": torch.__version__, "seed": 0}
+
+    def out_path(quantizer, fmt):
+        return args.out / f"{args.model}-{quantizer}-{fmt}.json"
+
+    def wanted(quantizer, fmt):
+        return (args.only is None or f"{quantizer}-{fmt}" in args.only) and not out_path(quantizer, fmt).exists()
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        fp_file = export_gguf(model, d / "fp32.gguf", resolve_path(fp_cfg.model.path), name=args.model, fp="F32")
+        if wanted("none", "F32"):
+            fp = perplexity_of_ids(model, ids, seq_len, max_windows=args.max_windows, progress=False)
+            row = deploy_row(args.model, "F32", "none", fp_file, ids, seq_len, vocab, args.threads, args.max_windows,
+                             fp, common)
+            write_deploy_row(row, out_path("none", "F32"))
+            print(f"[done] FP F32: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
+        for fmt in LLAMA_CPP:
+            if not wanted("llama.cpp", fmt):
+                continue
+            f = quantize_gguf(fp_file, d / f"llama-{fmt}.gguf", fmt, args.threads)
+            row = deploy_row(args.model, fmt, "llama.cpp", f, ids, seq_len, vocab, args.threads, args.max_windows,
+                             None, common)
+            write_deploy_row(row, out_path("llama.cpp", fmt))
+            print(f"[done] llama.cpp {fmt}: {row['ppl_runtime']:.3f}")
+        for quantizer, fmt, overrides in OURS:
+            if not wanted(quantizer, fmt):
+                continue
+            t = time.time()
+            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
+            ours = perplexity_of_ids(qmodel, ids, seq_len, max_windows=args.max_windows, progress=False)
+            f = export_gguf(qmodel, d / f"ours-{quantizer}-{fmt}.gguf", resolve_path(cfg.model.path), name=args.model)
+            row = deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
+                             ours, {**common, "overrides": overrides, "quantize_s": time.time() - t})
+            write_deploy_row(row, out_path(quantizer, fmt))
+            print(f"[done] {quantizer} {fmt}: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
+            os.remove(f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Exported models inside their runtime, measured with our protocol: llama.cpp through llama-cpp-python.
+
+`LlamaCppLM(path)` is a logits function x [b, L] -> [b, L, vocab] that `spinquant.eval.perplexity_of_ids` scores
+exactly as it scores our models (same token stream, same windows, same NLL sums), so the two perplexities differ
+only by what each runtime computes. `quantize_gguf` runs llama.cpp's own quantizer (the baseline a llama.cpp user
+picks) and `llama_cpp_speed` times prefill and decode in the same process.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FTYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}  # llama.h's LLAMA_FTYPE_MOSTLY_*
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ImportError("running GGUF files needs llama.cpp's Python bindings: pip install 'spinquant[llama]' "
+                          "(built from source with cmake)") from None
+    return llama_cpp
+
+
+class LlamaCppLM:
+    """A GGUF file loaded in llama.cpp; calling it on token ids [b, L] returns float32 logits [b, L, vocab], each
+    row evaluated from an empty context."""
+
+    def __init__(self, path, n_ctx: int, n_threads: int = 1):
+        llama_cpp = _llama_cpp()
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row in x.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            out.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return torch.stack(out)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def quantize_gguf(src, dst, ftype: str, n_threads: int = 1) -> Path:
+    """llama.cpp's own quantization of the GGUF file `src` (F32/F16) into `dst` at `ftype` (Q4_0, Q4_K_M, Q8_0)."""
+    llama_cpp = _llama_cpp()
+    if ftype not in FTYPES:
+        raise ValueError(f"unknown llama.cpp file type {ftype!r}; known: {', '.join(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = n_threads
+    dst = Path(dst)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (return code {rc})")
+    return dst
+
+
+def llama_cpp_speed(path, n_threads: int, vocab: int, prefill: int = 512, decode: int = 64, seed: int = 0) -> dict:
+    """Prefill (one batch of `prefill` tokens) and decode (`decode` single tokens after it) throughput, tok/s,
+    best of three after a warm-up, as llama-bench measures them."""
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prefill + decode, n_batch=prefill, n_ubatch=prefill,
+                          n_threads=n_threads, n_threads_batch=n_threads, logits_all=False, verbose=False)
+    ids = torch.randint(0, vocab, (prefill + decode,), generator=torch.Generator().manual_seed(seed)).tolist()
+    best_p = best_d = float("inf")
+    try:
+        llm.eval(ids[:16])
+        for _ in range(3):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(ids[:prefill])
+            best_p = min(best_p, time.perf_counter() - t)
+            t = time.perf_counter()
+            for tok in ids[prefill:]:
+                llm.eval([tok])
+            best_d = min(best_d, time.perf_counter() - t)
+    finally:
+        llm.close()
+    return {"prefill_tok_s": prefill / best_p, "decode_tok_s": decode / best_d}
+
+
+# ---- the deploy table: llama.cpp's own quantizations beside ours, one row per (model, file) ----------------------
+
+# (quantizer label, GGUF format, Hydra overrides of our run): what our rows export
+OURS = [("rtn", "Q4_0", ["quant=gguf_q4_0"]),
+        ("gptq", "Q4_0", ["quant=gguf_q4_0_gptq"]),
+        ("spinquant-offline+gptq", "Q4_0", ["quant=gguf_q4_0_gptq", "rotation=spinquant_offline"]),
+        ("qat-full", "Q4_0", ["quant=gguf_q4_0", "qat=full", "qat.scales=fixed", "qat.train.steps=100"]),
+        ("rtn", "Q8_0", ["quant=gguf_q8_0"]),
+        ("gptq", "Q8_0", ["quant=gguf_q8_0_gptq"])]
+LLAMA_CPP = ["Q8_0", "Q4_0", "Q4_K_M"]
+
+
+def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, ids, seq_len: int, vocab: int, threads: int,
+               max_windows: int | None, ppl_framework=None, extra: dict | None = None) -> dict:
+    """Measure one GGUF file in llama.cpp: perplexity on `ids` with our windows, file size, prefill/decode speed."""
+    from .eval.perplexity import perplexity_of_ids
+    lm = LlamaCppLM(gguf_path, n_ctx=seq_len, n_threads=threads)
+    try:
+        r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
+                              desc=f"llama.cpp {fmt}")
+    finally:
+        lm.close()
+    speed = llama_cpp_speed(gguf_path, threads, vocab, prefill=min(512, seq_len), decode=64)
+    row = {"model": model_name, "runtime": "llama.cpp", "format": fmt, "quantizer": quantizer,
+           "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
+           "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
+           "file_bytes": Path(gguf_path).stat().st_size, **speed, "threads": threads,
+           "runtime_window_nll": r.window_nll,
+           "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
+    return {**row, **(extra or {})}

@@ -1,0 +1,37 @@
+"""The deploy table (paper/deploy_table.md): GGUF files measured inside llama.cpp, one row per (model, file)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMAT_ORDER = {"F32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3}
+QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4, "qat-full": 5}
+
+
+def read_deploy_rows(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+
+
+def render_deploy(rows: list[dict]) -> str:
+    out = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = sorted((r for r in rows if r["model"] == model),
+                       key=lambda r: (FORMAT_ORDER.get(r["format"], 9), QUANTIZER_ORDER.get(r["quantizer"], 9)))
+        w = mrows[0]
+        lines = [f"**{model}** — WikiText-2 perplexity inside llama.cpp ({w['windows']} windows of {w['seq_len']} "
+                 f"tokens, our protocol) and ours (fake-quant, same windows); llama.cpp speed on {w['threads']} "
+                 f"thread(s)", "",
+                 "| Quantizer | Format | File (MB) | PPL llama.cpp | PPL ours | llama.cpp vs ours | Prefill tok/s | "
+                 "Decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in mrows:
+            ours = r["ppl_framework"]
+            rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
+            name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
+                                                                                                 r["quantizer"])
+            lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f} | "
+                         f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
+                         f"{r['decode_tok_s']:.0f} |")
+        revs = sorted({r["git_rev"] for r in mrows})
+        lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
