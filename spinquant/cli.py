@@ -116,9 +116,11 @@ def usage() -> str:
               "($SPINQUANT_MODELS).")
 
 
-EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf] [group=option key=value ...]\n"
+EXPORT_FORMATS = ("packed", "gguf", "compressed-tensors")
+EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf|compressed-tensors] [group=option key=value ...]\n"
                 "  packed: a folder for spinquant.load_packed (our kernels); gguf: one .gguf file for llama.cpp "
-                "(quant=gguf_q4_0 / gguf_q8_0, weight-only, R1/R2 rotations only)")
+                "(quant=gguf_q4_0 / gguf_q8_0, weight-only, R1/R2 rotations only); compressed-tensors: a checkpoint "
+                "folder for transformers / vLLM (symmetric weight-only, or W8A8)")
 
 
 def export_cmd(argv: list[str]) -> None:
@@ -126,7 +128,7 @@ def export_cmd(argv: list[str]) -> None:
     fmt = "packed"
     if "--format" in argv:
         i = argv.index("--format")
-        if i + 1 >= len(argv) or argv[i + 1] not in ("packed", "gguf"):
+        if i + 1 >= len(argv) or argv[i + 1] not in EXPORT_FORMATS:
             raise SystemExit(EXPORT_USAGE)
         fmt, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     if not argv or argv[0].startswith("-") or "=" in argv[0]:
@@ -139,7 +141,9 @@ def export_cmd(argv: list[str]) -> None:
     if cfg.model.get("seq_len") is None:
         cfg.model.seq_len = pipeline.resolve_seq_len(cfg.model.path)
     rc = pipeline.RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    path = (pipeline.export_gguf_run if fmt == "gguf" else pipeline.export_packed)(rc, out)
+    run = {"packed": pipeline.export_packed, "gguf": pipeline.export_gguf_run,
+           "compressed-tensors": pipeline.export_compressed_tensors_run}[fmt]
+    path = run(rc, out)
     print(f"[done] {rc.quant.label()} {fmt} model written to {path}")
 
 

@@ -444,6 +444,19 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     return model, device, rotation_s, time.time() - t, qat_stats
 
 
+def export_compressed_tensors_run(cfg: RunConfig | dict, out) -> Path:
+    """Quantize as `cfg` says and write a compressed-tensors checkpoint folder `out` (transformers / vLLM load it).
+    Everything the format cannot hold here is refused from the config, before the model loads."""
+    from .ct_export import check_config, export_compressed_tensors
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    out = Path(out)
+    check_config(cfg.quant, cfg.rotation, cfg.qat)
+    seed_everything(cfg.seed)
+    tok = preflight(cfg, out)
+    model = build_quantized(cfg, tok)[0]
+    return export_compressed_tensors(model, out, tok)
+
+
 def export_gguf_run(cfg: RunConfig | dict, out) -> Path:
     """Quantize as `cfg` says and write the GGUF file `out` for llama.cpp (weights bit-exact; see gguf_export).
     Everything GGUF cannot hold is refused from the config, before the model loads."""
