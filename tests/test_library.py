@@ -172,3 +172,15 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert len(rows) == 1
     row = json.loads(rows[0].read_text())
     assert row["model"] == "ref-llama" and row["scheme"] == "W4A8" and row["metrics"]["ppl_detail"]["wikitext2"]["windows"] == 2
+
+
+def test_run_from_a_config_built_in_python(tmp_path):
+    cfg = sq.RunConfig(model=sq.ModelConfig(name="stories260k", path="stories260k", seq_len=128),
+                       quant=sq.QuantConfig(scheme="W4A8", group_fallback="channel"),
+                       rotation=sq.QuaRotConfig(fallback="block_diagonal"),
+                       eval=sq.EvalConfig(datasets=["wikitext2"], max_windows=1, size=False, memory=False),
+                       results_dir=str(tmp_path), progress=False)
+    row = sq.run(cfg)
+    assert row["scheme"] == "W4A8" and row["method"] == {"rotation": "quarot", "weights": "rtn", "qat": "none"}
+    assert row["config"]["rotation"]["fallback"] == "block_diagonal" and row["metrics"]["ppl"]["wikitext2"] > 1
+    assert sq.run(cfg)["run_id"] == row["run_id"] and len(list((tmp_path / "default").glob("*.json"))) == 1

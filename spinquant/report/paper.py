@@ -59,7 +59,11 @@ def build(out: Path, src: Path) -> list[Path]:
     for doc in SPLICED:
         make_tables.splice(out / doc, "bench_table", bench)
     if (src / "paper/results/deploy").is_dir():
-        write("paper/deploy_table.md", deploy.render_deploy(deploy.read_deploy_rows(src / "paper/results/deploy")))
+        md = deploy.render_deploy(deploy.read_deploy_rows(src / "paper/results/deploy"))
+        write("paper/deploy_table.md", md)
+        for doc in SPLICED:
+            if "<!-- BEGIN deploy_table -->" in (out / doc).read_text():
+                make_tables.splice(out / doc, "deploy_table", md)
     for f in sorted((src / "paper/results").glob("activation_stats_*.json")):
         d = json.loads(f.read_text())
         write(f"paper/{f.stem}.md", activation_stats.markdown(d["model"], d["stats"]))
