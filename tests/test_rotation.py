@@ -364,3 +364,22 @@ def test_spinquant_gradient_accumulation_equals_the_full_batch_gradient():
     assert torch.allclose(g1, g6, rtol=1e-4, atol=1e-6 * g6.abs().max()) and torch.allclose(g4, g6, rtol=1e-4,
                                                                                             atol=1e-6 * g6.abs().max())
     assert g6.abs().max() > 0
+
+
+def test_spinquant_trains_against_the_per_module_specs_quantize_will_use():
+    """A group size that does not divide a layer (group_fallback) and per-module overrides apply in training as in
+    quantize_: stories260K's 172-wide down_proj with g32 trains (it used to fail on the raw spec)."""
+    from spinquant.rotation.spinquant import _rotated_params
+    model = make_tiny("llama", hidden=64, intermediate=96)  # 96 = 3 x 32: g64 does not divide it
+    cfg = QuantConfig.from_dict({"scheme": "W4A16", "weight": {"granularity": "group", "group_size": 64},
+                                 "group_fallback": "none", "overrides": [{"modules": "*.q_proj", "weight": {"bits": 2}}]})
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    R1, R2s = torch.eye(64), [torch.eye(16)] * 2
+    out = _rotated_params(model, base, R1, R2s, cfg)
+    assert torch.equal(out["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])  # FP
+    q = out["model.layers.0.self_attn.q_proj.weight"]
+    assert q.reshape(64, 1, 64).unique(dim=-1).shape[-1] <= 64 and len(torch.unique(q[0])) <= 4  # 2-bit: 4 levels
+    assert len(torch.unique(out["model.layers.0.mlp.up_proj.weight"][0])) <= 16
+    from spinquant import rotation
+    rotation.apply(make_tiny("llama", hidden=64, intermediate=96), {"name": "spinquant", "steps": 1, "batch_size": 2,
+                   "heldout": 1}, torch.randint(0, 128, (3, 16)), target=cfg)

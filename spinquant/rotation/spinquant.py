@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -74,15 +75,20 @@ def load_rotations(path, model, with_meta: bool = False):
 
 
 def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
-    """{param name: rotated (and optionally fake-quantized) weight} for functional_call."""
+    """{param name: rotated (and optionally fake-quantized) weight} for functional_call. weight_spec: one QuantSpec
+    for every decoder linear, or a QuantConfig whose per-module spec is used (group fallback and overrides)."""
     a = get_adapter(model)
     out = {}
     hd = a.head_dim(model)
     dtype = base[a.embed + ".weight"].dtype  # rotate in the model's dtype (bf16 for large models)
     R1, R2s = R1.to(dtype), [R2.to(dtype) for R2 in R2s]
 
-    def wq(W):
-        return fake_quantize(W, weight_spec) if weight_spec is not None and weight_spec.enabled else W
+    def wq(W, name):
+        spec = weight_spec
+        if isinstance(weight_spec, QuantConfig):
+            specs = weight_spec.specs_for(name, W.shape[1])
+            spec = specs[0] if specs is not None else None
+        return fake_quantize(W, spec) if spec is not None and spec.enabled else W
 
     out[a.embed + ".weight"] = rotate_reader(base[a.embed + ".weight"], R1)
     out[a.lm_head + ".weight"] = rotate_reader(base[a.lm_head + ".weight"], R1)  # lm_head stays 16-bit
@@ -91,10 +97,10 @@ def _rotated_params(model, base: dict, R1: torch.Tensor, R2s, weight_spec):
         pre = f"{a.layers}.{i}."
         w = {role: base[pre + path + ".weight"] for role, path in names.items()}
         for role in ("q", "k", "gate", "up"):
-            out[pre + names[role] + ".weight"] = wq(rotate_reader(w[role], R1))
-        out[pre + names["v"] + ".weight"] = wq(rotate_v_heads(rotate_reader(w["v"], R1), R2, hd))
-        out[pre + names["o"] + ".weight"] = wq(rotate_writer(rotate_o_heads(w["o"], R2, hd), R1))
-        out[pre + names["down"] + ".weight"] = wq(rotate_writer(w["down"], R1))
+            out[pre + names[role] + ".weight"] = wq(rotate_reader(w[role], R1), pre + names[role])
+        out[pre + names["v"] + ".weight"] = wq(rotate_v_heads(rotate_reader(w["v"], R1), R2, hd), pre + names["v"])
+        out[pre + names["o"] + ".weight"] = wq(rotate_writer(rotate_o_heads(w["o"], R2, hd), R1), pre + names["o"])
+        out[pre + names["down"] + ".weight"] = wq(rotate_writer(w["down"], R1), pre + names["down"])
         if pre + names["v"] + ".bias" in base:
             out[pre + names["v"] + ".bias"] = rotate_v_bias(base[pre + names["v"] + ".bias"], R2, hd)
         for role in ("o", "down"):
@@ -272,8 +278,9 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
         work.to(dp_device)
     _prepare(work, cfg, fallback)
     tq = QuantConfig.from_dict(dict(cfg["train_quant"]))
-    weight_spec = tq.weight
-    quantize_(work, QuantConfig(act=tq.act, kv=tq.kv), progress=False)  # activation / KV quantizers only
+    weight_spec = tq  # per module: the group fallback and overrides of the run's config, as quantize_ applies them
+    act_overrides = tuple(replace(o, weight={}) for o in tq.overrides)
+    quantize_(work, QuantConfig(act=tq.act, kv=tq.kv, overrides=act_overrides), progress=False)  # act / KV only
     requires = {n: p.requires_grad for n, p in work.named_parameters()}
     for p in work.parameters():
         p.requires_grad_(False)
