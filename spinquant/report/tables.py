@@ -47,7 +47,8 @@ def _spec(row) -> str:
 def _sort_key(row):
     s = row["spec"]
     m = _method(row)
-    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")),
+    mixed = bool((row.get("quant") or {}).get("overrides"))  # per-module overrides: after the uniform rows
+    return (-s.get("w_bits", 16), -s.get("a_bits", 16), -s.get("kv_bits", 16), str(s.get("w_group")), mixed,
             METHOD_RANK.get(m.split("+")[-1], 9), m)
 
 
@@ -133,6 +134,16 @@ def render(rows: list[dict]) -> str:
         elif kinds:
             lines += ["", "\\* layers whose input width the group size does not divide are quantized per-channel "
                           "(`quant.group_fallback=channel`) or left in full precision (`none`)."]
+        mixed = {}
+        for r in mrows:
+            for o in (r.get("quant") or {}).get("overrides") or []:
+                what = "left FP" if o.get("skip") else ", ".join(
+                    f"{k} " + " ".join(f"{a}={b}" for a, b in v.items()) for k, v in (("weight", o.get("weight")),
+                                                                                  ("act", o.get("act"))) if v)
+                mixed.setdefault(r["scheme"], []).append(f"`{o['modules']}` {what}")
+        for scheme, items in mixed.items():
+            lines += ["", f"{scheme}: the {scheme.split('-')[0]} preset with per-module overrides: "
+                          f"{'; '.join(dict.fromkeys(items))}."]
         subsets = sorted({_subset(r) for r in mrows if _subset(r)})
         if subsets:
             lines += ["", f"† evaluated on only the first {' / '.join(map(str, subsets))} windows of each dataset "
