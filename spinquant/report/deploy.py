@@ -31,6 +31,9 @@ def render_deploy(rows: list[dict]) -> str:
             lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f} | "
                          f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
                          f"{r['decode_tok_s']:.0f} |")
+        if any(r["quantizer"].startswith("qat") for r in mrows):
+            lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
+                          "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
         revs = sorted({r["git_rev"] for r in mrows})
         lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
         out.append("\n".join(lines))
