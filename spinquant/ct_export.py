@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .export import check_fused_only
 from .models.adapter import get_adapter
 from .quant.linear import QuantEmbedding, QuantLinear
 
@@ -102,12 +103,7 @@ def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
     for what in ("embed", "lm_head"):
         if getattr(quant, what).enabled:
             raise CTExportError(f"quant.{what} is quantized; this export keeps it in full precision")
-    if rotation_cfg is not None and (getattr(rotation_cfg, "r3", False) or getattr(rotation_cfg, "r4", False)):
-        raise CTExportError(f"rotation {rotation_cfg.name!r} adds online Hadamards (r3/r4); use "
-                            f"rotation={rotation_cfg.name}_offline (R1/R2 only)")
-    if qat_cfg is not None and qat_cfg.name == "lora" and not qat_cfg.merge:
-        raise CTExportError("QAT+LoRA keeps 16-bit adapters beside the quantized weights; set qat.merge=true "
-                            "(with qat.lora.qa_lora=true) or export another model")
+    check_fused_only(rotation_cfg, qat_cfg, "this compressed-tensors export", CTExportError)
 
 
 def check_exportable(model) -> dict:

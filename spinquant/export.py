@@ -37,6 +37,17 @@ class ExportFormatError(ValueError):
     """A saved model that cannot be loaded as it is: the message says which file / tensor / field."""
 
 
+def check_fused_only(rotation_cfg, qat_cfg, fmt: str, error: type) -> None:
+    """For formats holding one plain weight per linear (GGUF, compressed-tensors): refuse, from the run's config,
+    online R3/R4 Hadamards and LoRA adapters kept beside the quantized weights, each naming the fix."""
+    if rotation_cfg is not None and (getattr(rotation_cfg, "r3", False) or getattr(rotation_cfg, "r4", False)):
+        raise error(f"rotation {rotation_cfg.name!r} adds online Hadamards (r3/r4), which {fmt} cannot run; use "
+                    f"rotation={rotation_cfg.name}_offline (R1/R2 only)")
+    if qat_cfg is not None and qat_cfg.name == "lora" and not qat_cfg.merge:
+        raise error(f"QAT+LoRA keeps 16-bit adapters beside the quantized weights, which {fmt} cannot hold; set "
+                    f"qat.merge=true (with qat.lora.qa_lora=true) or export another model")
+
+
 def _spec(d: dict | None) -> QuantSpec | None:
     return None if d is None else QuantSpec.from_dict(d)
 

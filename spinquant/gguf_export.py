@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export import check_fused_only
 from .models.adapter import get_adapter
 from .quant.linear import QuantEmbedding, QuantLinear
 
@@ -99,12 +100,7 @@ def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
     if quant.kv.enabled:
         raise GGUFExportError("KV-cache quantization is llama.cpp's own runtime setting (--cache-type-k/v); export a "
                               "weight-only model (quant=gguf_q4_0 or gguf_q8_0)")
-    if rotation_cfg is not None and (getattr(rotation_cfg, "r3", False) or getattr(rotation_cfg, "r4", False)):
-        raise GGUFExportError(f"rotation {rotation_cfg.name!r} adds online Hadamards (r3/r4) that llama.cpp cannot run; "
-                              f"use rotation={rotation_cfg.name}_offline (R1/R2 only)")
-    if qat_cfg is not None and qat_cfg.name == "lora" and not qat_cfg.merge:
-        raise GGUFExportError("QAT+LoRA keeps 16-bit adapters beside the quantized weights, which GGUF cannot hold; "
-                              "set qat.merge=true (with qat.lora.qa_lora=true) or export another model")
+    check_fused_only(rotation_cfg, qat_cfg, "llama.cpp (GGUF)", GGUFExportError)
     if qat_cfg is not None and qat_cfg.name != "none" and qat_cfg.scales == "learnable":
         raise GGUFExportError("qat.scales=learnable trains fp32 scales that Q4_0 / Q8_0 cannot store; use "
                               "qat.scales=fixed")

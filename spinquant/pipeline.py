@@ -32,21 +32,9 @@ from .models.load import check_device, load_config, load_tokenizer
 from .quant import QuantConfig, get_weight_quantizer, quantize_
 from .quant.apply import check_config_shapes
 from .results import revision_for, run_id, write_row
+from .typed import from_fields
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _typed(cls, d, where: str):
-    """cls(**d), refusing keys that are not fields of cls with the section's name in the message."""
-    if isinstance(d, cls):
-        return d
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; {where} takes: "
-                         f"{', '.join(sorted(known))}")
-    return cls(**d)
 
 
 @dataclass
@@ -87,7 +75,7 @@ class EvalConfig:
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
     def __post_init__(self):
-        self.lm_eval = _typed(LMEvalConfig, self.lm_eval, "eval.lm_eval")
+        self.lm_eval = from_fields(LMEvalConfig, self.lm_eval, "eval.lm_eval")
 
 
 @dataclass
@@ -117,7 +105,7 @@ class QATRunConfig:
         import qat
         if self.name not in qat.METHODS:
             raise ValueError(f"unknown qat method {self.name!r}; available: {', '.join(qat.METHODS)}")
-        _typed(qat.TrainConfig, {**self.train, "seq_len": 1}, "qat.train")
+        from_fields(qat.TrainConfig, {**self.train, "seq_len": 1}, "qat.train")
         unknown = sorted(set(self.lora) - {"rank", "alpha", "dropout", "targets", "qa_lora"})
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join('qat.lora.' + k for k in unknown)}")
@@ -156,15 +144,15 @@ class RunConfig:
     raw: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.model = _typed(ModelConfig, self.model, "model")
-        self.data = _typed(DataConfig, self.data, "data")
+        self.model = from_fields(ModelConfig, self.model, "model")
+        self.data = from_fields(DataConfig, self.data, "data")
         self.rotation = rotation.rotation_config(self.rotation)
         if not isinstance(self.quant, QuantConfig):
             self.quant = QuantConfig.from_dict(dict(self.quant or {}))
-        self.qat = _typed(QATRunConfig, self.qat, "qat")
-        self.eval = _typed(EvalConfig, self.eval, "eval")
-        self.kernels = _typed(KernelsConfig, self.kernels, "kernels")
-        self.wandb = _typed(WandbConfig, self.wandb, "wandb")
+        self.qat = from_fields(QATRunConfig, self.qat, "qat")
+        self.eval = from_fields(EvalConfig, self.eval, "eval")
+        self.kernels = from_fields(KernelsConfig, self.kernels, "kernels")
+        self.wandb = from_fields(WandbConfig, self.wandb, "wandb")
         if self.model.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.model.dtype!r}")
 
@@ -444,16 +432,22 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     return model, device, rotation_s, time.time() - t, qat_stats
 
 
+def _quantized_for_export(cfg: RunConfig | dict, target: Path, check_config=None):
+    """(config, quantized model, tokenizer) for an export to `target`: the format's refusals from the config
+    (`check_config(quant, rotation, qat)`), then the run's preflight, before the model is loaded and quantized."""
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    if check_config is not None:
+        check_config(cfg.quant, cfg.rotation, cfg.qat)
+    seed_everything(cfg.seed)
+    tok = preflight(cfg, target)
+    return cfg, build_quantized(cfg, tok)[0], tok
+
+
 def export_compressed_tensors_run(cfg: RunConfig | dict, out) -> Path:
     """Quantize as `cfg` says and write a compressed-tensors checkpoint folder `out` (transformers / vLLM load it).
     Everything the format cannot hold here is refused from the config, before the model loads."""
     from .ct_export import check_config, export_compressed_tensors
-    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-    out = Path(out)
-    check_config(cfg.quant, cfg.rotation, cfg.qat)
-    seed_everything(cfg.seed)
-    tok = preflight(cfg, out)
-    model = build_quantized(cfg, tok)[0]
+    cfg, model, tok = _quantized_for_export(cfg, Path(out), check_config)
     return export_compressed_tensors(model, out, tok)
 
 
@@ -462,12 +456,7 @@ def export_gguf_run(cfg: RunConfig | dict, out) -> Path:
     Everything GGUF cannot hold is refused from the config, before the model loads."""
     from .gguf_export import check_config, export_gguf
     from .models.load import resolve_path
-    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-    out = Path(out)
-    check_config(cfg.quant, cfg.rotation, cfg.qat)
-    seed_everything(cfg.seed)
-    tok = preflight(cfg, out)
-    model = build_quantized(cfg, tok)[0]
+    cfg, model, _ = _quantized_for_export(cfg, Path(out), check_config)
     return export_gguf(model, out, resolve_path(cfg.model.path), name=cfg.model.name)
 
 
@@ -475,11 +464,7 @@ def export_packed(cfg: RunConfig | dict, out) -> Path:
     """Quantize as `cfg` says, pack onto `cfg.kernels` (cpu when none) and save the folder `out` (weights,
     metadata, tokenizer), written atomically. No evaluation."""
     from . import export, kernels
-    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-    out = Path(out)
-    seed_everything(cfg.seed)
-    tok = preflight(cfg, out / "model.json")
-    model = build_quantized(cfg, tok)[0]
+    cfg, model, tok = _quantized_for_export(cfg, Path(out) / "model.json")
     backend = cfg.kernels.name if cfg.kernels.name != "none" else "cpu"
     kernels.pack(model, DTYPES[cfg.kernels.dtype], backend=backend)
     return export.save(model, out, tok)

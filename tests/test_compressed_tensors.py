@@ -92,4 +92,8 @@ def test_cli_export_refuses_from_config_then_writes(tmp_path, monkeypatch):
             cli.main(["export", str(tmp_path / "c"), "--format", "compressed-tensors", *overrides])
     monkeypatch.setattr(pipeline, "load", real)
     cli.main(["export", str(tmp_path / "c"), "--format", "compressed-tensors", "quant=w4a16_g128", "progress=false"])
-    assert _reload(tmp_path / "c").config.quantization_config is not None
+    import json
+    qc = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    assert qc["format"] == "pack-quantized" and group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 128
+    assert len(group["targets"]) == 6 * 7 and isinstance(_reload(tmp_path / "c").model.layers[0].mlp.up_proj, torch.nn.Linear)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+from ..typed import from_fields
 from .quarot import quarot
 from .spinquant import learn_rotations
 
@@ -99,13 +100,7 @@ def rotation_config(cfg) -> object:
     name = d.get("name", "none")
     if name not in ROTATIONS:
         raise ValueError(f"unknown rotation {name!r}; available: {', '.join(ROTATIONS)}")
-    cls = ROTATIONS[name].config
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown rotation.{unknown[0]} for rotation {name!r} (unknown key(s) {unknown}); "
-                         f"known: {', '.join(sorted(known))}")
-    return cls(**d)
+    return from_fields(ROTATIONS[name].config, d, "rotation", f" for rotation {name!r}")
 
 
 def apply(model, cfg, calib=None, target=None):
