@@ -1,4 +1,5 @@
-"""The deploy table: GGUF files measured inside llama.cpp, llama.cpp's own quantizations beside ours.
+"""The deploy table: GGUF files measured inside llama.cpp (llama.cpp's own quantizations beside ours) and ExecuTorch
+programs measured inside ExecuTorch's runtime.
 
     python scripts/bench_deploy.py --model ref-llama --out paper/results/deploy      # rows: <model>-<quantizer>-<format>.json
     python scripts/bench_deploy.py --model stories260k --out paper/results/deploy
@@ -7,7 +8,10 @@ Per model, in one process: our FP model written as an F32 GGUF; llama.cpp's own 
 file (llama_model_quantize, the `llama-quantize` a user runs); and ours (RTN, GPTQ, SpinQuant-offline + GPTQ,
 fixed-scale full QAT) quantized on the GGUF grids and exported bit-exactly. Each file's WikiText-2 perplexity is
 computed inside llama.cpp with our windows (spinquant.deploy.LlamaCppLM through eval.perplexity_of_ids); our rows
-also carry our fake-quant perplexity on the same windows. Rows are written one by one (atomically); a rerun skips
+also carry our fake-quant perplexity on the same windows. ExecuTorch (`--runtimes executorch`): our FP model as an
+FP32 XNNPACK program, and ours (RTN, GPTQ, SpinQuant R1/R2/R4 + GPTQ, fixed-scale full QAT) at Meta's W4A8 recipe
+(quant=executorch_w4a8), each run in ExecuTorch's runtime with the same windows.
+Rows are written one by one (atomically); a rerun skips
 the rows that exist.
 """
 from __future__ import annotations
@@ -30,7 +34,8 @@ def main(argv=None):
 
     from spinquant import cli, pipeline
     from spinquant.data import tokenize_dataset
-    from spinquant.deploy import LLAMA_CPP, OURS, deploy_row, quantize_gguf
+    from spinquant.deploy import ET_FORMAT, LLAMA_CPP, OURS, OURS_ET, deploy_row, et_deploy_row, quantize_gguf
+    from spinquant.et_export import export_executorch
     from spinquant.eval.perplexity import perplexity_of_ids
     from spinquant.gguf_export import export_gguf
     from spinquant.models.load import resolve_path
@@ -42,12 +47,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--only", nargs="*", default=None, help="quantizer-format labels to run (default: all)")
+    p.add_argument("--runtimes", nargs="*", default=["llama.cpp", "executorch"], choices=["llama.cpp", "executorch"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rev = revision_for(args.out / "x.json")
     base = [f"model={args.model}", "progress=false", "wandb.mode=disabled", f"threads={args.threads}"]
-    if args.model == "stories260k":
-        base.append("quant.group_fallback=none")  # MLP width 172: no blocks of 32 (llama.cpp keeps it F16 too)
+    # stories260k's MLP width 172 has no blocks of 32: GGUF keeps down_proj F16 (as llama.cpp does), ExecuTorch takes
+    # it at int4 per channel (XNNPACK's qc4w)
+    fallback = {"gguf": [], "et": []} if args.model != "stories260k" else \
+        {"gguf": ["quant.group_fallback=none"], "et": ["quant.group_fallback=channel"]}
     fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))
     model, tok = pipeline.load_model(fp_cfg.model)
     seq_len, vocab = fp_cfg.model.seq_len, model.config.vocab_size
@@ -60,6 +68,11 @@ def main(argv=None):
     def wanted(quantizer, fmt):
         return (args.only is None or f"{quantizer}-{fmt}" in args.only) and not out_path(quantizer, fmt).exists()
 
+    if "executorch" in args.runtimes:
+        et_rows(args, base + fallback["et"], model, tok, ids, seq_len, vocab, common, out_path, wanted,
+                export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
+    if "llama.cpp" not in args.runtimes:
+        return
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         fp_file = export_gguf(model, d / "fp32.gguf", resolve_path(fp_cfg.model.path), name=args.model, fp="F32")
@@ -81,7 +94,8 @@ def main(argv=None):
             if not wanted(quantizer, fmt):
                 continue
             t = time.time()
-            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *fallback["gguf"], *overrides),
+                                                                      resolve=True))
             qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
             ours = perplexity_of_ids(qmodel, ids, seq_len, max_windows=args.max_windows, progress=False)
             f = export_gguf(qmodel, d / f"ours-{quantizer}-{fmt}.gguf", resolve_path(cfg.model.path), name=args.model)
@@ -90,6 +104,45 @@ def main(argv=None):
             write_deploy_row(row, out_path(quantizer, fmt))
             print(f"[done] {quantizer} {fmt}: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
             os.remove(f)
+
+
+def et_rows(args, base, model, tok, ids, seq_len, vocab, common, out_path, wanted, export_executorch, et_deploy_row,
+            fmt, ours_et):
+    """The ExecuTorch rows: FP32 program of our FP model, then ours at W4A8 (one .pte each, measured, removed)."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from spinquant import cli, pipeline
+    from spinquant.eval.perplexity import perplexity_of_ids
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        if wanted("none", "FP32"):
+            fp = perplexity_of_ids(model, ids, seq_len, max_windows=args.max_windows, progress=False)
+            f = export_executorch(copy.deepcopy(model), d / "fp32.pte", max_seq_len=seq_len)
+            row = et_deploy_row(args.model, "FP32", "none", f, ids, seq_len, vocab, args.threads, args.max_windows,
+                                fp, common)
+            write_row(row, out_path("none", "FP32"))
+        for quantizer, overrides in ours_et:
+            if not wanted(quantizer, fmt):
+                continue
+            t = time.time()
+            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
+            ours = perplexity_of_ids(qmodel, ids, seq_len, max_windows=args.max_windows, progress=False)
+            f = export_executorch(qmodel, d / f"ours-{quantizer}.pte", max_seq_len=seq_len)
+            row = et_deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
+                                ours, {**common, "overrides": overrides, "quantize_s": time.time() - t})
+            write_row(row, out_path(quantizer, fmt))
+            os.remove(f)
+
+
+def write_row(row, path):
+    from spinquant.results import write_deploy_row
+    write_deploy_row(row, path)
+    ours = row["ppl_framework"]
+    print(f"[done] {row['runtime']} {row['quantizer']} {row['format']}: {row['ppl_runtime']:.3f}"
+          + ("" if ours is None else f" / ours {ours:.3f}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     spinquant paper [--check]                                          # regenerate paper/ in a checkout
     spinquant export OUT model=ref-llama quant=w4a8                    # quantize, pack and save a model folder
     spinquant export m.gguf --format gguf quant=gguf_q4_0_gptq         # a GGUF file for llama.cpp (bit-exact weights)
+    spinquant export m.pte --format executorch quant=executorch_w4a8   # an ExecuTorch program (XNNPACK)
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ COMMANDS = {"run": "one run -> one results row (Hydra overrides: group=option ke
             "sweep": "a Hydra multirun, e.g. +experiment=<table> (rows already written are skipped)",
             "tables": "render results rows (folders or files) as Markdown tables",
             "paper": "regenerate paper/ (tables, figures, README splices) from the committed rows of a checkout",
-            "export": "quantize (rotate, QAT) as configured and save: a packed folder, or --format gguf for llama.cpp"}
+            "export": "quantize (rotate, QAT) as configured and save: a packed folder, or --format gguf (llama.cpp), "
+                      "compressed-tensors (transformers / vLLM), executorch (.pte, XNNPACK)"}
 
 
 def run_hydra(cfg, choices: dict[str, str] | None = None) -> dict:
@@ -116,15 +118,18 @@ def usage() -> str:
               "($SPINQUANT_MODELS).")
 
 
-EXPORT_FORMATS = ("packed", "gguf", "compressed-tensors")
-EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf|compressed-tensors] [group=option key=value ...]\n"
+EXPORT_FORMATS = ("packed", "gguf", "compressed-tensors", "executorch")
+EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] "
+                "[group=option key=value ...]\n"
                 "  packed: a folder for spinquant.load_packed (our kernels); gguf: one .gguf file for llama.cpp "
                 "(quant=gguf_q4_0 / gguf_q8_0, weight-only, R1/R2 rotations only); compressed-tensors: a checkpoint "
-                "folder for transformers / vLLM (symmetric weight-only, or W8A8)")
+                "folder for transformers / vLLM (symmetric weight-only, or W8A8); executorch: one .pte program on "
+                "XNNPACK (quant=executorch_w4a8, R1/R2 and R4 rotations)")
 
 
 def export_cmd(argv: list[str]) -> None:
-    """spinquant export OUT [--format packed|gguf] [overrides]: the run's quantization written to OUT (no evaluation)."""
+    """spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] [overrides]: the run's
+    quantization written to OUT (no evaluation)."""
     fmt = "packed"
     if "--format" in argv:
         i = argv.index("--format")
@@ -142,7 +147,7 @@ def export_cmd(argv: list[str]) -> None:
         cfg.model.seq_len = pipeline.resolve_seq_len(cfg.model.path)
     rc = pipeline.RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
     run = {"packed": pipeline.export_packed, "gguf": pipeline.export_gguf_run,
-           "compressed-tensors": pipeline.export_compressed_tensors_run}[fmt]
+           "compressed-tensors": pipeline.export_compressed_tensors_run, "executorch": pipeline.export_executorch_run}[fmt]
     path = run(rc, out)
     print(f"[done] {rc.quant.label()} {fmt} model written to {path}")
 

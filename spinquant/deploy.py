@@ -1,12 +1,14 @@
-"""Exported models inside their runtime, measured with our protocol: llama.cpp through llama-cpp-python.
+"""Exported models inside their runtime, measured with our protocol: llama.cpp through llama-cpp-python, ExecuTorch
+programs through executorch's Python runtime.
 
-`LlamaCppLM(path)` is a logits function x [b, L] -> [b, L, vocab] that `spinquant.eval.perplexity_of_ids` scores
-exactly as it scores our models (same token stream, same windows, same NLL sums), so the two perplexities differ
-only by what each runtime computes. `quantize_gguf` runs llama.cpp's own quantizer (the baseline a llama.cpp user
-picks) and `llama_cpp_speed` times prefill and decode in the same process.
+`LlamaCppLM(path)` and `ExecuTorchLM(path)` are logits functions x [b, L] -> [b, L, vocab] that
+`spinquant.eval.perplexity_of_ids` scores exactly as it scores our models (same token stream, same windows, same
+NLL sums), so the two perplexities differ only by what each runtime computes. `quantize_gguf` runs llama.cpp's own
+quantizer (the baseline a llama.cpp user picks) and `llama_cpp_speed` times prefill and decode in the same process.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -85,6 +87,45 @@ def llama_cpp_speed(path, n_threads: int, vocab: int, prefill: int = 512, decode
     return {"prefill_tok_s": prefill / best_p, "decode_tok_s": decode / best_d}
 
 
+class ExecuTorchLM:
+    """A .pte (spinquant.et_export) loaded in ExecuTorch's runtime on `n_threads` threads; calling it on token ids
+    [b, L] returns float32 logits [b, L, vocab], each row evaluated from position 0 (the static cache is overwritten
+    from the start and masked past the row)."""
+
+    def __init__(self, path, n_threads: int = 1):
+        from .et_export import _executorch
+        _executorch()
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+        _unsafe_reset_threadpool(n_threads)  # XNNPACK's pool (executorch pinned in the lock; tested)
+        self.program = Runtime.get().load_program(str(path))
+        self.method = self.program.load_method("forward")
+
+    def step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, L, vocab] of ids [1, L] placed at positions start..start+L-1 of the cache."""
+        pos = torch.arange(start, start + ids.shape[1], dtype=torch.long)
+        return self.method.execute([ids.to(torch.long).contiguous(), pos])[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.step(row[None], 0) for row in x]).float()
+
+    def speed(self, vocab: int, prefill: int = 512, decode: int = 64, seed: int = 0) -> dict:
+        """Prefill (one call of `prefill` tokens) and decode (`decode` single-token calls after it) throughput,
+        tok/s, best of three after a warm-up (as `llama_cpp_speed`)."""
+        ids = torch.randint(0, vocab, (1, prefill + decode), generator=torch.Generator().manual_seed(seed))
+        self.step(ids[:, :16], 0)
+        best_p = best_d = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            self.step(ids[:, :prefill], 0)
+            best_p = min(best_p, time.perf_counter() - t)
+            t = time.perf_counter()
+            for i in range(prefill, prefill + decode):
+                self.step(ids[:, i:i + 1], i)
+            best_d = min(best_d, time.perf_counter() - t)
+        return {"prefill_tok_s": prefill / best_p, "decode_tok_s": decode / best_d}
+
+
 # ---- the deploy table: llama.cpp's own quantizations beside ours, one row per (model, file) ----------------------
 
 # (quantizer label, GGUF format, Hydra overrides of our run): what our rows export
@@ -95,6 +136,12 @@ OURS = [("rtn", "Q4_0", ["quant=gguf_q4_0"]),
         ("rtn", "Q8_0", ["quant=gguf_q8_0"]),
         ("gptq", "Q8_0", ["quant=gguf_q8_0_gptq"])]
 LLAMA_CPP = ["Q8_0", "Q4_0", "Q4_K_M"]
+# ExecuTorch programs (XNNPACK): Meta's W4A8 recipe (quant=executorch_w4a8), FP32 for the runtime's own baseline
+ET_FORMAT = "XNNPACK-W4A8"
+OURS_ET = [("rtn", ["quant=executorch_w4a8"]),
+           ("gptq", ["quant=executorch_w4a8_gptq"]),
+           ("spinquant-r124+gptq", ["quant=executorch_w4a8_gptq", "rotation=spinquant", "rotation.r3=false"]),
+           ("qat-full", ["quant=executorch_w4a8", "qat=full", "qat.scales=fixed", "qat.train.steps=100"])]
 
 
 def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, ids, seq_len: int, vocab: int, threads: int,
@@ -112,6 +159,23 @@ def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, ids, seq_le
            "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
            "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
            "file_bytes": Path(gguf_path).stat().st_size, **speed, "threads": threads,
+           "runtime_window_nll": r.window_nll,
+           "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
+    return {**row, **(extra or {})}
+
+
+def et_deploy_row(model_name: str, fmt: str, quantizer: str, pte_path, ids, seq_len: int, vocab: int, threads: int,
+                  max_windows: int | None, ppl_framework=None, extra: dict | None = None) -> dict:
+    """Measure one .pte in ExecuTorch's runtime: perplexity on `ids` with our windows, file size, prefill/decode."""
+    from .eval.perplexity import perplexity_of_ids
+    lm = ExecuTorchLM(pte_path, n_threads=threads)
+    r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
+                          desc=f"executorch {fmt}")
+    speed = lm.speed(vocab, prefill=min(512, seq_len - 64), decode=64)
+    row = {"model": model_name, "runtime": "executorch", "format": fmt, "quantizer": quantizer,
+           "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
+           "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
+           "file_bytes": Path(pte_path).stat().st_size, **speed, "threads": threads,
            "runtime_window_nll": r.window_nll,
            "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
     return {**row, **(extra or {})}

@@ -115,7 +115,7 @@ def _weight(module, name: str, fp: str = "F16"):
     if fmt is None:
         spec = qw.spec
         raise GGUFExportError(
-            f"{name}: weights quantized as {spec.short()} (scales {'fp16' if spec.scale_dtype else 'fp32'}) are not a GGUF "
+            f"{name}: weights quantized as {spec.short()} (scales {spec.scale_dtype or 'float32'}) are not a GGUF "
             f"block format; the nearest exportable preset is quant={'gguf_q8_0' if spec.bits > 4 else 'gguf_q4_0'} "
             f"(symmetric int{8 if spec.bits > 4 else 4}, blocks of 32, fp16 scales: llama.cpp's "
             f"{'Q8_0' if spec.bits > 4 else 'Q4_0'})")

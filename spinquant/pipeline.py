@@ -460,6 +460,14 @@ def export_gguf_run(cfg: RunConfig | dict, out) -> Path:
     return export_gguf(model, out, resolve_path(cfg.model.path), name=cfg.model.name)
 
 
+def export_executorch_run(cfg: RunConfig | dict, out) -> Path:
+    """Quantize as `cfg` says and write the ExecuTorch program `out` (.pte, XNNPACK; see et_export) with a static KV
+    cache of the eval length. Everything the program cannot hold is refused from the config, before the model loads."""
+    from .et_export import check_config, export_executorch
+    cfg, model, _ = _quantized_for_export(cfg, Path(out), check_config)
+    return export_executorch(model, out, max_seq_len=_lengths(cfg)[0])
+
+
 def export_packed(cfg: RunConfig | dict, out) -> Path:
     """Quantize as `cfg` says, pack onto `cfg.kernels` (cpu when none) and save the folder `out` (weights,
     metadata, tokenizer), written atomically. No evaluation."""

@@ -48,8 +48,8 @@ def qparams_from_range(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec):
     else:
         scale = (xmax - xmin) / spec.qmax
         zero = torch.round(-xmin / scale.clamp(min=torch.finfo(scale.dtype).tiny))
-    if spec.scale_dtype == "float16":  # the scale a GGUF block stores; codes are then computed against it
-        scale = scale.to(torch.float16).to(scale.dtype)
+    if spec.scale_dtype is not None:  # the scale a runtime stores (GGUF fp16, XNNPACK bf16); codes use it
+        scale = scale.to(getattr(torch, spec.scale_dtype)).to(scale.dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group (or below fp16): any scale works
     return scale, zero
 

@@ -182,6 +182,11 @@ SCHEMES: dict[str, QuantConfig] = {
                              lm_head=_w(8, 32, scale_dtype="float16"), scheme="GGUF-Q4_0"),
     "GGUF-Q8_0": QuantConfig(weight=_w(8, 32, scale_dtype="float16"), embed=_w(8, 32, scale_dtype="float16"),
                              lm_head=_w(8, 32, scale_dtype="float16"), scheme="GGUF-Q8_0"),
+    # Meta's on-device recipe as XNNPACK runs it (ExecuTorch, spinquant.et_export): decoder linears int4 sym g32 with
+    # bf16 scales (XNNPACK stores grouped scales in bf16) and int8 asym per-token dynamic activations; lm_head int8
+    # per-channel weights with int8 dynamic activations; embedding int8 per-channel.
+    "ExecuTorch-W4A8": QuantConfig(weight=_w(4, 32, clip="mse", scale_dtype="bfloat16"), act=_a(8), embed=_w(8),
+                                   lm_head=_w(8), lm_head_act=_a(8), scheme="ExecuTorch-W4A8"),
     "W4A4KV4": QuantConfig(weight=_w(4, clip="mse"), act=_a(4, clip=0.9),
                            kv=QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True, clip_ratio=0.95),
                            scheme="W4A4KV4"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
+SCALE_DTYPES = (None, "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class QuantSpec:
     dynamic: bool = False
     clip_ratio: float = 1.0
     clip_search: str = "none"  # "none" | "mse"
-    scale_dtype: str | None = None  # "float16": scales rounded to fp16, as GGUF's Q4_0 / Q8_0 blocks store them
+    # scales rounded to what a runtime stores: "float16" (GGUF's Q4_0 / Q8_0 blocks), "bfloat16" (XNNPACK's grouped int4)
+    scale_dtype: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not (2 <= self.bits <= 8 or self.bits == 16):
@@ -42,8 +44,8 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if self.clip_search not in ("none", "mse"):
             raise ValueError(f"QuantSpec.clip_search must be 'none' or 'mse', got {self.clip_search!r}")
-        if self.scale_dtype not in (None, "float16"):
-            raise ValueError(f"QuantSpec.scale_dtype must be null or 'float16', got {self.scale_dtype!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def enabled(self) -> bool:

@@ -1,11 +1,16 @@
-"""The deploy table (paper/deploy_table.md): GGUF files measured inside llama.cpp, one row per (model, file)."""
+"""The deploy table (paper/deploy_table.md): exported files measured inside their runtime (GGUF in llama.cpp, .pte
+programs in ExecuTorch), one row per (model, file), one table per (model, runtime)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-FORMAT_ORDER = {"F32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3}
-QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4, "qat-full": 5}
+FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4}
+QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4,
+                   "spinquant-r124+gptq": 4, "qat-full": 5}
+RUNTIME_ORDER = {"llama.cpp": 0, "executorch": 1, "transformers": 2}
+NOTES = {"llama.cpp": "", "executorch": " XNNPACK delegate; prefill is 448 tokens (the program's static cache holds the "
+                                      "eval length, 512) and decode 64."}
 
 
 def read_deploy_rows(folder: Path) -> list[dict]:
@@ -15,26 +20,30 @@ def read_deploy_rows(folder: Path) -> list[dict]:
 def render_deploy(rows: list[dict]) -> str:
     out = []
     for model in sorted({r["model"] for r in rows}):
-        mrows = sorted((r for r in rows if r["model"] == model),
-                       key=lambda r: (FORMAT_ORDER.get(r["format"], 9), QUANTIZER_ORDER.get(r["quantizer"], 9)))
-        w = mrows[0]
-        lines = [f"**{model}** — WikiText-2 perplexity inside llama.cpp ({w['windows']} windows of {w['seq_len']} "
-                 f"tokens, our protocol) and ours (fake-quant, same windows); llama.cpp speed on {w['threads']} "
-                 f"thread(s)", "",
-                 "| Quantizer | Format | File (MB) | PPL llama.cpp | PPL ours | llama.cpp vs ours | Prefill tok/s | "
-                 "Decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for r in mrows:
-            ours = r["ppl_framework"]
-            rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
-            name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
-                                                                                                 r["quantizer"])
-            lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f} | "
-                         f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
-                         f"{r['decode_tok_s']:.0f} |")
-        if any(r["quantizer"].startswith("qat") for r in mrows):
-            lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
-                          "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
-        revs = sorted({r["git_rev"] for r in mrows})
-        lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
-        out.append("\n".join(lines))
+        for runtime in sorted({r["runtime"] for r in rows if r["model"] == model}, key=lambda k: RUNTIME_ORDER.get(k, 9)):
+            out.append(_render_one(model, runtime, [r for r in rows if r["model"] == model and r["runtime"] == runtime]))
     return "\n\n".join(out) + "\n"
+
+
+def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
+    mrows = sorted(mrows, key=lambda r: (FORMAT_ORDER.get(r["format"], 9), QUANTIZER_ORDER.get(r["quantizer"], 9)))
+    w = mrows[0]
+    lines = [f"**{model}, {runtime}** — WikiText-2 perplexity inside {runtime} ({w['windows']} windows of {w['seq_len']} "
+             f"tokens, our protocol) and ours (fake-quant, same windows); {runtime} speed on {w['threads']} "
+             f"thread(s).{NOTES.get(runtime, '')}", "",
+             f"| Quantizer | Format | File (MB) | PPL {runtime} | PPL ours | {runtime} vs ours | Prefill tok/s | "
+             "Decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in mrows:
+        ours = r["ppl_framework"]
+        rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
+        name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
+                                                                                             r["quantizer"])
+        lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f} | "
+                     f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
+                     f"{r['decode_tok_s']:.0f} |")
+    if any(r["quantizer"].startswith("qat") for r in mrows):
+        lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
+                      "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
+    revs = sorted({r["git_rev"] for r in mrows})
+    lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
+    return "\n".join(lines)
