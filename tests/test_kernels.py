@@ -224,18 +224,24 @@ def test_rotated_key_cache_decode_equals_full_forward():
     assert _rel(got, want) < 1e-5
 
 
-def test_shared_activation_codes_are_reused_only_for_the_same_input():
-    from spinquant.kernels.linear import shared_token_codes
-    x = torch.randn(3, 64)
-    c1 = shared_token_codes(x, A8)
-    assert shared_token_codes(x, A8) is c1                      # q, k, v reading the same hidden states
-    assert shared_token_codes(x, A4) is not c1                  # another spec
-    y = x.clone()
-    assert shared_token_codes(y, A8) is not c1                  # another tensor with the same values
-    c2 = shared_token_codes(y, A8)
-    y.mul_(2)                                                   # modified in place: recomputed
-    c3 = shared_token_codes(y, A8)
-    assert c3 is not c2 and torch.equal(c3[2], c2[2] * 2)
+def test_activation_codes_follow_an_input_changed_in_place_under_inference_mode():
+    """The reproduction of the stale-code bug: a packed linear called twice on one tensor changed in place between
+    the calls (inference-mode tensors have no version counter) must see the new values. No codes are cached
+    across calls, so this holds by construction, on every kernel of the CPU backend."""
+    for scheme, torch_kernel in (("W4A8", "int4"), ("W8A8", "int8")):
+        cfg = QuantConfig(scheme=scheme)
+        ql = QuantLinear.from_linear(nn.Linear(64, 32, bias=False), rtn(torch.randn(32, 64), cfg.weight), cfg.act)
+        for kernel in {torch_kernel, choose_kernel(ql.weight_spec, ql.act_spec)}:
+            _check_fresh_codes(PackedLinear.from_quant_linear(ql, kernel))
+
+
+def _check_fresh_codes(pl):
+    with torch.inference_mode():
+        x = torch.randn(3, 64)
+        first = pl(x)
+        x.mul_(2)
+        second = pl(x)
+        assert torch.allclose(second, pl(x.clone()), atol=1e-6) and not torch.allclose(first, second), pl.kernel
 
 
 @pytest.mark.parametrize("scheme,kv_bits", [("W4A4KV4", 4), ("W4A8KV8", 8)])

@@ -170,3 +170,41 @@ def test_int4_layout_inverts():
     assert torch.equal(native.untile_int4(native.tile_int4(u)), u)
     g = torch.randint(0, 100, (32, 3))
     assert torch.equal(native.tile_groups(g)[1, 2], g[16:, 2])
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_bad_calls_are_clear_errors_not_crashes(lib):
+    """Checked in Python before the C call (the message names the argument), and refused again in C (a status, not
+    an out-of-bounds write) when the Python side is bypassed."""
+    ql = _quant_linear(48, 64, W4[1], A8, seed=0)
+    pl = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
+    args = (A8, pl.tiles, pl.tile_scales, pl.tile_zeros, pl.rsum, 48, pl.group, torch.float32)
+    kp = pl.tiles.shape[1] * 8
+    with pytest.raises(ValueError, match="wider than the packed weight's padded width"):
+        native.w4a8_linear(torch.randn(2, kp + 8), *args, lib=_lib(lib))
+    with pytest.raises(ValueError, match="tiles must be torch.uint8"):
+        native.w4a8_linear(torch.randn(2, 64), A8, pl.tiles.view(torch.int8), *args[2:], lib=_lib(lib))
+    with pytest.raises(ValueError, match="scales must be torch.bfloat16"):
+        native.w4a8_linear(torch.randn(2, 64), A8, pl.tiles, pl.tile_scales.float(), *args[3:], lib=_lib(lib))
+    with pytest.raises(ValueError, match="activations"):
+        native.w4a8_linear(torch.randint(0, 3, (2, 64)), *args, lib=_lib(lib))
+    with pytest.raises(ValueError, match="padded width"):
+        native.quant_act(torch.randn(2, 70), A8, k_pad=64, lib=_lib(lib))
+    ql8 = _quant_linear(16, 64, QuantSpec(bits=8, granularity="channel"), A8, seed=0)
+    p8 = PackedLinear.from_quant_linear(ql8, "cpu_w8a8")
+    with pytest.raises(ValueError, match="rsum must be torch.int32"):
+        native.w8a8_linear(torch.randn(2, 64), A8, p8.w_int8, p8.w_scale, p8.colsum.float(), torch.float32,
+                           lib=_lib(lib))
+    k = native.W8A8_MAX_K + 1  # int32 sums would no longer be exact
+    with pytest.raises(ValueError, match="exceeds 65793"):
+        native.w8a8_linear(torch.randn(1, k), A8, torch.zeros(2, k, dtype=torch.int8), torch.ones(2),
+                           torch.zeros(2, dtype=torch.int32), torch.float32, lib=_lib(lib))
+    # bypassing the Python checks: C answers with a status instead of writing past its buffers
+    x = torch.randn(2, kp + 64)
+    y = torch.empty(2, 48)
+    rc = _lib(lib).sq_w4a8_linear(x.data_ptr(), 0, 2, kp + 64, *native._act_args(A8), pl.tiles.data_ptr(),
+                                  pl.tile_scales.data_ptr(), None, pl.rsum.data_ptr(), 48, kp, pl.group, y.data_ptr(), 0)
+    assert rc == -1
+    rc = _lib(lib).sq_w8a8_linear(x.data_ptr(), 0, 1, k, *native._act_args(A8), x.data_ptr(), k, x.data_ptr(),
+                                  x.data_ptr(), 1, y.data_ptr(), 0)
+    assert rc == -1

@@ -75,33 +75,6 @@ def token_codes(x: torch.Tensor, spec: QuantSpec):
     return v, zero, scale
 
 
-class _LastCodes:
-    """The activation codes of the last input seen: q/k/v (and gate/up) read the same hidden-states tensor, so
-    its per-token quantization runs once for all of them. Keyed on the input tensor object (held, so it
-    cannot be freed and its address reused), its version counter where it has one, and the spec."""
-
-    x = version = spec = codes = None
-
-
-_LAST = _LastCodes()
-
-
-def _version(x: torch.Tensor):
-    try:
-        return x._version
-    except RuntimeError:  # inference-mode tensors keep no version counter
-        return None
-
-
-def shared_token_codes(x: torch.Tensor, spec: QuantSpec):
-    """`token_codes(x.reshape(-1, K), spec)`, reusing the result when called again on the same input."""
-    if _LAST.x is x and _LAST.spec == spec and _LAST.version == _version(x):
-        return _LAST.codes
-    codes = token_codes(x.reshape(-1, x.shape[-1]), spec)
-    _LAST.x, _LAST.version, _LAST.spec, _LAST.codes = x, _version(x), spec, codes
-    return codes
-
-
 def _pad_k(x: torch.Tensor, k_pad: int) -> torch.Tensor:
     """Zero-pad the last dimension to k_pad (no copy when it already is k_pad)."""
     return x if x.shape[-1] == k_pad else F.pad(x, (0, k_pad - x.shape[-1]))
@@ -303,7 +276,7 @@ class PackedLinear(nn.Module):
                 v, z, s = token_codes(x, a)
         else:
             if a is not None:
-                v, z, s = shared_token_codes(x, a)
+                v, z, s = token_codes(x.reshape(-1, self.in_features), a)  # per call: nothing cached across calls
             x = x.reshape(-1, self.in_features)
         if self.kernel == "int4":
             xin = (v - z) if a is not None else x

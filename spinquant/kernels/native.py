@@ -87,11 +87,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     act = [i, f, f, f, i, i]  # K, qmin, qmax, clip, symmetric, shift
     lib.sq_simd.restype = i
     lib.sq_quant_act.argtypes = [p, i, i, *act[:1], i, *act[1:], p, p, p]
-    lib.sq_quant_act.restype = None
+    lib.sq_quant_act.restype = i
     lib.sq_w4a8_linear.argtypes = [p, i, i, *act, p, p, p, p, i, i, i, p, i]
-    lib.sq_w4a8_linear.restype = None
+    lib.sq_w4a8_linear.restype = i
     lib.sq_w8a8_linear.argtypes = [p, i, i, *act, p, i, p, p, i, p, i]
-    lib.sq_w8a8_linear.restype = None
+    lib.sq_w8a8_linear.restype = i
     return lib
 
 
@@ -143,9 +143,37 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _input(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    if x.dim() != 2:
+        raise ValueError(f"native kernels take activations [tokens, features], got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() and x.device.type == "cpu"):
+        raise ValueError(f"native kernels take floating-point CPU activations, got {x.dtype} on {x.device}")
     if x.dtype not in (torch.bfloat16, torch.float32):
         x = x.float()
     return x.contiguous(), int(x.dtype == torch.bfloat16)
+
+
+def _need(t: torch.Tensor | None, name: str, dtype: torch.dtype, shape: tuple) -> None:
+    """t is a contiguous CPU tensor of `dtype` and `shape` (None entries: any size), else a ValueError naming it.
+    The kernels read with unaligned loads, so no alignment beyond the dtype's is required."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"native kernel argument {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or t.device.type != "cpu" or t.dim() != len(shape) or \
+            any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        raise ValueError(f"native kernel argument {name} must be {dtype} {tuple('*' if d is None else d for d in shape)} "
+                         f"on the CPU, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"native kernel argument {name} must be contiguous")
+
+
+W8A8_MAX_K = 65793  # the int8 kernel's int32 sums are exact while K·255·128 < 2^31 (SQ_W8A8_MAX_K in lowbit.c)
+W4A8_MAX_GROUP = (2**31 - 1) // (255 * 15)  # per-group int32 sums of the int4 kernel
+
+
+def _check_rc(rc: int, what: str) -> None:
+    if rc == -2:
+        raise MemoryError(f"{what}: the native kernel could not allocate its work buffers")
+    if rc != 0:
+        raise ValueError(f"{what}: the native kernel refused its arguments (code {rc}); this is a bug in the caller")
 
 
 # ---- layouts ------------------------------------------------------------------------------------------
@@ -176,11 +204,15 @@ def quant_act(x: torch.Tensor, spec: QuantSpec, k_pad: int | None = None, lib: c
     x, is_bf16 = _input(x)
     M, K = x.shape
     k_pad = k_pad or K
+    if k_pad < K:
+        raise ValueError(f"activations have {K} features, wider than the kernel's padded width {k_pad}")
+    if not supports_act(spec):
+        raise ValueError(f"the native kernels quantize dynamic per-token <= 8-bit activations, not {spec}")
     c = torch.empty(M, k_pad, dtype=torch.int8)
     s, zp = torch.empty(M), torch.empty(M, dtype=torch.int32)
     qmin, qmax, clip, sym, shift = _act_args(spec)
-    lib.sq_quant_act(x.data_ptr(), is_bf16, M, K, k_pad, qmin, qmax, clip, sym, shift, c.data_ptr(), s.data_ptr(),
-                     zp.data_ptr())
+    _check_rc(lib.sq_quant_act(x.data_ptr(), is_bf16, M, K, k_pad, qmin, qmax, clip, sym, shift, c.data_ptr(),
+                               s.data_ptr(), zp.data_ptr()), "quant_act")
     return c, s, zp
 
 
@@ -190,9 +222,26 @@ def w4a8_linear(x: torch.Tensor, spec: QuantSpec, tiles: torch.Tensor, scales: t
     lib = lib or load()
     x, is_bf16 = _input(x)
     M, K = x.shape
+    NT = (n + TILE - 1) // TILE
+    _need(tiles, "tiles", torch.uint8, (NT, None, TILE, 4))
+    kp = tiles.shape[1] * 8
+    if K > kp:
+        raise ValueError(f"activations have {K} features, wider than the packed weight's padded width {kp}")
+    if group < 8 or group % 8 or kp % group:
+        raise ValueError(f"group size {group} must be a multiple of 8 dividing the padded width {kp}")
+    if group > W4A8_MAX_GROUP:
+        raise ValueError(f"group size {group} exceeds {W4A8_MAX_GROUP}, where the kernel's int32 group sums stay exact")
+    _need(scales, "scales", torch.bfloat16, (NT, kp // group, TILE))
+    if zeros is not None:
+        _need(zeros, "zeros", torch.bfloat16, (NT, kp // group, TILE))
+    _need(rsum, "rsum", torch.float32, (NT * TILE,))
+    if out_dtype not in (torch.bfloat16, torch.float32) or not supports_act(spec):
+        raise ValueError(f"w4a8_linear: out_dtype must be bf16 / float32 ({out_dtype}) and the activation spec "
+                         f"dynamic per-token <= 8-bit ({spec})")
     y = torch.empty(M, n, dtype=out_dtype)
-    lib.sq_w4a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), tiles.data_ptr(), scales.data_ptr(), _ptr(zeros),
-                       rsum.data_ptr(), n, tiles.shape[1] * 8, group, y.data_ptr(), int(out_dtype == torch.bfloat16))
+    _check_rc(lib.sq_w4a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), tiles.data_ptr(), scales.data_ptr(),
+                                 _ptr(zeros), rsum.data_ptr(), n, kp, group, y.data_ptr(),
+                                 int(out_dtype == torch.bfloat16)), "w4a8_linear")
     return y
 
 
@@ -203,10 +252,21 @@ def w8a8_linear(x: torch.Tensor, spec: QuantSpec, w: torch.Tensor, scale: torch.
     lib = lib or load()
     x, is_bf16 = _input(x)
     M, K = x.shape
-    if w.dtype != torch.int8 or w.shape[1] < K or w.stride(1) != 1:
-        raise ValueError(f"w8a8_linear needs int8 weights [N, >= {K}] with unit column stride, got {w.dtype} "
-                         f"{tuple(w.shape)}")
-    y = torch.empty(M, w.shape[0], dtype=out_dtype)
-    lib.sq_w8a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), w.data_ptr(), w.stride(0), scale.data_ptr(),
-                       rsum.data_ptr(), w.shape[0], y.data_ptr(), int(out_dtype == torch.bfloat16))
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] < K or w.stride(1) != 1 \
+            or w.device.type != "cpu":
+        raise ValueError(f"w8a8_linear needs int8 CPU weights [N, >= {K}] with unit column stride, got "
+                         f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
+    if K > W8A8_MAX_K:
+        raise ValueError(f"w8a8_linear: K = {K} exceeds {W8A8_MAX_K}, where the kernel's int32 sums stay exact "
+                         f"(K·255·128 < 2^31); split the layer or use the int4 kernel")
+    N = w.shape[0]
+    _need(scale, "scale", torch.float32, (N,))
+    _need(rsum, "rsum", torch.int32, (N,))
+    if out_dtype not in (torch.bfloat16, torch.float32) or not supports_act(spec):
+        raise ValueError(f"w8a8_linear: out_dtype must be bf16 / float32 ({out_dtype}) and the activation spec "
+                         f"dynamic per-token <= 8-bit ({spec})")
+    y = torch.empty(M, N, dtype=out_dtype)
+    _check_rc(lib.sq_w8a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), w.data_ptr(), w.stride(0),
+                                 scale.data_ptr(), rsum.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.bfloat16)),
+              "w8a8_linear")
     return y

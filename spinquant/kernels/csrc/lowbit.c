@@ -18,6 +18,12 @@
  */
 #include <math.h>
 #include <stdint.h>
+
+/* return codes of the sq_* entry points */
+#define SQ_OK 0
+#define SQ_EINVAL (-1)  /* arguments that would read or write out of bounds (native.py checks first, with a message) */
+#define SQ_ENOMEM (-2)  /* a work buffer could not be allocated */
+#define SQ_W8A8_MAX_K 65793  /* int8 x int8 sums stay exact in int32 up to this K (65793·255·128 < 2^31) */
 #include <stdlib.h>
 #include <string.h>
 
@@ -89,14 +95,21 @@ static void quant_token(const float *x, int K, int Kp, const act_spec *a, int8_t
     *zp_out = zp;
 }
 
-/* Quantize M tokens (float32 or bf16 input rows of stride K). */
-static void quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const act_spec *a, int8_t *c, float *scale,
-                         int *zp) {
+/* Quantize M tokens (float32 or bf16 input rows of stride K). Returns SQ_ENOMEM when a row buffer cannot be had. */
+static int quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const act_spec *a, int8_t *c, float *scale,
+                        int *zp) {
+    int failed = 0;
     #pragma omp parallel if (M > 8)
     {
         float *row = x_bf16 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+        const int ok = !x_bf16 || row != NULL;
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
         #pragma omp for schedule(static)
         for (int m = 0; m < M; m++) {
+            if (!ok) continue;
             const float *xr;
             if (x_bf16) {
                 const uint16_t *h = (const uint16_t *)x + (size_t)m * K;
@@ -109,13 +122,15 @@ static void quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const 
         }
         free(row);
     }
+    return failed ? SQ_ENOMEM : SQ_OK;
 }
 
 /* Exposed for the tests: the codes (v + shift), scales and zp of M tokens. */
-void sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, float qmax, float clip, int symmetric,
-                  int shift, int8_t *c, float *scale, int *zp) {
+int sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, float qmax, float clip, int symmetric,
+                 int shift, int8_t *c, float *scale, int *zp) {
+    if (!x || !c || !scale || !zp || M < 0 || K < 1 || Kp < K) return SQ_EINVAL;
     act_spec a = {qmin, qmax, clip, symmetric, shift};
-    quant_tokens(x, x_bf16, M, K, Kp, &a, c, scale, zp);
+    return quant_tokens(x, x_bf16, M, K, Kp, &a, c, scale, zp);
 }
 
 /* y[m, n0 : n0 + count] = v (bf16 or float32 output of row stride N). */
@@ -177,16 +192,27 @@ static inline __attribute__((always_inline)) void w4_tile_vnni(
 #endif
 
 /* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
-void sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                    int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
-                    int N, int Kp, int gs, void *y, int y_bf16) {
+int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
+                   int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
+                   int N, int Kp, int gs, void *y, int y_bf16) {
+    /* the caller (native.py) checks all of this with a message; here it only keeps a bad call from writing out of
+     * bounds: K <= Kp (the codes buffer is Kp wide), gs a multiple of 8 dividing Kp, the int32 sums within range */
+    if (!x || !wt || !scales || !rsum || !y || M < 0 || N < 1 || K < 1 || K > Kp || gs < 8 || gs % 8 || Kp % gs ||
+        (int64_t)gs * 255 * 15 > INT32_MAX)
+        return SQ_EINVAL;
     act_spec a = {qmin, qmax, clip, symmetric, shift};
     const int G = Kp / gs, KB = Kp / 8, NT = (N + 15) / 16, bpg = gs / 8;
-    int8_t *c = (int8_t *)aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64);
-    float *sx = (float *)malloc(sizeof(float) * M);
-    int *zp = (int *)malloc(sizeof(int) * M);
-    int32_t *csum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * G); /* per-group code sums */
-    quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp);
+    int8_t *c = (int8_t *)aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64 + 64);
+    float *sx = (float *)malloc(sizeof(float) * M + 1);
+    int *zp = (int *)malloc(sizeof(int) * M + 1);
+    int32_t *csum = (int32_t *)malloc(sizeof(int32_t) * (size_t)M * G + 1); /* per-group code sums */
+    if (!c || !sx || !zp || !csum || quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp) != SQ_OK) {
+        free(c);
+        free(sx);
+        free(zp);
+        free(csum);
+        return SQ_ENOMEM;
+    }
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
             int32_t s = 0;
@@ -238,6 +264,7 @@ void sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float q
     free(sx);
     free(zp);
     free(csum);
+    return SQ_OK;
 }
 
 /* ---- int8 weights ------------------------------------------------------------------------------ */
@@ -248,15 +275,23 @@ void sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float q
 /* y [M, N] = dequant(x) @ W^T with symmetric per-row int8 weights w [N, ldw] (row-major, the layout torch's
  * int8 ops and a tied embedding use): y = ((acc - zp·rsum)·sx)·s with acc = sum_k q·c exact in int32.
  * NR rows x MB8 tokens per step share each 64-byte load; the K tail is a masked load. */
-void sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                    int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
-                    int y_bf16) {
+int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
+                   int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
+                   int y_bf16) {
+    /* exact while |sum_k (c - zp)·q| <= K·255·128 fits int32: K <= SQ_W8A8_MAX_K (native.py says so first) */
+    if (!x || !w || !wscale || !rsum || !y || M < 0 || N < 1 || K < 1 || ldw < K || K > SQ_W8A8_MAX_K)
+        return SQ_EINVAL;
     act_spec a = {qmin, qmax, clip, symmetric, shift};
     const int Kp = (K + 63) / 64 * 64;
-    int8_t *c = (int8_t *)aligned_alloc(64, (size_t)M * Kp);
-    float *sx = (float *)malloc(sizeof(float) * M);
-    int *zp = (int *)malloc(sizeof(int) * M);
-    quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp);
+    int8_t *c = (int8_t *)aligned_alloc(64, (size_t)M * Kp + 64);
+    float *sx = (float *)malloc(sizeof(float) * M + 1);
+    int *zp = (int *)malloc(sizeof(int) * M + 1);
+    if (!c || !sx || !zp || quant_tokens(x, x_bf16, M, K, Kp, &a, c, sx, zp) != SQ_OK) {
+        free(c);
+        free(sx);
+        free(zp);
+        return SQ_ENOMEM;
+    }
 #if SQ_VNNI
     /* VPDPBUSD multiplies unsigned by signed bytes: the activations enter as c + 128 (unsigned) */
     for (size_t i = 0; i < (size_t)M * Kp; i++) c[i] = (int8_t)((uint8_t)c[i] ^ 0x80u);
@@ -307,4 +342,5 @@ void sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float q
     free(c);
     free(sx);
     free(zp);
+    return SQ_OK;
 }
