@@ -16,6 +16,15 @@ sdpa, with a packed-query route for single-token GQA decoding that torch's bf16 
 so the ratios measure the linear layers. Checkpoints are built first and then measured in `--rounds` interleaved rounds
 (every scheme once per round); each scheme reports its best prefill and decode speed, its highest peak RSS,
 and every round's numbers.
+
+llama.cpp (the engine a CPU user picks instead) is measured in the same rounds: the same model written as an F32
+GGUF (spinquant.gguf_export; the random-weight 1B shape gets a synthetic byte-level BPE vocabulary of its size,
+which only the file's metadata needs), quantized by llama.cpp's own quantizer to BF16 / Q8_0 / Q4_0 / Q4_K_M, and
+run through llama-cpp-python in a fresh subprocess with the same threads, prompt and decode lengths (greedy
+decoding; peak RSS as ours). Rows carry `engine` ("spinquant" / "llama.cpp") and llama.cpp's type names as
+`scheme`; `vs_llama_cpp_q4_0` holds every row's ratios to llama.cpp Q4_0. The roofline of a row is the read
+bandwidth this machine serves for a buffer of exactly the bytes one decoded token reads (measured, repeatedly
+read: what part of it the last-level cache holds counts), over those bytes.
 """
 from __future__ import annotations
 
@@ -53,6 +62,7 @@ SCHEMES = {  # name -> (dtype, quant config or None, rotation)
     "W4A8+QuaRot": ("bfloat16", {"scheme": "W4A8", "weight": _W4G32, **_LM8}, "quarot"),
 }
 MODELS = ("llama-3.2-1b-shape", "ref-llama")
+LLAMA_CPP = ("BF16", "Q8_0", "Q4_0", "Q4_K_M")  # llama.cpp's own quantizations of the same FP model
 
 
 def build(model_name: str, dtype: torch.dtype, seed: int = 0):
@@ -90,11 +100,12 @@ def prepare(model_name: str, scheme: str, folder: Path) -> dict:
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of a streaming read (sum of a float32 tensor larger than the caches)."""
-    x = torch.ones(int(gib * 2**30 / 4))
+    """Bytes/s of a repeated streaming read of `gib` GiB (sum of a float32 tensor): with the bytes a decoded token
+    reads, the bandwidth a decode loop can get, caches included."""
+    x = torch.ones(max(1, int(gib * 2**30 / 4)))
     x.sum()
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(max(repeats, min(200, int(2**28 / (x.numel() * 4))))):  # small buffers: more tries, best kept
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
@@ -167,6 +178,76 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
             "threads": torch.get_num_threads()}
 
 
+def synthetic_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer of `vocab_size` tokens (256 bytes, one merge, fillers): GGUF metadata for a
+    random-weight model that has no tokenizer; token ids are all the benchmark feeds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ab"] = len(vocab)  # llama.cpp's BPE loader wants at least one merge
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<t{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    return folder
+
+
+def prepare_llama_cpp(model_name: str, folder: Path, threads: int) -> dict[str, dict]:
+    """The model as an F32 GGUF, quantized by llama.cpp to each of LLAMA_CPP (files kept in `folder`)."""
+    from spinquant.deploy import quantize_gguf
+    from spinquant.gguf_export import export_gguf
+    from spinquant.models.load import resolve_path
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    model = build(model_name, torch.float32)
+    tokdir = resolve_path("ref-llama") if model_name == "ref-llama" else \
+        synthetic_tokenizer(folder / "tokenizer", model.config.vocab_size)
+    f32 = export_gguf(model, folder / "f32.gguf", tokdir, name=model_name, fp="F32")
+    del model
+    info = {}
+    for kind in LLAMA_CPP:
+        t1 = time.time()
+        f = quantize_gguf(f32, folder / f"{kind}.gguf", kind, threads)
+        info[kind] = {"size_bytes": f.stat().st_size, "build_s": time.time() - t1 + (t1 - t if kind == "BF16" else 0),
+                      "kernels": {"llama.cpp": kind}}
+    f32.unlink()
+    return info
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    """Bytes of the tensors one decoded token reads: all but the token embedding, which is read whole only when it
+    doubles as the output matrix (tied)."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    tied = "output.weight" not in tensors
+    return sum(b for n, b in tensors.items() if n != "token_embd.weight" or tied)
+
+
+def child_llama_cpp(path: Path, prefill: int, decode: int, seed: int, threads: int) -> dict:
+    """Runs in a fresh process: load the GGUF in llama.cpp, prefill, decode greedily; peak RSS of this process."""
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=prefill + decode + 8, n_batch=prefill, n_ubatch=prefill,
+                n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+    rss_loaded = peak_rss_bytes()
+    vocab = llm.n_vocab()
+    prompt = torch.randint(0, vocab, (prefill,), generator=torch.Generator().manual_seed(seed)).tolist()
+    llm.eval(prompt[:32])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(decode):  # greedy, as ours: the last position's logits straight from the context
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        llm.eval([int(logits.argmax())])
+    decode_s = time.perf_counter() - t
+    return {"kernels": {"llama.cpp": path.stem}, "prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode / decode_s,
+            "prefill_s": prefill_s, "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
+            "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": gguf_decode_bytes(path), "threads": threads}
+
+
 def _prepared(model_name: str, scheme: str, folder: Path) -> dict:
     """`prepare` once: a folder that already holds the checkpoint and its info.json (from --work-dir) is reused."""
     done = folder / "bench_info.json"
@@ -177,10 +258,16 @@ def _prepared(model_name: str, scheme: str, folder: Path) -> dict:
     return info
 
 
-def _measure(folder: Path, scheme: str, args) -> dict:
-    dtype_name, qcfg, _ = SCHEMES[scheme]
-    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, "--prefill", str(args.prefill),
-           "--decode", str(args.decode), "--seed", str(args.seed)] + (["--packed"] if qcfg is not None else [])
+def _measure(folder: Path, engine: str, scheme: str, args) -> dict:
+    """One measuring subprocess: ours (a saved folder) or llama.cpp (a type of LLAMA_CPP: folder/<scheme>.gguf)."""
+    common = ["--prefill", str(args.prefill), "--decode", str(args.decode), "--seed", str(args.seed)]
+    if engine == "llama.cpp":
+        cmd = [sys.executable, __file__, "--child-gguf", str(folder / f"{scheme}.gguf"), "--threads",
+               str(torch.get_num_threads()), *common]
+    else:
+        dtype_name, qcfg, _ = SCHEMES[scheme]
+        cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, *common] + \
+            (["--packed"] if qcfg is not None else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{folder} {scheme}: measuring subprocess failed:\n{res.stderr[-3000:]}")
@@ -198,13 +285,20 @@ def main():
     p.add_argument("--out", type=Path)
     p.add_argument("--work-dir", type=Path, help="keep the built checkpoints here and reuse them on the next run")
     p.add_argument("--prepare-only", action="store_true", help="build (and keep, with --work-dir) the checkpoints only")
+    p.add_argument("--llama-cpp", nargs="*", default=list(LLAMA_CPP), choices=list(LLAMA_CPP),
+                   help="llama.cpp quantizations measured beside ours (none: --llama-cpp with no value)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child-gguf", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--packed", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     args = p.parse_args()
     rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     if args.child:
         print(json.dumps(child(args.child, args.packed, args.dtype, args.prefill, args.decode, args.seed)))
+        return
+    if args.child_gguf:
+        print(json.dumps(child_llama_cpp(args.child_gguf, args.prefill, args.decode, args.seed, args.threads)))
         return
     if "BF16" not in args.schemes:
         p.error("BF16 must be among --schemes: every ratio is to BF16 measured in the same run")
@@ -217,40 +311,55 @@ def main():
             d = args.work_dir / model_name if args.work_dir else Path(tmp)
             # build every checkpoint first, then measure the schemes in interleaved rounds: this machine's speed
             # drifts over minutes, so each scheme keeps its best round and every round sees every scheme
-            info = {s: _prepared(model_name, s, d / s) for s in args.schemes}
+            info = {("spinquant", s): _prepared(model_name, s, d / s) for s in args.schemes}
+            if args.llama_cpp:
+                done = d / "llama.cpp" / "bench_info.json"
+                if not done.is_file():
+                    done.parent.mkdir(parents=True, exist_ok=True)
+                    done.write_text(json.dumps(prepare_llama_cpp(model_name, d / "llama.cpp", torch.get_num_threads())))
+                info.update({("llama.cpp", k): v for k, v in json.loads(done.read_text()).items()
+                             if k in args.llama_cpp})
             if args.prepare_only:
                 continue
-            runs: dict[str, list[dict]] = {s: [] for s in args.schemes}
+            order = [("spinquant", s) for s in args.schemes] + [("llama.cpp", k) for k in args.llama_cpp]
+            runs: dict[tuple, list[dict]] = {e: [] for e in order}
             for rnd in range(args.rounds):
-                for scheme in args.schemes:
-                    runs[scheme].append(_measure(d / scheme, scheme, args))
-                    m = runs[scheme][-1]
-                    print(f"round {rnd}: {model_name:20s} {scheme:12s} prefill {m['prefill_tok_s']:8.1f} tok/s  decode "
-                          f"{m['decode_tok_s']:7.2f} tok/s  peak RSS {m['peak_rss_bytes'] / 2**20:8.1f} MiB", flush=True)
+                for engine, scheme in order:
+                    folder = d / ("llama.cpp" if engine == "llama.cpp" else scheme)
+                    runs[engine, scheme].append(_measure(folder, engine, scheme, args))
+                    m = runs[engine, scheme][-1]
+                    print(f"round {rnd}: {model_name:20s} {engine:9s} {scheme:12s} prefill {m['prefill_tok_s']:8.1f} "
+                          f"tok/s  decode {m['decode_tok_s']:7.2f} tok/s  peak RSS {m['peak_rss_bytes'] / 2**20:8.1f} MiB",
+                          flush=True)
         if args.prepare_only:
             continue
-        for scheme in args.schemes:
-            ms = runs[scheme]
+        for engine, scheme in order:
+            ms = runs[engine, scheme]
             best = {k: max(m[k] for m in ms) for k in ("prefill_tok_s", "decode_tok_s")}
-            row = {"model": model_name, "scheme": scheme, **info[scheme], **ms[-1], **best,
+            wbytes = ms[-1]["decode_weight_bytes"]
+            served = measure_bandwidth(wbytes / 2**30)  # what this machine serves for exactly these bytes
+            row = {"model": model_name, "engine": engine, "scheme": scheme, **info[engine, scheme], **ms[-1], **best,
                    "peak_rss_bytes": max(m["peak_rss_bytes"] for m in ms),
                    "rounds": [{k: m[k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")} for m in ms],
                    "machine": machine, "git_rev": rev, "torch": torch.__version__, "mem_bandwidth_bytes_s": bw,
-                   "roofline_decode_tok_s": bw / ms[-1]["decode_weight_bytes"]}
+                   "served_bandwidth_bytes_s": served, "roofline_decode_tok_s": served / wbytes}
             row["roofline_frac"] = row["decode_tok_s"] / row["roofline_decode_tok_s"]
             rows.append(row)
-            print(f"{model_name:20s} {scheme:12s} size {row['size_bytes'] / 2**20:9.1f} MiB  peak RSS "
+            print(f"{model_name:20s} {engine:9s} {scheme:12s} size {row['size_bytes'] / 2**20:9.1f} MiB  peak RSS "
                   f"{row['peak_rss_bytes'] / 2**20:8.1f} MiB  prefill {row['prefill_tok_s']:8.1f} tok/s  decode "
                   f"{row['decode_tok_s']:7.2f} tok/s  ({100 * row['roofline_frac']:.0f}% of the bandwidth roofline)",
                   flush=True)
     if args.prepare_only:
         return
+    keys = ("size_bytes", "peak_rss_bytes", "prefill_tok_s", "decode_tok_s")
     for model_name in args.models:
-        base = next(r for r in rows if r["model"] == model_name and r["scheme"] == "BF16")
+        base = next(r for r in rows if r["model"] == model_name and r["scheme"] == "BF16" and r["engine"] == "spinquant")
+        q4 = next((r for r in rows if r["model"] == model_name and r["scheme"] == "Q4_0" and r["engine"] == "llama.cpp"),
+                  None)
         for r in rows:
             if r["model"] == model_name:
-                r["vs_bf16"] = {k: r[k] / base[k] for k in ("size_bytes", "peak_rss_bytes", "prefill_tok_s",
-                                                            "decode_tok_s")}
+                r["vs_bf16"] = {k: r[k] / base[k] for k in keys}
+                r["vs_llama_cpp_q4_0"] = None if q4 is None else {k: r[k] / q4[k] for k in keys}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")

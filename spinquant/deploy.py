@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FTYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}  # llama.h's LLAMA_FTYPE_MOSTLY_*
+FTYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}  # llama.h LLAMA_FTYPE_MOSTLY_*
 
 
 def _llama_cpp():

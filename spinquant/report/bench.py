@@ -13,22 +13,32 @@ from .tables import splice
 
 
 def render_e2e(rows: list[dict]) -> str:
+    """One table per model: every engine's rows (ours, llama.cpp's) with ratios to our BF16 and, the headline, to
+    llama.cpp Q4_0 measured in the same run."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         r0 = mrows[0]
+        q4 = any(r.get("vs_llama_cpp_q4_0") for r in mrows)
+        bw = ("served read bandwidth per row (a buffer of the bytes one token reads)" if "served_bandwidth_bytes_s" in r0
+              else f"streaming-read bandwidth {r0['mem_bandwidth_bytes_s'] / 1e9:.1f} GB/s")
+        head = ("| Engine | Scheme | Size on disk (MB) | × BF16 | Peak RSS (MB) | × BF16 | Prefill tok/s | × BF16 | "
+                "Decode tok/s | × BF16 |" + (" Size × Q4_0 | RSS × Q4_0 | Prefill × Q4_0 | Decode × Q4_0 |" if q4 else "")
+                + " Decode roofline tok/s | % of roofline |")
         out += [f"**{model}** — {r0['machine']}, {r0['threads']} threads, torch {r0['torch']}, git {r0['git_rev']}; "
-                f"prefill {round(r0['prefill_s'] * r0['prefill_tok_s'])} tokens, decode batch 1; streaming-read "
-                f"bandwidth {r0['mem_bandwidth_bytes_s'] / 1e9:.1f} GB/s", "",
-                "| Scheme | Size on disk (MB) | × BF16 | Peak RSS (MB) | × BF16 | Prefill tok/s | × BF16 | "
-                "Decode tok/s | × BF16 | Decode roofline tok/s | % of roofline |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                f"prefill {round(r0['prefill_s'] * r0['prefill_tok_s'])} tokens, decode batch 1; {bw}", "",
+                head, "|" + "---|" * 2 + "---:|" * (head.count("|") - 3)]
         for r in mrows:
             v = r["vs_bf16"]
-            out.append(f"| {r['scheme']} | {r['size_bytes'] / 1e6:.1f} | {v['size_bytes']:.2f} | "
-                       f"{r['peak_rss_bytes'] / 1e6:.0f} | {v['peak_rss_bytes']:.2f} | {r['prefill_tok_s']:.1f} | "
-                       f"{v['prefill_tok_s']:.2f} | {r['decode_tok_s']:.2f} | {v['decode_tok_s']:.2f} | "
-                       f"{r['roofline_decode_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% |")
+            line = (f"| {r.get('engine', 'spinquant')} | {r['scheme']} | {r['size_bytes'] / 1e6:.1f} | "
+                    f"{v['size_bytes']:.2f} | {r['peak_rss_bytes'] / 1e6:.0f} | {v['peak_rss_bytes']:.2f} | "
+                    f"{r['prefill_tok_s']:.1f} | {v['prefill_tok_s']:.2f} | {r['decode_tok_s']:.2f} | "
+                    f"{v['decode_tok_s']:.2f} |")
+            if q4:
+                w = r.get("vs_llama_cpp_q4_0") or {}
+                line += "".join(f" {w[k]:.2f} |" if k in w else " – |"
+                                for k in ("size_bytes", "peak_rss_bytes", "prefill_tok_s", "decode_tok_s"))
+            out.append(line + f" {r['roofline_decode_tok_s']:.1f} | {100 * r['roofline_frac']:.0f}% |")
         out.append("")
     return "\n".join(out)
 
