@@ -308,3 +308,31 @@ def test_packed_kv_cache_keeps_transformers_cache_contract():
     assert cache.get_seq_length() == ids.shape[1] + 4  # the last token is generated, never fed back
     cache.reset()
     assert cache.get_seq_length() == 0
+
+
+def test_a_new_layout_is_one_registered_class():
+    """Adding a layout: one PackedLinear subclass with @register_layout; pack / save / load then know it, and it
+    shares the portable save format of its weight form (here int8, reloaded onto the built-in int8 layout)."""
+    from spinquant.kernels import LAYOUTS, layout, register_layout
+    from spinquant.kernels.layouts.torch_int8 import TorchInt8Linear
+
+    @register_layout
+    class FloatInt8Linear(TorchInt8Linear):  # int8 storage, multiplied in float32 (a toy layout)
+        kernel, portable = "toy_int8", "int8"
+
+        def matmul(self, x, out_dtype):
+            return self.quantized_input(x) @ self.dequantized_weight().t()
+
+    try:
+        assert layout("toy_int8") is FloatInt8Linear
+        cfg = QuantConfig(scheme="W8A8")
+        ql = QuantLinear.from_linear(nn.Linear(64, 24, bias=True), rtn(torch.randn(24, 64), cfg.weight), cfg.act)
+        toy = PackedLinear.from_quant_linear(ql, "toy_int8")
+        x = torch.randn(5, 64)
+        assert isinstance(toy, FloatInt8Linear) and torch.allclose(toy(x), toy.reference(x), atol=1e-5)
+        back = PackedLinear.from_export(toy.export_tensors(), 64, 24, ql.weight_spec, ql.act_spec, "int8")
+        assert type(back).kernel == "int8" and torch.equal(back.dequantized_weight(), toy.dequantized_weight())
+        with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+            layout("nope")
+    finally:
+        LAYOUTS.pop("toy_int8")

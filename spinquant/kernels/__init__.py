@@ -12,11 +12,12 @@ import torch.nn as nn
 
 from ..quant.apply import _set
 from ..quant.linear import QuantEmbedding, QuantLinear
+from . import layouts  # noqa: F401  (registers the packed layouts)
 from .kv_cache import PackedKVLayer, cache_nbytes, packed_kv_cache
-from .linear import KERNELS, PackedEmbedding, PackedLinear, choose_kernel, token_codes
+from .linear import KERNELS, LAYOUTS, PackedEmbedding, PackedLinear, choose_kernel, layout, register_layout, token_codes
 
-__all__ = ["KERNELS", "PackedEmbedding", "PackedKVLayer", "PackedLinear", "cache_nbytes", "choose_kernel",
-           "kernel_summary", "pack", "packed_kv_cache", "token_codes"]
+__all__ = ["KERNELS", "LAYOUTS", "PackedEmbedding", "PackedKVLayer", "PackedLinear", "cache_nbytes", "choose_kernel",
+           "kernel_summary", "layout", "pack", "packed_kv_cache", "register_layout", "token_codes"]
 
 
 def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool = False, backend: str = "cpu") -> nn.Module:

@@ -1,7 +1,7 @@
 """Packed linear / embedding modules: weights held at their real bit-width, computed by real kernels.
 
 `PackedLinear.from_quant_linear(ql)` takes a fake-quant `QuantLinear` (its integer codes and scales) and
-picks a kernel for its spec:
+picks a kernel for its spec; each kernel is one `PackedLinear` subclass in `layouts/` (registered by name):
 
 | kernel  | weights                                   | activations             | op                           |
 |---------|-------------------------------------------|-------------------------|------------------------------|
@@ -37,9 +37,7 @@ from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
 from . import cpu, native
 
-KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8", "cpu_w4a8", "cpu_w8a8")
-# the saved form of the Triton and native kernels' weights
-PORTABLE = {"triton_int4": "int4", "triton_int8": "int8", "cpu_w4a8": "int4", "cpu_w8a8": "int8"}
+KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8", "cpu_w4a8", "cpu_w8a8")  # the built-in layouts
 NATIVE = ("cpu_w4a8", "cpu_w8a8")  # spinquant's own C kernels (native.py)
 INT_MM_MIN_TOKENS = 16  # below this many tokens (decode) int8 weights run through _weight_int8pack_mm instead
 
@@ -132,10 +130,13 @@ def _portable_qweight(u: torch.Tensor) -> torch.Tensor:
 
 
 def _portable_tensors(ql: QuantLinear, kernel: str) -> dict[str, torch.Tensor]:
-    """`PackedLinear.export_tensors()` of `ql` packed for `kernel` ("int4" / "int8"), computed directly from its
-    codes (no CPU-only packing op)."""
-    codes, scale, zero = _codes_scale_zero(ql)
+    """`PackedLinear.export_tensors()` of `ql` in the portable form `kernel` ("int4" / "int8" / "dequant"),
+    computed directly from its codes (no CPU-only packing op)."""
     out = {} if ql.bias is None else {"bias": ql.bias.detach().to(torch.bfloat16)}
+    if kernel == "dequant":
+        out["weight"] = ql.qweight.dequantize(torch.float32).to(torch.bfloat16)
+        return out
+    codes, scale, zero = _codes_scale_zero(ql)
     if kernel == "int8":
         out.update(qweight=codes.to(torch.int8).contiguous(), scale=scale[:, 0].contiguous())
         return out
@@ -153,20 +154,42 @@ def _dequant_int4(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return w if zero is None else w + zero.float().repeat_interleave(group, 1)[:, :K]
 
 
+# ---- the registry of packed layouts --------------------------------------------------------------
+LAYOUTS: dict[str, type["PackedLinear"]] = {}
+
+
+def register_layout(cls: type["PackedLinear"]) -> type["PackedLinear"]:
+    """Class decorator: make a PackedLinear subclass available under its `kernel` name (pack, save / load)."""
+    if not cls.kernel or cls.portable not in ("int4", "int8", "dequant"):
+        raise ValueError(f"{cls.__name__} needs a kernel name and a portable form (int4, int8 or dequant)")
+    LAYOUTS[cls.kernel] = cls
+    return cls
+
+
+def layout(kernel: str) -> type["PackedLinear"]:
+    """The PackedLinear class registered for `kernel`."""
+    if kernel not in LAYOUTS:
+        raise ValueError(f"unknown kernel {kernel!r}; available: {tuple(LAYOUTS)}")
+    return LAYOUTS[kernel]
+
+
 class PackedLinear(nn.Module):
     """y = W_q · a + b with a real low-bit kernel; x [..., in] -> y [..., out] (x's dtype).
 
-    Buffers depend on the kernel (see the module docstring); `export_tensors()` / `from_export()` give the
-    portable form that `spinquant.export` writes.
+    One subclass per packed layout (`spinquant/kernels/layouts/`), registered by kernel name. A subclass says how
+    its buffers are built from and written to the portable form (`load_tensors` / `export_tensors`: what
+    `spinquant.export` saves, shared by every layout of one weight form), how it multiplies (`matmul`) and what
+    weight it multiplies by (`dequantized_weight`); the input transform (R4), bias and adapter are handled here.
     """
 
+    kernel: str = ""     # the registry name
+    portable: str = ""   # the saved form: "int4", "int8" or "dequant"
+
     def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec, act_spec: QuantSpec | None,
-                 kernel: str, bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None):
         super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; available: {KERNELS}")
         self.in_features, self.out_features = in_features, out_features
-        self.w_spec, self.kernel = w_spec, kernel
+        self.w_spec = w_spec
         self.act_spec = act_spec if act_spec is not None and act_spec.enabled else None
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16).clone())
         self.input_transform: nn.Module | None = None
@@ -176,169 +199,78 @@ class PackedLinear(nn.Module):
     # ---- building ---------------------------------------------------------------------------------
     @classmethod
     def from_quant_linear(cls, ql: QuantLinear, kernel: str | None = None, backend: str = "cpu") -> "PackedLinear":
+        """Pack a fake-quant linear onto `kernel` (default: this class's, or `choose_kernel`'s for PackedLinear)."""
         qw = ql.qweight
         if qw is None:
             raise ValueError(f"{ql} has no quantized weight to pack (16-bit linears stay nn.Linear)")
-        spec = qw.spec
-        kernel = kernel or choose_kernel(spec, ql.act_spec, backend)
-        if kernel in PORTABLE:  # built from the portable form of export_tensors (scales rounded to bf16 as saved)
-            return cls.from_export(_portable_tensors(ql, PORTABLE[kernel]), ql.in_features, ql.out_features, spec,
-                                   ql.act_spec, kernel, ql.input_transform, ql.adapter)
-        m = cls(ql.in_features, ql.out_features, spec, ql.act_spec, kernel, ql.bias)
-        codes, scale, zero = _codes_scale_zero(ql)
-        if kernel == "int4":
-            u, zero_f = _int4_form(codes, scale, zero, spec)
-            m._set_int4(u, scale, zero_f)
-        elif kernel == "int8":
-            if choose_kernel(spec) != "int8":
-                raise ValueError(f"kernel int8 needs symmetric per-channel weights of 5-8 bits, got {spec.short()}")
-            m._set_int8(codes.to(torch.int8), scale[:, 0])
-        else:
-            m.register_buffer("weight", qw.dequantize(torch.float32).to(torch.bfloat16))
-        m.input_transform = ql.input_transform
-        m.adapter = ql.adapter
+        kernel = kernel or cls.kernel or choose_kernel(qw.spec, ql.act_spec, backend)
+        impl = layout(kernel)
+        return impl.from_export(impl.tensors_of(ql), ql.in_features, ql.out_features, qw.spec, ql.act_spec, kernel,
+                                ql.input_transform, ql.adapter)
+
+    @classmethod
+    def tensors_of(cls, ql: QuantLinear) -> dict[str, torch.Tensor]:
+        """The portable form of `ql`'s weights for this layout, computed from its codes."""
+        return _portable_tensors(ql, cls.portable)
+
+    @classmethod
+    def from_export(cls, t: dict[str, torch.Tensor], in_features: int, out_features: int, w_spec: QuantSpec,
+                    act_spec: QuantSpec | None, kernel: str | None = None, input_transform=None,
+                    adapter=None) -> "PackedLinear":
+        """Inverse of `export_tensors` onto `kernel` (default this class's; shapes already checked by the caller)."""
+        impl = layout(kernel or cls.kernel)
+        m = impl(in_features, out_features, w_spec, act_spec, t.get("bias"))
+        m.input_transform, m.adapter = input_transform, adapter
+        m.load_tensors(t)
         return m
 
-    def _set_int4(self, u: torch.Tensor, scale: torch.Tensor, zero_f: torch.Tensor) -> None:
-        """u [N, K] unsigned 4-bit codes; scale, zero_f [N, G] with dequant = (u - 8)·scale + zero_f per group."""
-        N, K = u.shape
-        G = scale.shape[1]
-        if G == 1:  # per-channel: pad K to a multiple of 32 and repeat the scale over kernel-sized groups
-            self.k_pad = _ceil(K, 32)
-            self.group = next(g for g in cpu.INT4_GROUPS if self.k_pad % g == 0)
-        else:
-            self.k_pad, self.group = K, K // G
-        self.n_pad = _ceil(N, cpu.INT4_N_MULTIPLE)
-        reps = self.reps = self.k_pad // self.group // G
-        s = F.pad(scale.repeat_interleave(reps, 1), (0, 0, 0, self.n_pad - N), value=1.0)
-        z = F.pad(zero_f.repeat_interleave(reps, 1), (0, 0, 0, self.n_pad - N))
-        u = F.pad(u, (0, self.k_pad - K, 0, self.n_pad - N), value=8)  # padded inputs are zero anyway
-        self.register_buffer("packed", cpu.pack_int4(u))
-        self.register_buffer("scales_zeros", torch.stack([s.t(), z.t()], -1).to(torch.bfloat16).contiguous())
+    # ---- what a layout provides -------------------------------------------------------------------
+    def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
 
-    def _set_native_int4(self, u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
-        """u [N, K] unsigned 4-bit codes; scale, zero bf16 [N, G] (zero None: symmetric) -> the native tiles.
-        Per-channel weights pad K to a multiple of 8 and use one group of k_pad; padded rows / columns get
-        code 8, scale 1 and zero 0. rsum [N] = sum_k of the dequantized row (padding included), from per-group
-        code sums: no float copy of the weight (loading a 1B model stays within its packed size)."""
-        N, K = u.shape
-        G = scale.shape[1]
-        self.k_pad = _ceil(K, 8) if G == 1 else K
-        self.group, self.n_pad = self.k_pad // G, _ceil(N, native.TILE)
-        rows = self.n_pad - N
-        u = F.pad(u.to(torch.uint8), (0, self.k_pad - K, 0, rows), value=8)
-        scale = F.pad(scale, (0, 0, 0, rows), value=1.0)
-        usum = u.view(self.n_pad, G, self.group).sum(-1, dtype=torch.int32) - 8 * self.group  # sum (u - 8)
-        rsum = usum.double() * scale.double()
-        if zero is not None:
-            zero = F.pad(zero, (0, 0, 0, rows))
-            rsum += zero.double() * self.group
-        self.register_buffer("tiles", native.tile_int4(u))
-        self.register_buffer("tile_scales", native.tile_groups(scale))
-        self.register_buffer("tile_zeros", None if zero is None else native.tile_groups(zero))
-        self.register_buffer("rsum", rsum.sum(1).float())
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Device- and layout-independent tensors (what `spinquant.export` writes), weights at their bit-width:
+        int4: qweight uint8 [out, ceil(in/2)] (two codes a byte, low nibble first; u = code + 8 - offset),
+        scale bf16 [out, groups] and, if asymmetric, zero bf16 [out, groups] with w = (u - 8)·scale + zero;
+        int8: qweight int8 [out, in], scale float32 [out]; dequant: weight bf16 [out, in]."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x [M, in] (after the input transform) -> [M, out] in float32 or `out_dtype`, activations quantized as
+        `act_spec` says."""
+        raise NotImplementedError
 
     def int8_table(self) -> torch.Tensor | None:
-        """The int8 weight table a tied embedding can share (int8 kernels), else None."""
-        return self.w_int8 if self.kernel in ("int8", "cpu_w8a8") else None
+        """The int8 weight table a tied embedding can share (int8 layouts), else None."""
+        return None
 
-    def _native_codes(self) -> torch.Tensor:
-        """cpu_w4a8's unsigned codes untiled, uint8 [n_pad, k_pad]."""
-        return native.untile_int4(self.tiles)
-
-    def _native_groups(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """cpu_w4a8 scale / zero bf16 [N, G], as the spec groups them."""
-        def untile(t):
-            return t.transpose(1, 2).reshape(self.n_pad, -1)[:self.out_features]
-        return untile(self.tile_scales), None if self.tile_zeros is None else untile(self.tile_zeros)
-
-    def _set_int8(self, w: torch.Tensor, scale: torch.Tensor) -> None:
-        """w [N, K] int8 codes, scale [N] (symmetric per-channel); K zero-padded for the ops."""
-        N, K = w.shape
-        self.k_pad = _ceil(K, cpu.INT8_K_MULTIPLE)
-        self.register_buffer("w_int8", (F.pad(w, (0, self.k_pad - K)) if self.k_pad > K else w).contiguous())
-        # per-row code sums for the activation zero-point correction, in row chunks: a whole-matrix int32 /
-        # int64 copy of a 128K-vocabulary lm_head would be gigabytes of transient memory
-        self.register_buffer("colsum", torch.cat([c.to(torch.int32).sum(1, dtype=torch.int32) for c in w.split(4096)]))
-        self.register_buffer("w_scale", scale.float())
-        self.register_buffer("w_scale_bf16", scale.to(torch.bfloat16), persistent=False)
-
-    # ---- forward ----------------------------------------------------------------------------------
+    # ---- shared -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel in NATIVE:
-            return self._native_forward(x)
-        shape, dtype = x.shape, x.dtype
-        a = self.act_spec
-        v = z = s = None
-        if self.input_transform is not None:
-            x = self.input_transform(x.reshape(-1, self.in_features))
-            if a is not None:
-                v, z, s = token_codes(x, a)
-        else:
-            if a is not None:
-                v, z, s = token_codes(x.reshape(-1, self.in_features), a)  # per call: nothing cached across calls
-            x = x.reshape(-1, self.in_features)
-        if self.kernel == "int4":
-            xin = (v - z) if a is not None else x
-            xin = _pad_k(xin.to(torch.bfloat16), self.k_pad)
-            y = cpu.int4_mm(xin, self.packed, self.group, self.scales_zeros)
-            y = (y if self.n_pad == self.out_features else y[:, :self.out_features]).float()
-            if a is not None:
-                y = y.mul_(s)
-        elif self.kernel == "triton_int4":
-            from . import triton_kernels as tk
-            xin = (v - z) if a is not None else x
-            xin = xin.to(torch.float32 if xin.device.type == "cpu" else torch.bfloat16)  # interpreter: no bf16 dot
-            y = tk.w4a16_matmul(xin, self.qweight, self.scale, self.zero, self.group).float()
-            if a is not None:
-                y = y.mul_(s)
-        elif self.kernel == "triton_int8":
-            from . import triton_kernels as tk
-            shift = -128 - a.qmin
-            y = tk.int8_matmul((v + shift).to(torch.int8), self.qweight, s, self.scale, z + shift)
-        elif self.kernel == "int8" and a is not None and a.bits <= 8 and x.shape[0] >= INT_MM_MIN_TOKENS:
-            shift = -128 - a.qmin  # codes v + shift fit int8; x = (v + shift - (shift + zero))·s
-            y = self._int_mm(_pad_k((v + shift).to(torch.int8), self.k_pad), (z + shift).to(torch.int32), s)
-        elif self.kernel == "int8":  # 16-bit activations, or too few tokens for _int_mm to pay off (decode)
-            xin = ((v - z) * s) if a is not None else x
-            y = cpu.int8_weight_mm(_pad_k(xin.to(torch.bfloat16), self.k_pad), self.w_int8, self.w_scale_bf16).float()
-        else:
-            xin = ((v - z) * s) if a is not None else x
-            y = F.linear(xin.to(self.weight.dtype), self.weight).float()
-        if self.bias is not None:
-            y = y + self.bias.float()
-        if self.adapter is not None:
-            y = y + self.adapter(((v - z) * s) if a is not None else x.float()).float()
-        return y.to(dtype).reshape(*shape[:-1], self.out_features)
-
-    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """cpu_w4a8 / cpu_w8a8: one C call quantizes x per token and multiplies (bf16 out when nothing follows)."""
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         if self.input_transform is not None:
             x = self.input_transform(x)
-        direct = self.bias is None and self.adapter is None
-        out_dtype = dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32
-        if self.kernel == "cpu_w4a8":
-            y = native.w4a8_linear(x, self.act_spec, self.tiles, self.tile_scales, self.tile_zeros, self.rsum,
-                                   self.out_features, self.group, out_dtype)
-        elif x.shape[0] < INT_MM_MIN_TOKENS:
-            y = native.w8a8_linear(x, self.act_spec, self.w_int8, self.w_scale, self.colsum, out_dtype)
-        else:  # prefill: the same exact int32 sums on torch's int8 GEMM (oneDNN), faster than ours for many tokens
-            c, s, zp = native.quant_act(x, self.act_spec, self.k_pad)
-            y = self._int_mm(c, zp[:, None], s[:, None])
+        direct = self.bias is None and self.adapter is None  # the kernel may then write x's dtype itself
+        y = self.matmul(x, dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32)
         if self.bias is not None:
             y = y + self.bias.float()
         if self.adapter is not None:
-            v, z, s = token_codes(x, self.act_spec)
-            y = y + self.adapter((v - z) * s).float()
+            y = y + self.adapter(self.quantized_input(x)).float()
         return y.to(dtype).reshape(*shape[:-1], self.out_features)
 
-    def _int_mm(self, c: torch.Tensor, zp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """int8 weights x int8 activation codes c [M, k_pad] (x = (c - zp)·s, zp int32 / s float32 [M, 1]) on
-        `torch._int_mm`: exact int32 sums, the zero point removed through the row code sums -> float32 [M, N]."""
-        acc = cpu.int8_int8_mm(c, self.w_int8.t()) - zp * self.colsum
-        return acc.float() * s * self.w_scale
+    def codes(self, x: torch.Tensor):
+        """(v, zero, scale) of x [M, in] under act_spec (token_codes), or (None, None, None) for 16-bit inputs.
+        Computed per call: nothing is cached across calls (an input changed in place is always seen)."""
+        return token_codes(x, self.act_spec) if self.act_spec is not None else (None, None, None)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weights see: x [M, in] fake-quantized as act_spec says, float32."""
+        v, z, s = self.codes(x)
+        return x.float() if v is None else (v - z) * s
 
     def weight_buffers(self) -> list[torch.Tensor]:
         """The buffers a matmul reads as weights (codes, scales; not the derived row sums or bf16 scale copy)."""
@@ -347,98 +279,15 @@ class PackedLinear(nn.Module):
 
     @property
     def portable_kernel(self) -> str:
-        """The kernel name the saved form records (Triton kernels save as their CPU counterparts)."""
-        return PORTABLE.get(self.kernel, self.kernel)
-
-    # ---- the portable form ------------------------------------------------------------------------
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """Device- and layout-independent tensors (what `spinquant.export` writes), weights at their bit-width:
-        int4: qweight uint8 [out, ceil(in/2)] (two codes a byte, low nibble first; u = code + 8 - offset),
-        scale bf16 [out, groups] and, if asymmetric, zero bf16 [out, groups] with w = (u - 8)·scale + zero;
-        int8: qweight int8 [out, in], scale float32 [out]; dequant: weight bf16 [out, in]."""
-        N, K = self.out_features, self.in_features
-        out = {} if self.bias is None else {"bias": self.bias}
-        if self.kernel in ("triton_int4", "triton_int8"):
-            out["qweight"], out["scale"] = self.qweight, self.scale.to(torch.bfloat16 if self.kernel == "triton_int4"
-                                                                        else torch.float32)
-            if self.kernel == "triton_int4" and not self.w_spec.symmetric:
-                out["zero"] = self.zero.to(torch.bfloat16)
-            return out
-        if self.kernel == "cpu_w4a8":
-            out["qweight"] = _portable_qweight(self._native_codes()[:N, :K])
-            out["scale"], zero = self._native_groups()
-            if zero is not None:
-                out["zero"] = zero
-        elif self.kernel == "int4":
-            out["qweight"] = _portable_qweight(cpu.unpack_int4(self.packed, self.n_pad, self.k_pad)[:N, :K])
-            sz = self.scales_zeros[::self.reps, :N]  # one entry per spec group
-            out["scale"] = sz[..., 0].t().contiguous()
-            if not self.w_spec.symmetric:
-                out["zero"] = sz[..., 1].t().contiguous()
-        elif self.kernel in ("int8", "cpu_w8a8"):
-            out["qweight"] = self.w_int8[:, :K].contiguous()
-            out["scale"] = self.w_scale
-        else:
-            out["weight"] = self.weight
-        return out
-
-    @classmethod
-    def from_export(cls, t: dict[str, torch.Tensor], in_features: int, out_features: int, w_spec: QuantSpec,
-                    act_spec: QuantSpec | None, kernel: str, input_transform=None, adapter=None) -> "PackedLinear":
-        """Inverse of `export_tensors` (shapes already checked by the caller)."""
-        m = cls(in_features, out_features, w_spec, act_spec, kernel, t.get("bias"))
-        m.input_transform, m.adapter = input_transform, adapter
-        K = in_features
-        if kernel == "triton_int4":
-            m.register_buffer("qweight", t["qweight"].contiguous())
-            m.register_buffer("scale", t["scale"].float().contiguous())
-            m.register_buffer("zero", t["zero"].float().contiguous() if "zero" in t else None)
-            m.group = None if w_spec.granularity == "channel" else w_spec.group_size
-        elif kernel == "triton_int8":
-            m.register_buffer("qweight", t["qweight"].contiguous())
-            m.register_buffer("scale", t["scale"].float().contiguous())
-        elif kernel in ("int4", "cpu_w4a8"):
-            u = cpu.unpack_nibbles_raw(t["qweight"])[:, :K]
-            if kernel == "cpu_w4a8":
-                m._set_native_int4(u, t["scale"].to(torch.bfloat16), t["zero"].to(torch.bfloat16) if "zero" in t else None)
-            else:
-                u = u.to(torch.int32)
-                scale = t["scale"].float()
-                zero = t["zero"].float() if "zero" in t else torch.zeros_like(scale)
-                m._set_int4(u, scale, zero)  # bf16 -> float32 -> bf16 is exact: the same kernel tensors as saved
-        elif kernel in ("int8", "cpu_w8a8"):
-            m._set_int8(t["qweight"], t["scale"])
-        else:
-            m.register_buffer("weight", t["weight"].to(torch.bfloat16))
-        return m
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight this module multiplies by, float32 [out, in] (what the kernel computes with)."""
-        N, K = self.out_features, self.in_features
-        if self.kernel == "triton_int4":
-            return _dequant_int4(cpu.unpack_nibbles_raw(self.qweight), self.scale, self.zero, self.group or K, K)
-        if self.kernel == "triton_int8":
-            return self.qweight.float() * self.scale[:, None]
-        if self.kernel == "cpu_w4a8":
-            return _dequant_int4(self._native_codes()[:N], *self._native_groups(), self.group, K)
-        if self.kernel == "int4":
-            u = cpu.unpack_int4(self.packed, self.n_pad, self.k_pad).float()
-            sz = self.scales_zeros.float()  # [K/g, N, 2]
-            s = sz[..., 0].t().repeat_interleave(self.group, 1)
-            zf = sz[..., 1].t().repeat_interleave(self.group, 1)
-            return ((u - 8) * s + zf)[:N, :K]
-        if self.kernel in ("int8", "cpu_w8a8"):
-            return self.w_int8[:, :K].float() * self.w_scale[:, None]
-        return self.weight.float()
+        """The kernel name the saved form records (Triton and native layouts save as their torch counterparts)."""
+        return self.portable
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same function in float32 with a dense dequantized weight (no kernel)."""
         x = x.reshape(-1, self.in_features).float()
         if self.input_transform is not None:
             x = self.input_transform(x)
-        if self.act_spec is not None:
-            v, z, s = token_codes(x, self.act_spec)
-            x = (v - z) * s
+        x = self.quantized_input(x)
         y = x @ self.dequantized_weight().t()
         if self.bias is not None:
             y = y + self.bias.float()
