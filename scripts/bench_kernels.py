@@ -9,7 +9,9 @@ fraction of the roofline time max(bytes / bandwidth, flops / peak) reached, with
 read of 1 GiB) and the peaks (large fp32 / bf16 matmuls, int8 `_int_mm`) measured in the same run.
 Weights that fit in the CPU caches (k/v at M=1: 0.5-2 MB) are re-read from cache between repeats and can
 exceed the DRAM roofline; the large shapes (gate/up, down, lm_head) are the honest memory-bound numbers.
-It also times the online Hadamard as FWHT against a dense matmul. On a CUDA machine the Triton kernels are
+The native kernels run the build `SPINQUANT_NATIVE_FLAGS` selects (default: this CPU's best vector path;
+"-mno-avx512f" times the AVX2 path on an AVX-512 machine; the output records which, `native_simd`: 1 AVX-512
+VNNI, 2 AVX2). It also times the online Hadamard as FWHT against a dense matmul. On a CUDA machine the Triton kernels are
 timed too; on the CPU they only run under TRITON_INTERPRET (for correctness, see tests).
 """
 from __future__ import annotations
@@ -121,6 +123,7 @@ def main():
                     peaks["fp32_matmul_flop_s"], peaks["bf16_matmul_flop_s"])
                 t_roof = max(nbytes / peaks["mem_bandwidth_bytes_s"], flops / peak)
                 rows.append({"kernel": kernel, "shape": shape, "M": M, "N": N, "K": K, "time_s": t,
+                             "native_simd": native.simd() if native.builds() else None,
                              "weight_bytes": wbytes, "gb_s": nbytes / t / 1e9, "gflop_s": flops / t / 1e9,
                              "roofline_frac": t_roof / t, "bound": "memory" if nbytes / peaks["mem_bandwidth_bytes_s"]
                              >= flops / peak else "compute"})

@@ -20,6 +20,8 @@ A8C = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True, clip
 A4 = QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True, clip_ratio=0.9)
 A4S = QuantSpec(bits=4, symmetric=True, granularity="token", dynamic=True)
 LIBS = {"simd": (), "portable": ("-DSQ_NO_SIMD",)}
+if "avx2" in native._cpu_id().split() and "avx512f" in native._cpu_id().split():
+    LIBS["avx2"] = ("-mno-avx512f",)  # the AVX2 path (x86 without AVX-512), built and run natively on this CPU
 
 
 def _lib(name):
@@ -159,6 +161,21 @@ def test_kernel_choice_follows_spinquant_native(monkeypatch, mode, simd, expecte
     native.available.cache_clear()
 
 
+def test_avx2_builds_take_w4a8_but_leave_w8a8_to_torch(monkeypatch):
+    """On an AVX2-only CPU (vector path 2) the native W4A8 kernel beats torch's ops and is chosen; W8A8 is not
+    (torch's int8 ops are as fast, bench_kernels), unless SPINQUANT_NATIVE=1 asks for it."""
+    from spinquant.kernels import linear
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(native, "simd", lambda: 2)
+    monkeypatch.delenv("SPINQUANT_NATIVE", raising=False)
+    assert linear.choose_kernel(W4[0], A8) == "cpu_w4a8" and linear.choose_kernel(W8[0], A8) == "int8"
+    monkeypatch.setenv("SPINQUANT_NATIVE", "1")
+    assert linear.choose_kernel(W8[0], A8) == "cpu_w8a8"
+    monkeypatch.setattr(native, "simd", lambda: 1)
+    monkeypatch.delenv("SPINQUANT_NATIVE")
+    assert linear.choose_kernel(W8[0], A8) == "cpu_w8a8"
+
+
 def test_a_failing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "false")
     with pytest.raises(native.NativeBuildError, match="compiling lowbit.c with false failed"):
@@ -208,3 +225,11 @@ def test_bad_calls_are_clear_errors_not_crashes(lib):
     rc = _lib(lib).sq_w8a8_linear(x.data_ptr(), 0, 1, k, *native._act_args(A8), x.data_ptr(), k, x.data_ptr(),
                                   x.data_ptr(), 1, y.data_ptr(), 0)
     assert rc == -1
+
+
+
+def test_each_build_runs_the_vector_path_it_claims():
+    want = {"simd": None, "portable": 0, "avx2": 2}
+    for name in LIBS:
+        got = _lib(name).sq_simd()
+        assert got == want[name] or (want[name] is None and got in (0, 1, 2)), (name, got)

@@ -3,10 +3,12 @@
 The C source is compiled on first use with the system C compiler (`$CC`, else gcc / cc) for this machine
 (`-O3 -march=native -fopenmp`) into a cache folder (`$SPINQUANT_CACHE`, else ~/.cache/spinquant) keyed by
 the source, the flags and the CPU, and loaded with ctypes; OpenMP resolves to the runtime torch already
-loaded, so the kernels share torch's threads and `torch.set_num_threads`. The CPU backend uses them where
-their vector path (AVX-512 VNNI) is built: the portable C loops of other CPUs are slower than torch's ops
-(measured 1.3x slower on W4A8 decode here), so there `available()` is False unless `SPINQUANT_NATIVE=1`;
-`SPINQUANT_NATIVE=0` always turns them off, and a failed build falls back to torch's ops with a warning.
+loaded, so the kernels share torch's threads and `torch.set_num_threads`. The vector path is chosen at build
+time from the CPU's own features (`-march=native`): AVX-512 VNNI, else AVX2 (x86 laptops), else portable C loops.
+The CPU backend uses the kernels where a vector path is built (on AVX2 the W4A8 one only: torch's int8 ops are
+as fast as our AVX2 W8A8); the portable loops are slower than torch's ops (measured 1.3x slower on W4A8 decode
+here), so there `available()` is False unless `SPINQUANT_NATIVE=1`; `SPINQUANT_NATIVE=0` always turns them
+off, and a failed build falls back to torch's ops with a warning. ARM (sdot) is not written yet: portable loops.
 
 int4 weights are tiled (`tile_int4`, undone by `untile_int4`): rows in tiles of 16, four consecutive k per
 int32 lane, so one AVX-512 VNNI instruction multiplies 16 rows x 4 k (see the C file); int8 weights stay
@@ -95,11 +97,24 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def default_flags() -> tuple[str, ...]:
+    """Extra compiler flags of the build the model kernels use: $SPINQUANT_NATIVE_FLAGS, e.g. "-mno-avx512f" runs
+    the AVX2 path on an AVX-512 machine (how the AVX2 kernels are benchmarked here)."""
+    return tuple(os.environ.get("SPINQUANT_NATIVE_FLAGS", "").split())
+
+
 @functools.lru_cache(maxsize=None)
-def load(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The compiled kernels (built on first use); raises NativeBuildError when they cannot be built."""
+def load(extra_flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
+    """The compiled kernels (built on first use; flags: `default_flags()` unless given); raises NativeBuildError
+    when they cannot be built."""
     import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library links to it)
-    return _declare(ctypes.CDLL(str(build(extra_flags))))
+    return _declare(ctypes.CDLL(str(build(default_flags() if extra_flags is None else extra_flags))))
+
+
+@functools.lru_cache(maxsize=None)
+def simd() -> int:
+    """The vector path of the default build: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2."""
+    return int(load().sq_simd())
 
 
 def builds() -> bool:
@@ -114,7 +129,7 @@ def builds() -> bool:
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the CPU backend runs quantized activations on these kernels: SPINQUANT_NATIVE=0 never, =1
-    whenever they build, unset (auto) when they build with their AVX-512 VNNI vector path."""
+    whenever they build, unset (auto) when they build with a vector path (AVX-512 VNNI or AVX2)."""
     mode = os.environ.get("SPINQUANT_NATIVE", "auto")
     if mode not in ("0", "1", "auto"):
         raise ValueError(f"SPINQUANT_NATIVE must be 0, 1 or auto, got {mode!r}")

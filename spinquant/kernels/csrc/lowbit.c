@@ -13,7 +13,8 @@
  * int4: sixteen rows sit in the sixteen int32 lanes of an AVX-512 register and four consecutive k in each
  * lane's bytes, so one VPDPBUSD does 64 multiply-adds with a broadcast activation word and no
  * horizontal sums. int8: one VPDPBUSD per 64 k of a row, reduced once per row. Integer sums are exact per group; only group scales are applied in float.
- * Without AVX-512 VNNI the same layout runs through plain C loops (tested like the vector path).
+ * x86 without AVX-512 VNNI runs the same layouts on AVX2 (vpmaddubsw / vpmaddwd); anything else through plain C
+ * loops (each tested like the AVX-512 path).
  * Built and loaded by spinquant/kernels/native.py (gcc -O3 -march=native -fopenmp).
  */
 #include <math.h>
@@ -33,13 +34,22 @@
 #else
 #define SQ_VNNI 0
 #endif
+/* x86 without AVX-512 (most laptops): the same layouts on AVX2 (vpmaddubsw / vpmaddwd: u8 x s8 pairs summed in
+ * int16, |sum| <= 2·15·128, then in int32; int8 x int8 widened to int16 first, exact). */
+#if !SQ_VNNI && defined(__AVX2__) && defined(__FMA__) && !defined(SQ_NO_SIMD)
+#include <immintrin.h>
+#define SQ_AVX2 1
+#else
+#define SQ_AVX2 0
+#endif
 
 #define MB 4 /* tokens per register block */
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of the weight stream (software prefetch: ~1.3x decode on 2 cores) */
 #endif
 
-int sq_simd(void) { return SQ_VNNI; }
+/* which vector path this build runs: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2 */
+int sq_simd(void) { return SQ_VNNI ? 1 : SQ_AVX2 ? 2 : 0; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -191,6 +201,59 @@ static inline __attribute__((always_inline)) void w4_tile_vnni(
 }
 #endif
 
+#if SQ_AVX2
+/* w4_tile_vnni on AVX2: the 64-byte k-block of a tile is two 256-bit halves (rows 0-7, 8-15); per half and token,
+ * vpmaddubsw multiplies the unsigned nibbles by the broadcast signed activation bytes into int16 pairs and
+ * vpmaddwd(·, 1) sums each row's four products into its int32 lane. */
+static inline __attribute__((always_inline)) void w4_tile_avx2(
+    const uint8_t *wtile, const uint16_t *st, const uint16_t *zt, const int8_t *c, int Kp, const int32_t *csum,
+    int G, int bpg, const float *rsum, const int *zp, const float *sx, int m0, const int mb, float out[][16]) {
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 facc[MB][2];
+    for (int i = 0; i < mb; i++) facc[i][0] = facc[i][1] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256i acc[MB][2];
+        for (int i = 0; i < mb; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            _mm_prefetch((const char *)(wtile + (size_t)b * 64 + PREFETCH), _MM_HINT_T0);
+            for (int h = 0; h < 2; h++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(wtile + (size_t)b * 64 + 32 * h));
+                __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+                for (int i = 0; i < mb; i++) {
+                    const int8_t *ci = c + (size_t)(m0 + i) * Kp + (size_t)b * 8;
+                    int32_t w0, w1;
+                    memcpy(&w0, ci, 4);
+                    memcpy(&w1, ci + 4, 4);
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(w0)),
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(w1)));
+                    acc[i][h] = _mm256_add_epi32(acc[i][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(st + (size_t)g * 16 + 8 * h))), 16));
+            __m256 z = zt ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(zt + (size_t)g * 16 + 8 * h))), 16))
+                          : _mm256_setzero_ps();
+            for (int i = 0; i < mb; i++) {
+                int32_t cs = csum[(size_t)(m0 + i) * G + g];
+                __m256i d = _mm256_sub_epi32(acc[i][h], _mm256_set1_epi32(8 * cs)); /* sum (u - 8)·c */
+                facc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, facc[i][h]);
+                if (zt) facc[i][h] = _mm256_fmadd_ps(z, _mm256_set1_ps((float)cs), facc[i][h]);
+            }
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        __m256 r = _mm256_loadu_ps(rsum + 8 * h);
+        for (int i = 0; i < mb; i++) {
+            __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps((float)zp[m0 + i]), r, facc[i][h]);
+            _mm256_storeu_ps(out[i] + 8 * h, _mm256_mul_ps(v, _mm256_set1_ps(sx[m0 + i])));
+        }
+    }
+}
+#endif
+
 /* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
 int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
                    int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
@@ -232,6 +295,13 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
             case 2: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
             case 3: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
             default: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
+            }
+#elif SQ_AVX2
+            switch (mb) {
+            case 1: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;
+            case 2: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
+            case 3: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
+            default: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
             }
 #else
             for (int i = 0; i < mb; i++) {
@@ -322,6 +392,26 @@ int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
             }
             for (int r = 0; r < nb; r++)
                 for (int i = 0; i < mb; i++) acc[r][i] = _mm512_reduce_add_epi32(va[r][i]);
+#elif SQ_AVX2
+            const int K16 = K & ~15;
+            for (int r = 0; r < nb; r++) {
+                const int8_t *wr = w + (size_t)(n0 + r) * ldw;
+                _mm_prefetch((const char *)(wr + PREFETCH), _MM_HINT_T0);
+                for (int i = 0; i < mb; i++) {
+                    const int8_t *ci = c + (size_t)(m0 + i) * Kp;
+                    __m256i v = _mm256_setzero_si256();
+                    for (int k = 0; k < K16; k += 16) /* int8 widened to int16: exact products, pairs in int32 */
+                        v = _mm256_add_epi32(v, _mm256_madd_epi16(
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wr + k))),
+                                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ci + k)))));
+                    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+                    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+                    int32_t s = _mm_cvtsi128_si32(q);
+                    for (int k = K16; k < K; k++) s += (int32_t)wr[k] * ci[k];
+                    acc[r][i] = s;
+                }
+            }
 #else
             for (int r = 0; r < nb; r++)
                 for (int i = 0; i < mb; i++) {
