@@ -2,6 +2,12 @@
 
 Both builds are checked: the machine's vector path (AVX-512 VNNI where the CPU has it) and the portable C
 loops (-DSQ_NO_SIMD), against float64 dense references on fresh random inputs and odd shapes."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -233,3 +239,82 @@ def test_each_build_runs_the_vector_path_it_claims():
     for name in LIBS:
         got = _lib(name).sq_simd()
         assert got == want[name] or (want[name] is None and got in (0, 1, 2)), (name, got)
+
+
+# ---- ARM builds, cross-compiled and run under qemu-user -------------------------------------------------------
+
+ARM_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+DRIVER = Path(__file__).with_name("native") / "driver.c"
+
+
+@pytest.fixture(scope="module")
+def arm_drivers(tmp_path_factory):
+    """The kernels + tests/native/driver.c for aarch64: with sdot (ARMv8.2 dotprod) and the portable loops."""
+    if not (ARM_CC and QEMU):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI installs gcc-aarch64-linux-gnu and qemu-user (.ci/run): the ARM kernels must be tested")
+        pytest.skip("no aarch64 cross compiler / qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    d = tmp_path_factory.mktemp("arm")
+    out = {}
+    for name, march in (("sdot", "armv8.2-a+dotprod"), ("portable", "armv8-a")):
+        exe = d / f"driver-{name}"
+        r = subprocess.run([ARM_CC, "-O2", f"-march={march}", "-std=c11", "-static", str(native.SOURCE), str(DRIVER),
+                            "-o", str(exe), "-lm"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        out[name] = exe
+    return out
+
+
+def _arm(exe, op: str, payload: bytes, tmp: Path) -> bytes:
+    (tmp / "in.bin").write_bytes(payload)
+    r = subprocess.run([QEMU, str(exe), op, str(tmp / "in.bin"), str(tmp / "out.bin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return (tmp / "out.bin").read_bytes()
+
+
+def _b(*arrays) -> bytes:
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+
+
+def _act_header(spec) -> bytes:
+    qmin, qmax, clip, sym, shift = native._act_args(spec)
+    return _b(np.array([qmin, qmax, clip], np.float32), np.array([sym, shift], np.int32))
+
+
+@pytest.mark.parametrize("build", ["sdot", "portable"])
+def test_arm_builds_match_the_float64_reference(arm_drivers, tmp_path, build):
+    """The ARM kernels (sdot, and the portable loops on ARM) against the same float64 references as the host
+    build: bit-identical activation codes, linears within 1e-5, for int4 groups / channels and int8 weights."""
+    exe = arm_drivers[build]
+    simd = subprocess.run([QEMU, str(exe), "simd"], capture_output=True, text=True).stdout.strip()
+    assert simd == {"sdot": "3", "portable": "0"}[build]
+    x = _x(5, 203, seed=1)
+    for spec in (A8, A4S):
+        raw = _arm(exe, "quant_act", _b(np.array([5, 203, 208], np.int32)) + _act_header(spec) + _b(x.numpy()), tmp_path)
+        rc, c = np.frombuffer(raw[:4], np.int32)[0], np.frombuffer(raw[4:4 + 5 * 208], np.int8)
+        v, z, s = token_codes(x, spec)
+        assert rc == 0 and np.array_equal(c.reshape(5, 208)[:, :203].astype(np.int32),
+                                          (v + (-128 - spec.qmin)).to(torch.int32).numpy())
+    for w_spec, kernel in ((W4[0], "cpu_w4a8"), (W4[1], "cpu_w4a8"), (W4[3], "cpu_w4a8"), (W8[0], "cpu_w8a8")):
+        for i, shape in enumerate(s for s in SHAPES if _case(w_spec, s)):
+            ql = _quant_linear(*shape, w_spec, A8, seed=i)
+            pl = PackedLinear.from_quant_linear(ql, kernel)
+            W = pl.dequantized_weight().double()
+            for m in (1, 4, 9):
+                x = _x(m, shape[1], seed=m)
+                v, z, s = token_codes(x, A8)
+                want = ((v - z) * s).double() @ W.t()
+                if kernel == "cpu_w4a8":
+                    kp = pl.tiles.shape[1] * 8
+                    head = np.array([m, shape[1], shape[0], kp, pl.group, int(pl.tile_zeros is not None)], np.int32)
+                    arrays = [x.numpy(), pl.tiles.numpy(), pl.tile_scales.view(torch.int16).numpy()]
+                    arrays += [] if pl.tile_zeros is None else [pl.tile_zeros.view(torch.int16).numpy()]
+                    payload = _b(head) + _act_header(A8) + _b(*arrays, pl.rsum.numpy())
+                else:
+                    head = np.array([m, shape[1], shape[0], pl.w_int8.shape[1]], np.int32)
+                    payload = _b(head) + _act_header(A8) + _b(x.numpy(), pl.w_int8.numpy(), pl.w_scale.numpy(),
+                                                              pl.colsum.numpy())
+                raw = _arm(exe, kernel[4:], payload, tmp_path)
+                got = torch.from_numpy(np.frombuffer(raw[4:], np.float32).reshape(m, shape[0]).copy()).double()
+                err = ((got - want).abs().max() / want.abs().max()).item()
+                assert np.frombuffer(raw[:4], np.int32)[0] == 0 and err < 1e-5, (build, w_spec, shape, m, err)

@@ -13,8 +13,8 @@
  * int4: sixteen rows sit in the sixteen int32 lanes of an AVX-512 register and four consecutive k in each
  * lane's bytes, so one VPDPBUSD does 64 multiply-adds with a broadcast activation word and no
  * horizontal sums. int8: one VPDPBUSD per 64 k of a row, reduced once per row. Integer sums are exact per group; only group scales are applied in float.
- * x86 without AVX-512 VNNI runs the same layouts on AVX2 (vpmaddubsw / vpmaddwd); anything else through plain C
- * loops (each tested like the AVX-512 path).
+ * x86 without AVX-512 VNNI runs the same layouts on AVX2 (vpmaddubsw / vpmaddwd), ARMv8.2+ on sdot; anything
+ * else through plain C loops (each tested like the AVX-512 path; ARM cross-compiled and run under qemu-user).
  * Built and loaded by spinquant/kernels/native.py (gcc -O3 -march=native -fopenmp).
  */
 #include <math.h>
@@ -42,14 +42,25 @@
 #else
 #define SQ_AVX2 0
 #endif
+/* ARMv8.2+ with the dot-product extension (phones, Apple / Graviton machines): sdot multiplies signed bytes in
+ * groups of four into int32 lanes, so the int4 nibbles (0..15) and int8 codes enter as they are. */
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD) && !defined(SQ_NO_SIMD)
+#include <arm_neon.h>
+#define SQ_SDOT 1
+#else
+#define SQ_SDOT 0
+#endif
 
 #define MB 4 /* tokens per register block */
 #ifndef PREFETCH
 #define PREFETCH 2048 /* bytes ahead of the weight stream (software prefetch: ~1.3x decode on 2 cores) */
 #endif
+#if !defined(__x86_64__) && !defined(__i386__)
+#define _mm_prefetch(p, h) __builtin_prefetch((p))
+#endif
 
-/* which vector path this build runs: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2 */
-int sq_simd(void) { return SQ_VNNI ? 1 : SQ_AVX2 ? 2 : 0; }
+/* which vector path this build runs: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2, 3 ARM sdot */
+int sq_simd(void) { return SQ_VNNI ? 1 : SQ_AVX2 ? 2 : SQ_SDOT ? 3 : 0; }
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -254,6 +265,59 @@ static inline __attribute__((always_inline)) void w4_tile_avx2(
 }
 #endif
 
+#if SQ_SDOT
+/* w4_tile_vnni on ARM: the 64-byte k-block of a tile is four 128-bit quarters (rows 4q..4q+3, four k each); sdot
+ * of a quarter's nibbles with the broadcast activation word sums each row's four products into its int32 lane. */
+static inline __attribute__((always_inline)) void w4_tile_sdot(
+    const uint8_t *wtile, const uint16_t *st, const uint16_t *zt, const int8_t *c, int Kp, const int32_t *csum,
+    int G, int bpg, const float *rsum, const int *zp, const float *sx, int m0, const int mb, float out[][16]) {
+    const uint8x16_t low = vdupq_n_u8(0x0f);
+    float32x4_t facc[MB][4];
+    for (int i = 0; i < mb; i++)
+        for (int q = 0; q < 4; q++) facc[i][q] = vdupq_n_f32(0.0f);
+    for (int g = 0; g < G; g++) {
+        int32x4_t acc[MB][4];
+        for (int i = 0; i < mb; i++)
+            for (int q = 0; q < 4; q++) acc[i][q] = vdupq_n_s32(0);
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __builtin_prefetch(wtile + (size_t)b * 64 + PREFETCH);
+            int8x16_t lo[4], hi[4];
+            for (int q = 0; q < 4; q++) {
+                uint8x16_t w = vld1q_u8(wtile + (size_t)b * 64 + 16 * q);
+                lo[q] = vreinterpretq_s8_u8(vandq_u8(w, low));
+                hi[q] = vreinterpretq_s8_u8(vshrq_n_u8(w, 4));
+            }
+            for (int i = 0; i < mb; i++) {
+                const int8_t *ci = c + (size_t)(m0 + i) * Kp + (size_t)b * 8;
+                int32_t w0, w1;
+                memcpy(&w0, ci, 4);
+                memcpy(&w1, ci + 4, 4);
+                const int8x16_t a0 = vreinterpretq_s8_s32(vdupq_n_s32(w0)), a1 = vreinterpretq_s8_s32(vdupq_n_s32(w1));
+                for (int q = 0; q < 4; q++) acc[i][q] = vdotq_s32(vdotq_s32(acc[i][q], lo[q], a0), hi[q], a1);
+            }
+        }
+        for (int q = 0; q < 4; q++) {
+            float32x4_t sc = vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(st + (size_t)g * 16 + 4 * q), 16));
+            float32x4_t z = zt ? vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(zt + (size_t)g * 16 + 4 * q), 16))
+                               : vdupq_n_f32(0.0f);
+            for (int i = 0; i < mb; i++) {
+                int32_t cs = csum[(size_t)(m0 + i) * G + g];
+                int32x4_t d = vsubq_s32(acc[i][q], vdupq_n_s32(8 * cs)); /* sum (u - 8)·c */
+                facc[i][q] = vfmaq_f32(facc[i][q], vcvtq_f32_s32(d), sc);
+                if (zt) facc[i][q] = vfmaq_f32(facc[i][q], z, vdupq_n_f32((float)cs));
+            }
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        float32x4_t r = vld1q_f32(rsum + 4 * q);
+        for (int i = 0; i < mb; i++) {
+            float32x4_t v = vfmsq_f32(facc[i][q], vdupq_n_f32((float)zp[m0 + i]), r);
+            vst1q_f32(out[i] + 4 * q, vmulq_f32(v, vdupq_n_f32(sx[m0 + i])));
+        }
+    }
+}
+#endif
+
 /* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
 int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
                    int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
@@ -302,6 +366,13 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
             case 2: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
             case 3: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
             default: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
+            }
+#elif SQ_SDOT
+            switch (mb) {
+            case 1: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;
+            case 2: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
+            case 3: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
+            default: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
             }
 #else
             for (int i = 0; i < mb; i++) {
@@ -408,6 +479,20 @@ int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
                     q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
                     q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
                     int32_t s = _mm_cvtsi128_si32(q);
+                    for (int k = K16; k < K; k++) s += (int32_t)wr[k] * ci[k];
+                    acc[r][i] = s;
+                }
+            }
+#elif SQ_SDOT
+            const int K16 = K & ~15;
+            for (int r = 0; r < nb; r++) {
+                const int8_t *wr = w + (size_t)(n0 + r) * ldw;
+                __builtin_prefetch(wr + PREFETCH);
+                for (int i = 0; i < mb; i++) {
+                    const int8_t *ci = c + (size_t)(m0 + i) * Kp;
+                    int32x4_t v = vdupq_n_s32(0);
+                    for (int k = 0; k < K16; k += 16) v = vdotq_s32(v, vld1q_s8(wr + k), vld1q_s8(ci + k));
+                    int32_t s = vaddvq_s32(v);
                     for (int k = K16; k < K; k++) s += (int32_t)wr[k] * ci[k];
                     acc[r][i] = s;
                 }
