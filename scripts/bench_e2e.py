@@ -59,6 +59,8 @@ SCHEMES = {  # name -> (dtype, quant config or None, rotation)
     "W8A8": ("bfloat16", {"scheme": "W8A8", **_LM8}, None),
     "W4A16": ("bfloat16", {"scheme": "W4A16", "weight": _W4G32, **_LM8}, None),
     "W4A8": ("bfloat16", {"scheme": "W4A8", "weight": _W4G32, **_LM8}, None),
+    # the int4 lm_head option: the head at int4 g32 (with int8 activations), the embedding its own int8 table
+    "W4A8-lm4": ("bfloat16", {"scheme": "W4A8", "weight": _W4G32, **_LM8, "lm_head": _W4G32}, None),
     "W4A8+QuaRot": ("bfloat16", {"scheme": "W4A8", "weight": _W4G32, **_LM8}, "quarot"),
 }
 MODELS = ("llama-3.2-1b-shape", "ref-llama")
