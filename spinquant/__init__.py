@@ -13,6 +13,7 @@ or the whole run from a config: `sq.run(sq.RunConfig(...))` -> one results row.
 """
 from importlib.metadata import PackageNotFoundError, version
 
+from . import _quiet  # noqa: F401  (first: before transformers imports torchao)
 from .export import load as load_packed
 from .export import save
 from .kernels import pack

@@ -153,9 +153,6 @@ def export_cmd(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import logging
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # torchao (imported by transformers when installed) warns
-    # on every start that its CUDA extensions do not load on a CPU-only machine
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
