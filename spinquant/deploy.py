@@ -155,10 +155,15 @@ def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, ids, seq_le
     finally:
         lm.close()
     speed = llama_cpp_speed(gguf_path, threads, vocab, prefill=min(512, seq_len), decode=64)
-    row = {"model": model_name, "runtime": "llama.cpp", "format": fmt, "quantizer": quantizer,
+    return _row(model_name, "llama.cpp", fmt, quantizer, gguf_path, r, seq_len, ppl_framework, speed, threads, extra)
+
+
+def _row(model_name, runtime, fmt, quantizer, path, r, seq_len, ppl_framework, speed, threads, extra) -> dict:
+    """One deploy-table row: the runtime's perplexity `r` beside ours (`ppl_framework`, same windows), size, speed."""
+    row = {"model": model_name, "runtime": runtime, "format": fmt, "quantizer": quantizer,
            "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
            "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
-           "file_bytes": Path(gguf_path).stat().st_size, **speed, "threads": threads,
+           "file_bytes": Path(path).stat().st_size, **speed, "threads": threads,
            "runtime_window_nll": r.window_nll,
            "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
     return {**row, **(extra or {})}
@@ -172,10 +177,4 @@ def et_deploy_row(model_name: str, fmt: str, quantizer: str, pte_path, ids, seq_
     r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
                           desc=f"executorch {fmt}")
     speed = lm.speed(vocab, prefill=min(512, seq_len - 64), decode=64)
-    row = {"model": model_name, "runtime": "executorch", "format": fmt, "quantizer": quantizer,
-           "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
-           "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
-           "file_bytes": Path(pte_path).stat().st_size, **speed, "threads": threads,
-           "runtime_window_nll": r.window_nll,
-           "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
-    return {**row, **(extra or {})}
+    return _row(model_name, "executorch", fmt, quantizer, pte_path, r, seq_len, ppl_framework, speed, threads, extra)

@@ -318,6 +318,16 @@ static inline __attribute__((always_inline)) void w4_tile_sdot(
 }
 #endif
 
+/* One register block of mb tokens on a tile kernel, with mb a constant at each call (the loops over tokens unroll
+ * and the accumulators stay in registers). */
+#define W4_TILES(tile)                                                                                                \
+    switch (mb) {                                                                                                     \
+    case 1: tile(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;              \
+    case 2: tile(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;              \
+    case 3: tile(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;              \
+    default: tile(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);                    \
+    }
+
 /* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
 int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
                    int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
@@ -354,26 +364,11 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
             const int mb = M - m0 < MB ? M - m0 : MB;
             float out[MB][16];
 #if SQ_VNNI
-            switch (mb) { /* a constant token count per call, so the accumulators stay in registers */
-            case 1: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;
-            case 2: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
-            case 3: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
-            default: w4_tile_vnni(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
-            }
+            W4_TILES(w4_tile_vnni);
 #elif SQ_AVX2
-            switch (mb) {
-            case 1: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;
-            case 2: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
-            case 3: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
-            default: w4_tile_avx2(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
-            }
+            W4_TILES(w4_tile_avx2);
 #elif SQ_SDOT
-            switch (mb) {
-            case 1: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 1, out); break;
-            case 2: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 2, out); break;
-            case 3: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 3, out); break;
-            default: w4_tile_sdot(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);
-            }
+            W4_TILES(w4_tile_sdot);
 #else
             for (int i = 0; i < mb; i++) {
                 float f[16] = {0};
