@@ -7,13 +7,13 @@ Models: `llama-3.2-1b-shape` (Llama-3.2-1B's public config, random weights: spee
 on weight values) and `ref-llama` (the shipped reference model). For each scheme the parent process builds
 the model, quantizes it (RTN, no clip search), packs it onto the CPU kernels and saves it
 (`spinquant.export.save`; FP rows with `save_pretrained`); then a *fresh subprocess* loads the saved
-folder, runs a 512-token prefill (batch 1) and decodes 128 tokens greedily with a KV cache, and reports
-its peak RSS (VmHWM: everything the process ever held, Python and torch included). All schemes of a
-model are measured in one run; ratios are to BF16 from the same run. The decode roofline is the
-measured memory bandwidth (a streaming read of a 1 GiB tensor) divided by the bytes of weights one
-decoded token reads. FP rows run with the same attention implementation as the packed ones (`spinquant`:
-sdpa, with a packed-query route for single-token GQA decoding that torch's bf16 CPU sdpa runs ~30x slower),
-so the ratios measure the linear layers. Checkpoints are built first and then measured in `--rounds` interleaved rounds
+folder, runs a 512-token prefill (batch 1) and decodes 128 tokens greedily, and reports its peak RSS (VmHWM:
+everything the process ever held, Python and torch included). Every row of ours, FP included, decodes through
+the lean decode path (`spinquant.decode.LeanDecoder`: static KV cache, fused q/k/v and gate/up, the one-token
+attention kernel); `--decode-path hf` measures the model's own Hugging Face forward with its KV cache instead
+(what the path saves). All schemes of a model are measured in one run; ratios are to BF16 from the same run.
+The decode roofline is the measured memory bandwidth divided by the bytes of weights one decoded token reads
+(see below). Checkpoints are built first and then measured in `--rounds` interleaved rounds
 (every scheme once per round); each scheme reports its best prefill and decode speed, its highest peak RSS,
 and every round's numbers.
 
@@ -141,8 +141,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # non-Linux fallback
 
 
-def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, seed: int) -> dict:
-    """Runs in a fresh process: load, prefill, decode; peak RSS of this process."""
+def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, seed: int, path: str = "lean") -> dict:
+    """Runs in a fresh process: load, prefill, decode (through spinquant.decode.LeanDecoder, or with path="hf" the
+    model's own forward and KV cache); peak RSS of this process."""
     from transformers import AutoModelForCausalLM, DynamicCache
     if packed:
         from spinquant import export
@@ -153,31 +154,44 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
         # the same attention code as the packed models, so that the ratios measure the linear kernels
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation="spinquant").eval()
-
-    def new_cache():  # K/V at their bit-width where the model quantizes them, plain 16-bit otherwise
-        return packed_kv_cache(model) if packed else DynamicCache()
-    rss_loaded = peak_rss_bytes()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, prefill), generator=g)
-    with torch.inference_mode():
-        model(prompt[:, :32], past_key_values=new_cache(), use_cache=True, logits_to_keep=1)  # warm-up
-        cache = new_cache()
+    if path == "lean":
+        from spinquant.decode import LeanDecoder
+        dec = LeanDecoder(model, max_len=prefill + decode + 1)
+        rss_loaded = peak_rss_bytes()
+        dec.forward(prompt[:, :32])  # warm-up
+        dec.reset()
         t = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = dec.forward(prompt).argmax(-1, keepdim=True)
         prefill_s = time.perf_counter() - t
-        tok = out.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
         for _ in range(decode):
-            out = model(tok, past_key_values=cache, use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
+            tok = dec.forward(tok).argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t
+    else:
+        def new_cache():  # K/V at their bit-width where the model quantizes them, plain 16-bit otherwise
+            return packed_kv_cache(model) if packed else DynamicCache()
+        rss_loaded = peak_rss_bytes()
+        with torch.inference_mode():
+            model(prompt[:, :32], past_key_values=new_cache(), use_cache=True, logits_to_keep=1)  # warm-up
+            cache = new_cache()
+            t = time.perf_counter()
+            out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            prefill_s = time.perf_counter() - t
+            tok = out.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(decode):
+                out = model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+            decode_s = time.perf_counter() - t
     from spinquant.kernels import kernel_summary
     return {"kernels": kernel_summary(model), "prefill_tok_s": prefill / prefill_s,
             "decode_tok_s": decode / decode_s, "prefill_s": prefill_s,
             "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
             "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": _decode_weight_bytes(model),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "decode_path": path}
 
 
 def synthetic_tokenizer(folder: Path, vocab_size: int) -> Path:
@@ -247,7 +261,8 @@ def child_llama_cpp(path: Path, prefill: int, decode: int, seed: int, threads: i
     decode_s = time.perf_counter() - t
     return {"kernels": {"llama.cpp": path.stem}, "prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode / decode_s,
             "prefill_s": prefill_s, "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
-            "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": gguf_decode_bytes(path), "threads": threads}
+            "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": gguf_decode_bytes(path), "threads": threads,
+            "decode_path": "llama.cpp"}
 
 
 def _prepared(model_name: str, scheme: str, folder: Path) -> dict:
@@ -268,8 +283,8 @@ def _measure(folder: Path, engine: str, scheme: str, args) -> dict:
                str(torch.get_num_threads()), *common]
     else:
         dtype_name, qcfg, _ = SCHEMES[scheme]
-        cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, *common] + \
-            (["--packed"] if qcfg is not None else [])
+        cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype_name, "--decode-path",
+               args.decode_path, *common] + (["--packed"] if qcfg is not None else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{folder} {scheme}: measuring subprocess failed:\n{res.stderr[-3000:]}")
@@ -289,6 +304,8 @@ def main():
     p.add_argument("--prepare-only", action="store_true", help="build (and keep, with --work-dir) the checkpoints only")
     p.add_argument("--llama-cpp", nargs="*", default=list(LLAMA_CPP), choices=list(LLAMA_CPP),
                    help="llama.cpp quantizations measured beside ours (none: --llama-cpp with no value)")
+    p.add_argument("--decode-path", choices=("lean", "hf"), default="lean",
+                   help="our rows decode through spinquant.decode.LeanDecoder (lean) or the model's own forward (hf)")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-gguf", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -297,7 +314,8 @@ def main():
     args = p.parse_args()
     rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
     if args.child:
-        print(json.dumps(child(args.child, args.packed, args.dtype, args.prefill, args.decode, args.seed)))
+        print(json.dumps(child(args.child, args.packed, args.dtype, args.prefill, args.decode, args.seed,
+                               args.decode_path)))
         return
     if args.child_gguf:
         print(json.dumps(child_llama_cpp(args.child_gguf, args.prefill, args.decode, args.seed, args.threads)))

@@ -26,6 +26,24 @@ def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
     return new if old is None else torch.cat([old, new], dim=2)  # along the sequence
 
 
+def quantize_tokens(x: torch.Tensor, spec: QuantSpec):
+    """Per-token codes of x [b, h, s, d] under spec -> (codes uint8 [b, h, s, d] or two 4-bit codes a byte
+    [b, h, s, d/2], scale and zero float32 [b, h, s, G, 1]); what the fake-quant KV quantizer computes."""
+    scale, zero = compute_qparams(x, spec)
+    g = x.shape[-1] if spec.granularity != "group" else spec.group_size
+    xg = x.float().reshape(*x.shape[:-1], -1, g)
+    u = (torch.clamp(torch.round(xg / scale) + zero, spec.qmin, spec.qmax) - spec.qmin).to(torch.uint8).reshape(x.shape)
+    return (pack_nibbles_raw(u) if spec.bits <= 4 else u), scale, zero
+
+
+def dequantize_tokens(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize_tokens -> [b, h, s, d] in dtype."""
+    u = unpack_nibbles_raw(codes) if spec.bits <= 4 else codes
+    ug = u.float().reshape(*scale.shape[:-1], -1)
+    return ((ug + spec.qmin - zero) * scale).reshape(*u.shape).to(dtype)
+
+
 class _Codes:
     """Per-token codes of x [b, h, s, d] under spec: packed uint8/int8 storage + float32 scale/zero [b, h, s, G, 1]."""
 
@@ -33,19 +51,11 @@ class _Codes:
         self.spec, self.codes, self.scale, self.zero = spec, None, None, None
 
     def append(self, x: torch.Tensor) -> None:
-        s = self.spec
-        scale, zero = compute_qparams(x, s)
-        g = x.shape[-1] if s.granularity != "group" else s.group_size
-        xg = x.float().reshape(*x.shape[:-1], -1, g)
-        u = (torch.clamp(torch.round(xg / scale) + zero, s.qmin, s.qmax) - s.qmin).to(torch.uint8).reshape(x.shape)
-        codes = pack_nibbles_raw(u) if s.bits <= 4 else u
+        codes, scale, zero = quantize_tokens(x, self.spec)
         self.codes, self.scale, self.zero = _cat(self.codes, codes), _cat(self.scale, scale), _cat(self.zero, zero)
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
-        s, c = self.spec, self.codes
-        u = unpack_nibbles_raw(c) if s.bits <= 4 else c
-        ug = u.float().reshape(*self.scale.shape[:-1], -1)
-        return ((ug + s.qmin - self.zero) * self.scale).reshape(*u.shape).to(dtype)
+        return dequantize_tokens(self.codes, self.scale, self.zero, self.spec, dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
@@ -157,3 +167,68 @@ def cache_nbytes(cache: Cache) -> int:
         elif getattr(layer, "keys", None) is not None:
             total += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
     return total
+
+
+# ---- static (preallocated) caches of the lean decode path (spinquant.decode) ---------------------------
+class StaticKV:
+    """One layer's K/V in preallocated buffers of the compute dtype for `max_len` tokens: a token is written once at
+    its position (no concatenation). Keys are stored transposed, [b, kv_heads, head_dim, max_len], so that one
+    query's scores are vertical multiply-adds (native.attend_one_token); values [b, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        self.kt = torch.zeros(batch, kv_heads, head_dim, max_len, dtype=dtype)
+        self.v = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [b, kv_heads, s, head_dim] at positions start .. start + s - 1."""
+        self.kt[..., start:start + k.shape[2]] = k.transpose(-1, -2)
+        self.v[:, :, start:start + v.shape[2]] = v
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions 0 .. end - 1 [b, kv_heads, end, head_dim] (views; K's is strided)."""
+        return self.kt[..., :end].transpose(-1, -2), self.v[:, :, :end]
+
+    def flat(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K transposed [b·kv_heads, head_dim, L] and V [b·kv_heads, L, head_dim], contiguous, L >= end (here the
+        buffers themselves, L = max_len)."""
+        b, h, d, L = self.kt.shape
+        return self.kt.view(b * h, d, L), self.v.view(b * h, L, d)
+
+    def nbytes(self) -> int:
+        return 2 * self.v.numel() * self.v.element_size()
+
+
+class StaticPackedKV:
+    """One layer's K/V as codes at their bit-width in preallocated buffers (uint8, or two 4-bit codes a byte, plus
+    float32 scale / zero per token and group): each token is quantized once when written, exactly as
+    `PackedKVLayer` does; `read` dequantizes the prefix."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 k_spec: QuantSpec, v_spec: QuantSpec):
+        self.dtype, self.specs = dtype, (k_spec, v_spec)
+        self.bufs = []
+        for s in self.specs:
+            if not s.enabled or s.granularity not in ("token", "channel", "group"):
+                raise ValueError(f"a packed static KV cache needs per-token (or grouped) K/V specs, got {s.short()}")
+            G = head_dim // s.group_size if s.granularity == "group" else 1
+            width = head_dim // 2 if s.bits <= 4 else head_dim
+            self.bufs.append((torch.zeros(batch, kv_heads, max_len, width, dtype=torch.uint8),
+                              torch.zeros(batch, kv_heads, max_len, G, 1), torch.zeros(batch, kv_heads, max_len, G, 1)))
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for x, spec, bufs in zip((k, v), self.specs, self.bufs):
+            for buf, t in zip(bufs, quantize_tokens(x, spec)):
+                buf[:, :, start:start + x.shape[2]] = t
+
+    def read(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (dequantize_tokens(c[:, :, :end], s[:, :, :end], z[:, :, :end], spec, self.dtype)
+                for (c, s, z), spec in zip(self.bufs, self.specs))
+        return k, v
+
+    def flat(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantized K (transposed) [b·kv_heads, head_dim, end] and V [b·kv_heads, end, head_dim], contiguous."""
+        k, v = self.read(end)
+        return k.transpose(-1, -2).reshape(-1, k.shape[-1], end).contiguous(), v.reshape(-1, end, v.shape[-1])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bufs in self.bufs for t in bufs)

@@ -94,6 +94,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sq_w4a8_linear.restype = i
     lib.sq_w8a8_linear.argtypes = [p, i, i, *act, p, i, p, p, i, p, i]
     lib.sq_w8a8_linear.restype = i
+    lib.sq_attn_scores.argtypes = [p, p, i, i, i, i, i, i, f, p]
+    lib.sq_attn_scores.restype = i
+    lib.sq_attn_mix.argtypes = [p, p, i, i, i, i, i, i, p]
+    lib.sq_attn_mix.restype = i
     return lib
 
 
@@ -285,3 +289,35 @@ def w8a8_linear(x: torch.Tensor, spec: QuantSpec, w: torch.Tensor, scale: torch.
                                  scale.data_ptr(), rsum.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.bfloat16)),
               "w8a8_linear")
     return y
+
+
+ATTN_MAX_GROUP = 64  # SQ_ATTN_MAX_G in lowbit.c: query heads per KV head
+
+
+def attend_one_token(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor, length: int, scale: float,
+                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """Attention of one query token over the first `length` cached positions, grouped-query heads packed as rows:
+    q [H, g, d] float32 (the g query heads of each of H = batch·kv_heads KV heads), keys cached transposed
+    keys_t [H, d, L] and values [H, L, d], bf16 or float32, contiguous (L >= length: a static cache) -> float32
+    [H, g, d]. Scores and the weighted sum are the C kernels (float32 sums), the softmax between them torch's."""
+    lib = lib or load()
+    if not (isinstance(q, torch.Tensor) and q.dim() == 3):
+        raise ValueError(f"attend_one_token: q must be [heads, group, head_dim], got {getattr(q, 'shape', type(q))}")
+    H, g, d = q.shape
+    _need(q, "q", torch.float32, (H, g, d))
+    if keys_t.dtype not in (torch.bfloat16, torch.float32) or values.dtype != keys_t.dtype:
+        raise ValueError(f"attend_one_token: keys / values must both be bf16 or float32, got {keys_t.dtype} / "
+                         f"{values.dtype}")
+    _need(keys_t, "keys_t", keys_t.dtype, (H, d, None))
+    L = keys_t.shape[2]
+    _need(values, "values", values.dtype, (H, L, d))
+    if not 1 <= length <= L or g > ATTN_MAX_GROUP:
+        raise ValueError(f"attend_one_token: length {length} must be in 1..{L} and the group {g} <= {ATTN_MAX_GROUP}")
+    bf16 = int(keys_t.dtype == torch.bfloat16)
+    s = torch.empty(H, g, length)
+    _check_rc(lib.sq_attn_scores(q.data_ptr(), keys_t.data_ptr(), bf16, H, g, d, length, L, float(scale), s.data_ptr()),
+              "attend_one_token")
+    p = torch.softmax(s, dim=-1)
+    o = torch.empty(H, g, d)
+    _check_rc(lib.sq_attn_mix(p.data_ptr(), values.data_ptr(), bf16, H, g, d, length, L, o.data_ptr()), "attend_one_token")
+    return o

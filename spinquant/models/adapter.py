@@ -22,6 +22,7 @@ class FamilyAdapter:
     embed: str = "model.embed_tokens"
     layers: str = "model.layers"
     final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"  # the module computing RoPE's (cos, sin) for position ids
     lm_head: str = "lm_head"
     attn: str = "self_attn"
     mlp: str = "mlp"
@@ -47,6 +48,9 @@ class FamilyAdapter:
 
     def norm(self, model) -> nn.Module:
         return model.get_submodule(self.final_norm)
+
+    def rotary_embedding(self, model) -> nn.Module:
+        return model.get_submodule(self.rotary)
 
     def linear_names(self) -> dict[str, str]:
         """Role -> path inside a decoder layer, in forward order."""
