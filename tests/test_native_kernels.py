@@ -318,3 +318,46 @@ def test_arm_builds_match_the_float64_reference(arm_drivers, tmp_path, build):
                 got = torch.from_numpy(np.frombuffer(raw[4:], np.float32).reshape(m, shape[0]).copy()).double()
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 assert np.frombuffer(raw[:4], np.int32)[0] == 0 and err < 1e-5, (build, w_spec, shape, m, err)
+
+
+def _attention_case(g, d, length, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    H, L = 3, length + 5
+    q = torch.randn(H, g, d, generator=gen)
+    k = torch.randn(H, L, d, generator=gen).to(dtype)
+    v = torch.randn(H, L, d, generator=gen).to(dtype)
+    p = torch.softmax(q.double() @ k[:, :length].double().transpose(1, 2) * d ** -0.5, -1)
+    return q, k, v, p, p @ v[:, :length].double()
+
+
+ATTN_CASES = [(4, 64, 37, torch.bfloat16), (3, 24, 16, torch.float32), (8, 8, 5, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("g,d,length,dtype", ATTN_CASES)
+def test_one_token_attention_on_every_build_matches_float64(lib, g, d, length, dtype):
+    q, k, v, _, want = _attention_case(g, d, length, dtype, seed=g * d)
+    got = native.attend_one_token(q, k.transpose(1, 2).contiguous(), v, length, d ** -0.5, lib=_lib(lib))
+    assert (got.double() - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("build", ["sdot", "portable"])
+def test_arm_builds_attend_like_float64(arm_drivers, tmp_path, build):
+    """The one-token attention kernels on ARM (scores, then the weighted sum of given probabilities)."""
+    exe = arm_drivers[build]
+    for g, d, length, dtype in ATTN_CASES:
+        q, k, v, p, want = _attention_case(g, d, length, dtype, seed=g * d)
+        H, L = k.shape[:2]
+        bf16 = int(dtype == torch.bfloat16)
+
+        def kv(t):
+            return (t.view(torch.int16) if bf16 else t).numpy()
+        head = _b(np.array([H, g, d, length, L, bf16], np.int32))
+        raw = _arm(exe, "attn_scores", head + _b(np.array([d ** -0.5], np.float32), q.numpy(),
+                                                   kv(k.transpose(1, 2).contiguous())), tmp_path)
+        s = np.frombuffer(raw[4:], np.float32).reshape(H, g, length)
+        ref = (q.double() @ k[:, :length].double().transpose(1, 2) * d ** -0.5).numpy()
+        assert np.frombuffer(raw[:4], np.int32)[0] == 0 and np.abs(s - ref).max() < 1e-4
+        raw = _arm(exe, "attn_mix", head + _b(p.float().numpy(), kv(v)), tmp_path)
+        o = np.frombuffer(raw[4:], np.float32).reshape(H, g, d)
+        assert np.frombuffer(raw[:4], np.int32)[0] == 0 and np.abs(o - want.numpy()).max() < 1e-5, (build, g, d)

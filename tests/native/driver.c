@@ -11,6 +11,11 @@
  *   driver w8a8 IN OUT         IN: int32 M K N ldw | float qmin qmax clip | int32 symmetric shift | float32 x[M*K] |
  *                                  int8 w[N*ldw] | float32 wscale[N] | int32 rsum[N]
  *                              OUT: int32 rc | float32 y[M*N]
+ *   driver attn_scores IN OUT  IN: int32 H g d len stride bf16 | float scale | float32 q[H*g*d] |
+ *                                  kt[H*d*stride] (uint16 bf16 bits, or float32)
+ *                              OUT: int32 rc | float32 s[H*g*len]
+ *   driver attn_mix IN OUT     IN: int32 H g d len stride bf16 | float32 p[H*g*len] | v[H*stride*d] (as kt)
+ *                              OUT: int32 rc | float32 o[H*g*d]
  *   driver simd                prints sq_simd()
  */
 #include <stdint.h>
@@ -27,6 +32,10 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
 int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
                    int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
                    int y_bf16);
+
+int sq_attn_scores(const float *q, const void *kt, int kv_bf16, int H, int g, int d, int len, int stride, float scale,
+                   float *s);
+int sq_attn_mix(const float *p, const void *v, int kv_bf16, int H, int g, int d, int len, int stride, float *o);
 
 static FILE *in;
 
@@ -91,6 +100,26 @@ int main(int argc, char **argv) {
         rc = sq_w8a8_linear(x, 0, M, K, qmin, qmax, clip, sym, shift, w, ldw, ws, rsum, N, y, 0);
         fwrite(&rc, 4, 1, out);
         fwrite(y, 4, (size_t)M * N, out);
+    } else if (!strcmp(argv[1], "attn_scores") || !strcmp(argv[1], "attn_mix")) {
+        const int scores = !strcmp(argv[1], "attn_scores");
+        int H = i32(), g = i32(), d = i32(), len = i32(), stride = i32(), bf16 = i32();
+        const size_t esize = bf16 ? 2 : 4, kv = (size_t)H * d * stride * esize;
+        if (scores) {
+            float scale = f32();
+            float *q = take(sizeof(float) * (size_t)H * g * d);
+            void *kt = take(kv);
+            float *s = malloc(sizeof(float) * (size_t)H * g * len + 1);
+            rc = sq_attn_scores(q, kt, bf16, H, g, d, len, stride, scale, s);
+            fwrite(&rc, 4, 1, out);
+            fwrite(s, 4, (size_t)H * g * len, out);
+        } else {
+            float *pr = take(sizeof(float) * (size_t)H * g * len);
+            void *v = take(kv);
+            float *o = malloc(sizeof(float) * (size_t)H * g * d + 1);
+            rc = sq_attn_mix(pr, v, bf16, H, g, d, len, stride, o);
+            fwrite(&rc, 4, 1, out);
+            fwrite(o, 4, (size_t)H * g * d, out);
+        }
     } else {
         return 2;
     }
