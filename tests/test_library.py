@@ -184,3 +184,15 @@ def test_run_from_a_config_built_in_python(tmp_path):
     assert row["scheme"] == "W4A8" and row["method"] == {"rotation": "quarot", "weights": "rtn", "qat": "none"}
     assert row["config"]["rotation"]["fallback"] == "block_diagonal" and row["metrics"]["ppl"]["wikitext2"] > 1
     assert sq.run(cfg)["run_id"] == row["run_id"] and len(list((tmp_path / "default").glob("*.json"))) == 1
+
+
+def test_importing_spinquant_prints_no_start_up_noise():
+    """transformers imports torchao when it is installed; on a CPU-only machine torchao's CUDA-extension warnings and
+    torch's pytree notice about torchao's Enums would print on every start (`spinquant --help` included)."""
+    import subprocess
+    import sys
+    pytest.importorskip("torchao")
+    r = subprocess.run([sys.executable, "-c", "import spinquant, transformers, torchao; import spinquant.kernels"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Enum subclass" not in r.stderr and "Failed to load" not in r.stderr, r.stderr
