@@ -11,7 +11,9 @@ Weights that fit in the CPU caches (k/v at M=1: 0.5-2 MB) are re-read from cache
 exceed the DRAM roofline; the large shapes (gate/up, down, lm_head) are the honest memory-bound numbers.
 The native kernels run the build `SPINQUANT_NATIVE_FLAGS` selects (default: this CPU's best vector path;
 "-mno-avx512f" times the AVX2 path on an AVX-512 machine; the output records which, `native_simd`: 1 AVX-512
-VNNI, 2 AVX2). It also times the online Hadamard as FWHT against a dense matmul. On a CUDA machine the Triton kernels are
+VNNI, 2 AVX2). It also times the online Hadamard as FWHT against a dense matmul, and one decoded token's attention
+(Llama-3.2-1B's 32 query / 8 KV heads of 64, bf16 cache) on the native kernel against torch's sdpa, with the query
+heads packed per KV head (what `spinquant_attention` does) and with `enable_gqa`. On a CUDA machine the Triton kernels are
 timed too; on the CPU they only run under TRITON_INTERPRET (for correctness, see tests).
 """
 from __future__ import annotations
@@ -97,6 +99,7 @@ def main():
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--hadamard-sizes", type=int, nargs="*", default=[384, 2048, 8192, 11008, 14336])
+    p.add_argument("--cache-lengths", type=int, nargs="*", default=[128, 512, 2048])
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     rev = revision_for(args.out)  # committed results only from a clean checkout: checked before measuring
@@ -138,6 +141,20 @@ def main():
         dense, fast = _time(lambda: x @ H, args.repeats), _time(lambda: fwht(x), args.repeats)
         had.append({"n": n, "tokens": 64, "dense_s": dense, "fwht_s": fast, "speedup": dense / fast})
         print(f"hadamard n={n:6d}: dense {dense * 1e3:8.3f} ms, fwht {fast * 1e3:8.3f} ms ({dense / fast:.1f}x)")
+    attention = []
+    if native.builds():
+        import torch.nn.functional as F
+        for length in args.cache_lengths:
+            k, v = torch.randn(8, length, 64).bfloat16(), torch.randn(8, length, 64).bfloat16()
+            kt, q = k.transpose(1, 2).contiguous(), torch.randn(8, 4, 64)
+            qb, qh = q.bfloat16()[None], q.bfloat16().reshape(1, 32, 1, 64)
+            ours = _time(lambda: native.attend_one_token(q, kt, v, length, 0.125), args.repeats)
+            packed = _time(lambda: F.scaled_dot_product_attention(qb, k[None], v[None], scale=0.125), args.repeats)
+            gqa = _time(lambda: F.scaled_dot_product_attention(qh, k[None], v[None], scale=0.125, enable_gqa=True),
+                        args.repeats)
+            attention.append({"cache_len": length, "native_s": ours, "sdpa_packed_s": packed, "sdpa_gqa_s": gqa})
+            print(f"attention len={length:5d}: native {ours * 1e6:7.1f} us, sdpa packed {packed * 1e6:7.1f} us, "
+                  f"sdpa gqa {gqa * 1e6:7.1f} us")
     triton_rows = []
     if torch.cuda.is_available():  # Triton kernels on the GPU (never timed under the interpreter)
         from spinquant.kernels import triton_kernels as tk
@@ -148,6 +165,7 @@ def main():
                                 "gb_s": 2 * x.numel() * 2 / t / 1e9})
     out = {"machine": f"{platform.machine()} {platform.processor()}".strip(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "git_rev": rev, "peaks": peaks, "rows": rows, "hadamard": had,
+           "attention": attention,
            "triton": triton_rows or "not measured: no CUDA device in this run"}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

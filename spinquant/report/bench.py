@@ -57,6 +57,11 @@ def render_kernels(d: dict) -> str:
         out += ["", "| Hadamard n (64 tokens) | dense ms | FWHT ms | speed-up |", "|---:|---:|---:|---:|"]
         out += [f"| {h['n']} | {h['dense_s'] * 1e3:.3f} | {h['fwht_s'] * 1e3:.3f} | {h['speedup']:.1f}× |"
                 for h in d["hadamard"]]
+    if d.get("attention"):
+        out += ["", "| One decoded token's attention (32 / 8 heads of 64, bf16 cache) | native µs | sdpa, heads packed µs "
+                "| sdpa `enable_gqa` µs |", "|---:|---:|---:|---:|"]
+        out += [f"| {a['cache_len']} cached tokens | {a['native_s'] * 1e6:.1f} | {a['sdpa_packed_s'] * 1e6:.1f} | "
+                f"{a['sdpa_gqa_s'] * 1e6:.1f} |" for a in d["attention"]]
     if isinstance(d.get("triton"), str):
         out += ["", f"Triton: {d['triton']}."]
     return "\n".join(out) + "\n"
