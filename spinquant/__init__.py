@@ -40,7 +40,7 @@ try:
 except PackageNotFoundError:  # a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["DataConfig", "EvalConfig", "KernelsConfig", "LeanDecoder", "ModelConfig", "ModuleOverride", "NoRotation", "QATRunConfig",
-           "QuaRotConfig", "QuantConfig", "QuantSpec", "RotationState", "RunConfig", "SpinQuantConfig", "__version__",
-           "evaluate", "export_packed", "load_model", "load_packed", "pack", "quantize_", "register_rotation",
-           "register_weight_quantizer", "rotate", "run", "save"]
+__all__ = ["DataConfig", "EvalConfig", "KernelsConfig", "LeanDecoder", "ModelConfig", "ModuleOverride", "NoRotation",
+           "QATRunConfig", "QuaRotConfig", "QuantConfig", "QuantSpec", "RotationState", "RunConfig", "SpinQuantConfig",
+           "__version__", "evaluate", "export_packed", "load_model", "load_packed", "pack", "quantize_",
+           "register_rotation", "register_weight_quantizer", "rotate", "run", "save"]
