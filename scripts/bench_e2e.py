@@ -186,8 +186,9 @@ def child(folder: Path, packed: bool, dtype: str, prefill: int, decode: int, see
                 out = model(tok, past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
             decode_s = time.perf_counter() - t
-    from spinquant.kernels import kernel_summary
-    return {"kernels": kernel_summary(model), "prefill_tok_s": prefill / prefill_s,
+    from spinquant.kernels import kernel_summary, native
+    return {"kernels": kernel_summary(model), "native_simd": native.simd() if native.builds() else None,
+            "prefill_tok_s": prefill / prefill_s,
             "decode_tok_s": decode / decode_s, "prefill_s": prefill_s,
             "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
             "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": _decode_weight_bytes(model),
@@ -262,7 +263,7 @@ def child_llama_cpp(path: Path, prefill: int, decode: int, seed: int, threads: i
     return {"kernels": {"llama.cpp": path.stem}, "prefill_tok_s": prefill / prefill_s, "decode_tok_s": decode / decode_s,
             "prefill_s": prefill_s, "decode_s": decode_s, "peak_rss_bytes": peak_rss_bytes(),
             "rss_after_load_bytes": rss_loaded, "decode_weight_bytes": gguf_decode_bytes(path), "threads": threads,
-            "decode_path": "llama.cpp"}
+            "decode_path": "llama.cpp", "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def _prepared(model_name: str, scheme: str, folder: Path) -> dict:
