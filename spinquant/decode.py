@@ -20,8 +20,6 @@ R3 / R4 rotations, KV quantization, LoRA adapters and biases included) up to rou
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,7 +97,7 @@ class LeanDecoder:
         self.heads, self.kv_heads, self.head_dim = a.num_heads(model), a.num_kv_heads(model), a.head_dim(model)
         self.scaling = self.head_dim ** -0.5
         # one token's attention on spinquant's C kernels where they build (plain C: no vector path needed)
-        self.native_attention = os.environ.get("SPINQUANT_NATIVE") != "0" and native.builds()
+        self.native_attention = native.plain_kernels()
         self.layers = []
         for layer in a.decoder_layers(model):
             window = getattr(a.attention(layer), "sliding_window", None)

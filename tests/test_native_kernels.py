@@ -16,6 +16,7 @@ from spinquant.kernels import PackedLinear, choose_kernel, native
 from spinquant.kernels.linear import token_codes
 from spinquant.quant import QuantLinear, QuantSpec
 from spinquant.quant.rtn import rtn
+from spinquant.rotation.online import OnlineHadamard
 
 pytestmark = pytest.mark.skipif(not native.builds(), reason="no C compiler: native kernels not built")
 # the machine's own build: the vector path where the CPU has AVX-512 VNNI (CI's machine does), else the loops
@@ -361,3 +362,31 @@ def test_arm_builds_attend_like_float64(arm_drivers, tmp_path, build):
         raw = _arm(exe, "attn_mix", head + _b(p.float().numpy(), kv(v)), tmp_path)
         o = np.frombuffer(raw[4:], np.float32).reshape(H, g, d)
         assert np.frombuffer(raw[:4], np.int32)[0] == 0 and np.abs(o - want.numpy()).max() < 1e-5, (build, g, d)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_native_fwht_is_the_module_bit_for_bit_in_float32(lib):
+    """native.fwht runs rotation.hadamard.fwht's butterflies in the same order: bit-identical on float32 input, one
+    rounding instead of one per stage on bf16 input; a width that is not a power of two is refused."""
+    from spinquant.rotation.hadamard import fwht
+    for n in (1, 2, 16, 256, 8192):
+        x = torch.randn(5, n)
+        assert torch.equal(native.fwht(x, lib=_lib(lib)), fwht(x))
+        assert (native.fwht(x.bfloat16(), lib=_lib(lib)) - fwht(x.bfloat16().double()).float()).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="power-of-two"):
+        native.fwht(torch.randn(2, 172))
+
+
+def test_packed_r4_runs_on_the_native_fwht_and_keeps_the_modules_function():
+    """A packed linear with an online R4 calls native.fwht (one C call), and its output equals the module path."""
+    from unittest import mock
+    ql = QuantLinear.from_linear(nn.Linear(256, 32, bias=False), rtn(torch.randn(32, 256), W4[0]), A8)
+    ql.input_transform = OnlineHadamard(256)
+    pl = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
+    x = torch.randn(3, 256)
+    with mock.patch.object(native, "fwht", wraps=native.fwht) as spy:
+        y = pl(x)
+    assert spy.call_count == 1
+    pl_ref = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
+    with mock.patch.object(native, "plain_kernels", return_value=False):
+        assert torch.equal(y, pl_ref(x))

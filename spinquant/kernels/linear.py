@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ..quant.linear import QuantEmbedding, QuantLinear
 from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
+from ..rotation.online import OnlineHadamard
 from . import cpu, native
 
 KERNELS = ("int4", "int8", "dequant", "triton_int4", "triton_int8", "cpu_w4a8", "cpu_w8a8")  # the built-in layouts
@@ -156,6 +157,17 @@ def _dequant_int4(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return w if zero is None else w + zero.float().repeat_interleave(group, 1)[:, :K]
 
 
+def _apply_transform(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A packed linear's online input transform (R4): an orthonormal power-of-two Hadamard on the CPU is one C call
+    (`native.fwht`: the same butterflies in float32, bit-identical to the module on float32 input; at decode time
+    the module's ~40 small ops per layer were the cost), anything else the module itself."""
+    n = x.shape[-1]
+    if isinstance(t, OnlineHadamard) and t.blocks == [n] and n & (n - 1) == 0 and x.device.type == "cpu" \
+            and native.plain_kernels():
+        return native.fwht(x)
+    return t(x)
+
+
 # ---- the registry of packed layouts --------------------------------------------------------------
 LAYOUTS: dict[str, type["PackedLinear"]] = {}
 
@@ -255,7 +267,7 @@ class PackedLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         if self.input_transform is not None:
-            x = self.input_transform(x)
+            x = _apply_transform(self.input_transform, x)
         direct = self.bias is None and self.adapter is None  # the kernel may then write x's dtype itself
         y = self.matmul(x, dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32)
         if self.bias is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -98,6 +99,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.sq_attn_scores.restype = i
     lib.sq_attn_mix.argtypes = [p, p, i, i, i, i, i, i, p]
     lib.sq_attn_mix.restype = i
+    lib.sq_fwht.argtypes = [p, i, i, i, f, p]
+    lib.sq_fwht.restype = i
     return lib
 
 
@@ -145,6 +148,12 @@ def available() -> bool:
         warnings.warn(f"spinquant's native CPU kernels are unavailable, using torch's ops instead: {e}", stacklevel=2)
         return False
     return mode == "1" or bool(lib.sq_simd())
+
+
+def plain_kernels() -> bool:
+    """Whether the kernels that need no vector path (one-token attention, FWHT: plain C the compiler vectorizes) run
+    here: they build, and SPINQUANT_NATIVE is not 0."""
+    return os.environ.get("SPINQUANT_NATIVE") != "0" and builds()
 
 
 def supports_act(spec: QuantSpec | None) -> bool:
@@ -321,3 +330,18 @@ def attend_one_token(q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor
     o = torch.empty(H, g, d)
     _check_rc(lib.sq_attn_mix(p.data_ptr(), values.data_ptr(), bf16, H, g, d, length, L, o.data_ptr()), "attend_one_token")
     return o
+
+
+def fwht(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [..., n] (float32 or bf16, n a power of two) -> x·H_n / sqrt(n) float32: the orthonormal Sylvester Hadamard
+    (rotation.hadamard.fwht) as one C call, its butterfly stages in the same order in float32."""
+    lib = lib or load()
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"native fwht needs a power-of-two width, got {n}")
+    xs = x.reshape(-1, n)
+    xs, is_bf16 = _input(xs)
+    y = torch.empty(xs.shape, dtype=torch.float32)
+    _check_rc(lib.sq_fwht(xs.data_ptr(), is_bf16, xs.shape[0], n, float(torch.tensor(math.sqrt(n)).float()),
+                          y.data_ptr()), "fwht")
+    return y.reshape(x.shape)

@@ -629,3 +629,25 @@ int sq_attn_mix(const float *p, const void *v, int kv_bf16, int H, int g, int d,
     }
     return SQ_OK;
 }
+
+/* ---- online Hadamard (R4) of a packed linear's input ------------------------------------------------------------
+ * y[m] = x[m] · H_n / div for a power-of-two n (Sylvester order): the butterfly stages of
+ * spinquant.rotation.hadamard._fwht_pow2 in the same order, in float32 (bit-identical to it on float32 input; one
+ * rounding at the end instead of one per stage on bf16 input). x float32 or bf16 [rows][n] -> y float32. */
+int sq_fwht(const void *x, int x_bf16, int rows, int n, float div, float *y) {
+    if (!x || !y || rows < 0 || n < 1 || (n & (n - 1))) return SQ_EINVAL;
+    #pragma omp parallel for schedule(static) if (rows > 4)
+    for (int m = 0; m < rows; m++) {
+        float *v = y + (size_t)m * n;
+        for (int j = 0; j < n; j++) v[j] = load1(x, x_bf16, (size_t)m * n + j);
+        for (int h = 1; h < n; h *= 2)
+            for (int j0 = 0; j0 < n; j0 += 2 * h)
+                for (int j = j0; j < j0 + h; j++) {
+                    const float a = v[j], b = v[j + h];
+                    v[j] = a + b;
+                    v[j + h] = a - b;
+                }
+        for (int j = 0; j < n; j++) v[j] /= div;
+    }
+    return SQ_OK;
+}
