@@ -41,7 +41,7 @@ def _lean_steps(dec, ids, prefill):
     ("qwen2", "W4A8KV8", "quarot"),     # q/k/v bias, online R3 + R4, an int8 KV cache
     ("mistral", "W4A4KV4", "quarot"),   # 4-bit activations and KV cache
     ("llama", "W8A8", None),            # int8 weights
-    ("llama", None, None),              # the 16-bit model (nn.Linear fused)
+    ("llama", None, None),              # the 16-bit model (projections unfused)
 ])
 def test_lean_decoder_equals_the_models_forward(family, scheme, rot):
     """Prefill + token-by-token decode through the lean path gives the logits of the model's own forward with its
@@ -110,6 +110,16 @@ def test_fused_linear_equals_its_parts_and_shares_their_weights(kernel):
     fused_ptrs = {b.untyped_storage().data_ptr() for b in fused.buffers()}
     assert all(b.untyped_storage().data_ptr() in fused_ptrs for p in parts for b in p.buffers())  # views, one copy
     assert sum(b.numel() * b.element_size() for b in fused.buffers()) == before
+
+
+def test_fused_dense_linears_equal_their_parts_and_share_their_weights():
+    parts = [nn.Linear(64, n) for n in (48, 16, 16)]
+    x = torch.randn(5, 64)
+    want = torch.cat([p(x) for p in parts], -1)
+    fused = fuse_linears(parts)
+    assert torch.allclose(fused(x), want, atol=1e-6)
+    assert all(p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in parts)
+    assert torch.allclose(torch.cat([p(x) for p in parts], -1), want, atol=1e-6)
 
 
 def test_fusion_declines_what_cannot_share_one_matmul():

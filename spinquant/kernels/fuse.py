@@ -8,10 +8,22 @@ are left unfused (`fuse_linears` returns None).
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn as nn
 
 from .linear import PackedLinear
+
+
+def _return_freed_memory() -> None:
+    """Give the originals' freed weights back to the OS (glibc's malloc_trim; elsewhere nothing). glibc keeps freed
+    blocks below its adaptive mmap threshold in the heap, so without this a fused 1B model kept its unfused weights'
+    pages: +0.57 GB of resident memory measured, and the peak grew layer by layer."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _same(values) -> bool:
@@ -34,6 +46,7 @@ def _fuse_dense(mods: list[nn.Linear]) -> nn.Linear | None:
         if m.bias is not None:
             m.bias = nn.Parameter(fused.bias.data[start:start + n], requires_grad=False)
         start += n
+    _return_freed_memory()
     return fused
 
 
@@ -59,7 +72,12 @@ def _fuse_packed(mods: list[PackedLinear]) -> PackedLinear | None:
         parts = [m._buffers[n] for m in mods]
         whole = fused._buffers[n]
         if whole.dim() == 0 or not _same(p.shape[1:] for p in parts + [whole]) or \
-                sum(p.shape[0] for p in parts) != whole.shape[0] or not torch.equal(torch.cat(parts), whole):
+                sum(p.shape[0] for p in parts) != whole.shape[0]:
+            return None
+        starts = [0]
+        for p in parts:
+            starts.append(starts[-1] + p.shape[0])
+        if not all(torch.equal(whole[a:b], p) for p, a, b in zip(parts, starts, starts[1:])):
             return None
     for n in names:
         start = 0
@@ -67,6 +85,7 @@ def _fuse_packed(mods: list[PackedLinear]) -> PackedLinear | None:
             rows = m._buffers[n].shape[0]
             m._buffers[n] = fused._buffers[n][start:start + rows]
             start += rows
+    _return_freed_memory()
     return fused
 
 
