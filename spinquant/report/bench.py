@@ -67,9 +67,39 @@ def render_kernels(d: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def render(e2e: list[dict] | None = None, kernels: dict | None = None) -> str:
-    """The end-to-end table, then the kernel table (either may be left out)."""
-    return "\n".join(([render_e2e(e2e)] if e2e is not None else []) + ([render_kernels(kernels)] if kernels is not None else []))
+def render_profile(d: dict) -> str:
+    """Where one decoded token's time goes (scripts/bench_decode_profile.py): per path, wall ms/token and the timed
+    matmuls by role and attention kernel (from an instrumented pass)."""
+    paths = list(d["paths"])
+    roles = list(dict.fromkeys(k for p in paths for k in d["paths"][p]["matmul_ms_per_token"]))
+    out = [f"Decode profile — `{d['folder']}`, {d['threads']} threads, git {d['git_rev']}; {d['tokens']} tokens after a "
+           f"{d['prefill']}-token prompt (ms per token)", "",
+           "| | " + " | ".join(paths) + " |", "|---|" + "---:|" * len(paths),
+           "| **wall** | " + " | ".join(f"**{d['paths'][p]['ms_per_token']:.2f}**" for p in paths) + " |"]
+    for r in roles:
+        out.append(f"| {r} | " + " | ".join(f"{d['paths'][p]['matmul_ms_per_token'][r]:.2f}"
+                                            if r in d["paths"][p]["matmul_ms_per_token"] else "–" for p in paths) + " |")
+    out.append("| the rest of the instrumented pass (profiler included) | " + " | ".join(
+        f"{d['paths'][p]['instrumented_ms_per_token'] - sum(d['paths'][p]['matmul_ms_per_token'].values()):.2f}"
+        for p in paths) + " |")
+    return "\n".join(out) + "\n"
+
+
+def render(e2e: list[dict] | None = None, kernels: dict | None = None, avx2: list[dict] | None = None,
+           profile: dict | None = None) -> str:
+    """The end-to-end table, the decode profile, the AVX2 end-to-end table, then the kernel table (any may be left
+    out)."""
+    parts = [render_e2e(e2e)] if e2e is not None else []
+    if profile is not None:
+        parts.append(render_profile(profile))
+    if avx2 is not None:
+        parts += ["An AVX2-only machine, simulated on the same one: our kernels built without AVX-512 "
+                  "(`SPINQUANT_NATIVE_FLAGS=-mno-avx512f`), torch's own ops and oneDNN capped at AVX2 "
+                  "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`), against llama.cpp built for AVX2 "
+                  "(`GGML_NATIVE=OFF GGML_AVX2=ON GGML_AVX512=OFF`):\n", render_e2e(avx2)]
+    if kernels is not None:
+        parts.append(render_kernels(kernels))
+    return "\n".join(parts)
 
 
 def main(argv=None):

@@ -54,7 +54,9 @@ def build(out: Path, src: Path) -> list[Path]:
         for doc in docs:
             make_tables.splice(out / doc, stem, md)
     e2e, kernels = (json.loads((src / f"paper/results/{n}.json").read_text()) for n in ("bench_e2e", "bench_kernels"))
-    bench = bench_table.render(e2e, kernels)
+    avx2, profile = (json.loads(f.read_text()) if f.is_file() else None
+                     for f in (src / "paper/results/bench_e2e_avx2.json", src / "paper/results/decode_profile.json"))
+    bench = bench_table.render(e2e, kernels, avx2, profile)
     write("paper/bench_table.md", bench)
     for doc in SPLICED:
         make_tables.splice(out / doc, "bench_table", bench)
