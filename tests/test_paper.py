@@ -126,3 +126,17 @@ def test_conflicting_rows_finds_one_configuration_with_two_numbers():
     found = conflicting_rows([a, b, c])
     assert len(found) == 1 and "W4A8 wikitext2" in found[0] and "182.560" in found[0] and "182.840" in found[0]
     assert conflicting_rows([a, {**b, "metrics": {"ppl": {"wikitext2": 182.56 * (1 + 1e-7)}}}, c]) == []
+
+
+def test_every_committed_table_has_a_regeneration_command(tmp_path):
+    """scripts/regenerate_tables.py knows how to rebuild every folder of rows under paper/results (a new table
+    without a way to regenerate it at one commit fails here)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "regenerate_tables.py"), "--results-dir", str(tmp_path),
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout
+    tables = {line[1:line.index("]")] for line in out.splitlines() if line.startswith("[")}
+    folders = {p.name for p in (root / "paper" / "results").iterdir() if p.is_dir()}
+    assert folders <= tables, folders - tables
+    assert f"results_dir={tmp_path}" in out and "--out " + str(tmp_path / "deploy") in out
