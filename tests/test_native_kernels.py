@@ -390,3 +390,18 @@ def test_packed_r4_runs_on_the_native_fwht_and_keeps_the_modules_function():
     pl_ref = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
     with mock.patch.object(native, "plain_kernels", return_value=False):
         assert torch.equal(y, pl_ref(x))
+
+
+def test_native_int4_layout_builds_in_row_blocks_like_one_block():
+    """load_tensors tiles a tall matrix in blocks of 4096 rows (a 128K-row lm_head never unpacked whole): 4096 + 40
+    rows, the last block partial and padded, give the dequantized weight and the outputs of the fake-quant linear."""
+    ql = QuantLinear.from_linear(nn.Linear(64, 4136, bias=False), rtn(torch.randn(4136, 64), W4[0]), A8)
+    pl = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
+    qw = ql.qweight  # the packed form keeps scales in bf16: codes · bf16(scale), exactly
+    want = (qw.codes.float().view(4136, 2, 32) * qw.scale.reshape(4136, 2, 1).bfloat16().float()).reshape(4136, 64)
+    assert torch.equal(pl.dequantized_weight(), want)
+    x = torch.randn(3, 64)
+    assert (pl(x) - pl.reference(x)).abs().max() < 1e-4 * pl.reference(x).abs().max()
+    assert torch.equal(native.untile_int4(pl.tiles)[:4136, :64].to(torch.int32) - 8,
+                       native.untile_int4(PackedLinear.from_export(pl.export_tensors(), 64, 4136, pl.w_spec, A8,
+                                                                   "cpu_w4a8").tiles)[:4136, :64].to(torch.int32) - 8)
