@@ -140,3 +140,17 @@ def test_every_committed_table_has_a_regeneration_command(tmp_path):
     folders = {p.name for p in (root / "paper" / "results").iterdir() if p.is_dir()}
     assert folders <= tables, folders - tables
     assert f"results_dir={tmp_path}" in out and "--out " + str(tmp_path / "deploy") in out
+
+
+def test_no_committed_row_comes_from_a_dirty_tree():
+    """Rows copied into paper/results (a regeneration run elsewhere) bypass the writer's refusal: every committed row
+    and benchmark must still name a clean commit."""
+    from spinquant.results import is_uncommitted
+    root = Path(__file__).resolve().parents[1] / "paper" / "results"
+    bad = []
+    for f in root.rglob("*.json"):
+        data = json.loads(f.read_text())
+        for row in data if isinstance(data, list) else [data]:
+            if isinstance(row, dict) and "git_rev" in row and is_uncommitted(row["git_rev"]):
+                bad.append(f"{f.relative_to(root)}: {row['git_rev']}")
+    assert not bad, bad
