@@ -5,12 +5,13 @@ import torch
 import torch.nn as nn
 
 from spinquant.decode import LeanDecoder
-from spinquant.kernels import PackedLinear, native, pack, packed_kv_cache
+from spinquant.kernels import PackedLinear, native, pack
 from spinquant.kernels.fuse import fuse_linears
 from spinquant.kernels.kv_cache import StaticKV, StaticPackedKV
 from spinquant.quant import QuantConfig, QuantLinear, QuantSpec, quantize_
 from spinquant.quant.rtn import rtn
 from tests.conftest import make_tiny
+from tests.test_kernels import _decode_vs_full
 
 needs_native = pytest.mark.skipif(not native.builds(), reason="spinquant's C kernels do not build here")
 
@@ -21,12 +22,7 @@ def _rel(a, b):
 
 def _hf_steps(model, ids, prefill):
     """Logits of a prefill + one-token steps through the model's own forward and packed KV cache."""
-    with torch.no_grad():
-        cache = packed_kv_cache(model)
-        steps = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
-                  for t in range(prefill, ids.shape[1])]
-    return torch.cat(steps, 1).float()
+    return _decode_vs_full(model, ids, prefill)[0].float()
 
 
 def _lean_steps(dec, ids, prefill):

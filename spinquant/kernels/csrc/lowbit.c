@@ -583,6 +583,17 @@ static inline float load1(const void *base, int is_bf16, size_t off) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)base)[off]) : ((const float *)base)[off];
 }
 
+/* call(G) with G the group size g as a compile-time constant for the group sizes of common models (their loops unroll
+ * and the accumulators stay in registers), else call(0): g at run time */
+#define ATTN_BY_GROUP(call)                                                                                           \
+    switch (g) {                                                                                                      \
+    case 1: call(1); break;                                                                                           \
+    case 2: call(2); break;                                                                                           \
+    case 4: call(4); break;                                                                                           \
+    case 8: call(8); break;                                                                                           \
+    default: call(0);                                                                                                 \
+    }
+
 /* one head's scores; G > 0 is a compile-time group size (its accumulators stay in registers), 0: g at run time */
 static inline __attribute__((always_inline)) void attn_scores_head(const float *qh, const void *kt, int kv_bf16, size_t base,
                                                                    int G, int g, int d, int len, int stride, float *sh) {
@@ -629,13 +640,9 @@ int sq_attn_scores(const float *q, const void *kt, int kv_bf16, int H, int g, in
         const float *qh = q + (size_t)h * g * d;
         float *sh = s + (size_t)h * g * len;
         const size_t base = (size_t)h * d * stride;
-        switch (g) { /* the group sizes of common models get their own unrolled loops */
-        case 1: attn_scores_head(qh, kt, kv_bf16, base, 1, g, d, len, stride, sh); break;
-        case 2: attn_scores_head(qh, kt, kv_bf16, base, 2, g, d, len, stride, sh); break;
-        case 4: attn_scores_head(qh, kt, kv_bf16, base, 4, g, d, len, stride, sh); break;
-        case 8: attn_scores_head(qh, kt, kv_bf16, base, 8, g, d, len, stride, sh); break;
-        default: attn_scores_head(qh, kt, kv_bf16, base, 0, g, d, len, stride, sh);
-        }
+#define SCORES(G) attn_scores_head(qh, kt, kv_bf16, base, G, g, d, len, stride, sh)
+        ATTN_BY_GROUP(SCORES);
+#undef SCORES
         for (size_t j = 0; j < (size_t)g * len; j++) sh[j] *= scale;
     }
     return SQ_OK;
@@ -669,13 +676,9 @@ int sq_attn_mix(const float *p, const void *v, int kv_bf16, int H, int g, int d,
         const float *ph = p + (size_t)h * g * len;
         float *oh = o + (size_t)h * g * d;
         const size_t base = (size_t)h * stride * d;
-        switch (g) {
-        case 1: attn_mix_head(ph, v, kv_bf16, base, 1, g, d, len, oh); break;
-        case 2: attn_mix_head(ph, v, kv_bf16, base, 2, g, d, len, oh); break;
-        case 4: attn_mix_head(ph, v, kv_bf16, base, 4, g, d, len, oh); break;
-        case 8: attn_mix_head(ph, v, kv_bf16, base, 8, g, d, len, oh); break;
-        default: attn_mix_head(ph, v, kv_bf16, base, 0, g, d, len, oh);
-        }
+#define MIX(G) attn_mix_head(ph, v, kv_bf16, base, G, g, d, len, oh)
+        ATTN_BY_GROUP(MIX);
+#undef MIX
     }
     return SQ_OK;
 }
