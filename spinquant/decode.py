@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .kernels import PackedLinear, native
 from .kernels.fuse import fuse_linears
 from .kernels.kv_cache import StaticKV, StaticPackedKV
+from .kernels.linear import native_hadamard
 from .models.adapter import get_adapter
 
 
@@ -68,6 +69,13 @@ class _Layer:
         if self.silu:  # in place: g is a fresh output of ours
             return self.down(F.silu(g, inplace=True).mul_(u))
         return self.down(self.act(g) * u)
+
+
+def _rotate(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The online R3 of queries / keys x [b, heads, s, d]: a power-of-two Hadamard is one C call (the module's
+    butterflies in float32: bit-identical on float32, one rounding instead of one per stage on bf16; the module's
+    small torch ops were ~1 ms of a 1B token), anything else the module."""
+    return native.fwht(x).to(x.dtype) if native_hadamard(t, x) else t(x)
 
 
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
@@ -146,7 +154,7 @@ class LeanDecoder:
         """q [b, heads, s, d], new k / v [b, kv_heads, s, d] -> [b, s, heads·d]."""
         b, h, s, d = q.shape
         if layer.qk_transform is not None:  # online R3: queries here, keys before they enter the cache
-            q, k = layer.qk_transform(q), layer.qk_transform(k)
+            q, k = _rotate(layer.qk_transform, q), _rotate(layer.qk_transform, k)
         layer.cache.write(start, k, v)
         if s == 1:  # one token: the query heads of each KV head are the rows of one [kv_heads, groups, d] query
             qg = q.reshape(b * self.kv_heads, h // self.kv_heads, d)

@@ -85,7 +85,8 @@ def _case(w_spec, shape):
 @pytest.mark.parametrize("a_spec", [A8, A8S, A4], ids=lambda s: s.short())
 def test_native_linear_matches_float64_reference(lib, w_spec, a_spec):
     """Exact integer sums + float32 group scaling: within 1e-5 of the float64 product of the same dequantized
-    weight and quantized activations, for 1..9 tokens (register blocks of 4 and their remainders)."""
+    weight and quantized activations, for 1..9 tokens (register blocks of 4 and their remainders) and for 37
+    (the int4 prefill kernel's 16-token lane blocks, the last one partial)."""
     kernel = "cpu_w4a8" if w_spec.bits <= 4 else "cpu_w8a8"
     for i, shape in enumerate(s for s in SHAPES if _case(w_spec, s)):
         ql = _quant_linear(*shape, w_spec, a_spec, seed=i)
@@ -93,7 +94,7 @@ def test_native_linear_matches_float64_reference(lib, w_spec, a_spec):
         W = pl.dequantized_weight().double()
         # the tiles dequantize to the fake-quant weight up to the bf16 rounding of the scales
         assert (W - ql.qweight.dequantize(torch.float32).double()).abs().max() < 1e-2 * W.abs().max()
-        for m in (1, 3, 4, 9):
+        for m in (1, 3, 4, 9, 37):
             x = _x(m, shape[1], seed=m)
             v, z, s = token_codes(x, a_spec)
             want = ((v - z) * s).double() @ W.t()
@@ -226,10 +227,10 @@ def test_bad_calls_are_clear_errors_not_crashes(lib):
     # bypassing the Python checks: C answers with a status instead of writing past its buffers
     x = torch.randn(2, kp + 64)
     y = torch.empty(2, 48)
-    rc = _lib(lib).sq_w4a8_linear(x.data_ptr(), 0, 2, kp + 64, *native._act_args(A8), pl.tiles.data_ptr(),
+    rc = _lib(lib).sq_w4a8_linear(x.data_ptr(), 0, 2, kp + 64, *native._act_args(A8, kp + 64), pl.tiles.data_ptr(),
                                   pl.tile_scales.data_ptr(), None, pl.rsum.data_ptr(), 48, kp, pl.group, y.data_ptr(), 0)
     assert rc == -1
-    rc = _lib(lib).sq_w8a8_linear(x.data_ptr(), 0, 1, k, *native._act_args(A8), x.data_ptr(), k, x.data_ptr(),
+    rc = _lib(lib).sq_w8a8_linear(x.data_ptr(), 0, 1, k, *native._act_args(A8, k), x.data_ptr(), k, x.data_ptr(),
                                   x.data_ptr(), 1, y.data_ptr(), 0)
     assert rc == -1
 
@@ -277,9 +278,9 @@ def _b(*arrays) -> bytes:
     return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
 
 
-def _act_header(spec) -> bytes:
-    qmin, qmax, clip, sym, shift = native._act_args(spec)
-    return _b(np.array([qmin, qmax, clip], np.float32), np.array([sym, shift], np.int32))
+def _act_header(spec, k: int, hadamard: bool = False) -> bytes:
+    qmin, qmax, clip, sym, shift, had = native._act_args(spec, k, hadamard)
+    return _b(np.array([qmin, qmax, clip], np.float32), np.array([sym, shift], np.int32), np.array([had], np.float32))
 
 
 @pytest.mark.parametrize("build", ["sdot", "portable"])
@@ -291,11 +292,18 @@ def test_arm_builds_match_the_float64_reference(arm_drivers, tmp_path, build):
     assert simd == {"sdot": "3", "portable": "0"}[build]
     x = _x(5, 203, seed=1)
     for spec in (A8, A4S):
-        raw = _arm(exe, "quant_act", _b(np.array([5, 203, 208], np.int32)) + _act_header(spec) + _b(x.numpy()), tmp_path)
+        raw = _arm(exe, "quant_act", _b(np.array([5, 203, 208], np.int32)) + _act_header(spec, 203) + _b(x.numpy()),
+                   tmp_path)
         rc, c = np.frombuffer(raw[:4], np.int32)[0], np.frombuffer(raw[4:4 + 5 * 208], np.int8)
         v, z, s = token_codes(x, spec)
         assert rc == 0 and np.array_equal(c.reshape(5, 208)[:, :203].astype(np.int32),
                                           (v + (-128 - spec.qmin)).to(torch.int32).numpy())
+    x = _x(5, 128, seed=2)  # the fused R4: codes of x·H / sqrt(128), as the module rotates in float32
+    raw = _arm(exe, "quant_act", _b(np.array([5, 128, 128], np.int32)) + _act_header(A8, 128, hadamard=True)
+               + _b(x.numpy()), tmp_path)
+    v, z, s = token_codes(OnlineHadamard(128)(x), A8)
+    assert np.array_equal(np.frombuffer(raw[4:4 + 5 * 128], np.int8).reshape(5, 128).astype(np.int32),
+                          (v + (-128 - A8.qmin)).to(torch.int32).numpy())
     for w_spec, kernel in ((W4[0], "cpu_w4a8"), (W4[1], "cpu_w4a8"), (W4[3], "cpu_w4a8"), (W8[0], "cpu_w8a8")):
         for i, shape in enumerate(s for s in SHAPES if _case(w_spec, s)):
             ql = _quant_linear(*shape, w_spec, A8, seed=i)
@@ -310,11 +318,11 @@ def test_arm_builds_match_the_float64_reference(arm_drivers, tmp_path, build):
                     head = np.array([m, shape[1], shape[0], kp, pl.group, int(pl.tile_zeros is not None)], np.int32)
                     arrays = [x.numpy(), pl.tiles.numpy(), pl.tile_scales.view(torch.int16).numpy()]
                     arrays += [] if pl.tile_zeros is None else [pl.tile_zeros.view(torch.int16).numpy()]
-                    payload = _b(head) + _act_header(A8) + _b(*arrays, pl.rsum.numpy())
+                    payload = _b(head) + _act_header(A8, shape[1]) + _b(*arrays, pl.rsum.numpy())
                 else:
                     head = np.array([m, shape[1], shape[0], pl.w_int8.shape[1]], np.int32)
-                    payload = _b(head) + _act_header(A8) + _b(x.numpy(), pl.w_int8.numpy(), pl.w_scale.numpy(),
-                                                              pl.colsum.numpy())
+                    payload = _b(head) + _act_header(A8, shape[1]) + _b(x.numpy(), pl.w_int8.numpy(),
+                                                                        pl.w_scale.numpy(), pl.colsum.numpy())
                 raw = _arm(exe, kernel[4:], payload, tmp_path)
                 got = torch.from_numpy(np.frombuffer(raw[4:], np.float32).reshape(m, shape[0]).copy()).double()
                 err = ((got - want).abs().max() / want.abs().max()).item()
@@ -377,19 +385,30 @@ def test_native_fwht_is_the_module_bit_for_bit_in_float32(lib):
         native.fwht(torch.randn(2, 172))
 
 
-def test_packed_r4_runs_on_the_native_fwht_and_keeps_the_modules_function():
-    """A packed linear with an online R4 calls native.fwht (one C call), and its output equals the module path."""
+@pytest.mark.parametrize("kernel,w_spec", [("cpu_w4a8", W4[0]), ("cpu_w8a8", W8[0])])
+def test_packed_r4_is_fused_into_the_kernel_and_keeps_the_modules_function(kernel, w_spec):
+    """A native packed linear with an online R4 rotates inside its kernel call (no native.fwht call, no rotated
+    copy): bit-identical to native.fwht then the kernel, and on float32 input to the module path, for decode, the
+    int4 prefill kernel and int8's torch GEMM; with an adapter (which needs the rotated input too) the R4 is one
+    native.fwht call first."""
     from unittest import mock
-    ql = QuantLinear.from_linear(nn.Linear(256, 32, bias=False), rtn(torch.randn(32, 256), W4[0]), A8)
+    ql = QuantLinear.from_linear(nn.Linear(256, 48, bias=False), rtn(torch.randn(48, 256), w_spec), A8)
     ql.input_transform = OnlineHadamard(256)
-    pl = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
-    x = torch.randn(3, 256)
+    pl = PackedLinear.from_quant_linear(ql, kernel)
+    pl_ref = PackedLinear.from_quant_linear(ql, kernel)
+    for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (40, torch.float32), (40, torch.bfloat16)):
+        x = _x(m, 256, seed=m, dtype=dtype)
+        with mock.patch.object(native, "fwht", wraps=native.fwht) as spy:
+            y = pl(x)
+        assert spy.call_count == 0 and y.dtype == dtype
+        assert torch.equal(y, pl.matmul(native.fwht(x), dtype).to(dtype))  # (int8 prefill returns float32)
+        if dtype == torch.float32:
+            with mock.patch.object(native, "plain_kernels", return_value=False):
+                assert torch.equal(y, pl_ref(x))
+    pl.adapter = nn.Linear(256, 48, bias=False)
     with mock.patch.object(native, "fwht", wraps=native.fwht) as spy:
-        y = pl(x)
+        pl(torch.randn(3, 256))
     assert spy.call_count == 1
-    pl_ref = PackedLinear.from_quant_linear(ql, "cpu_w4a8")
-    with mock.patch.object(native, "plain_kernels", return_value=False):
-        assert torch.equal(y, pl_ref(x))
 
 
 def test_native_int4_layout_builds_in_row_blocks_like_one_block():

@@ -157,15 +157,18 @@ def _dequant_int4(u: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return w if zero is None else w + zero.float().repeat_interleave(group, 1)[:, :K]
 
 
+def native_hadamard(t: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether transform t of x [..., n] is an orthonormal power-of-two Hadamard the C kernels run (CPU)."""
+    n = x.shape[-1]
+    return isinstance(t, OnlineHadamard) and t.blocks == [n] and n & (n - 1) == 0 and x.device.type == "cpu" \
+        and native.plain_kernels()
+
+
 def _apply_transform(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A packed linear's online input transform (R4): an orthonormal power-of-two Hadamard on the CPU is one C call
     (`native.fwht`: the same butterflies in float32, bit-identical to the module on float32 input; at decode time
     the module's ~40 small ops per layer were the cost), anything else the module itself."""
-    n = x.shape[-1]
-    if isinstance(t, OnlineHadamard) and t.blocks == [n] and n & (n - 1) == 0 and x.device.type == "cpu" \
-            and native.plain_kernels():
-        return native.fwht(x)
-    return t(x)
+    return native.fwht(x) if native_hadamard(t, x) else t(x)
 
 
 # ---- the registry of packed layouts --------------------------------------------------------------
@@ -198,6 +201,7 @@ class PackedLinear(nn.Module):
 
     kernel: str = ""     # the registry name
     portable: str = ""   # the saved form: "int4", "int8" or "dequant"
+    fuses_hadamard: bool = False  # matmul(x, out_dtype, hadamard=True) multiplies x·H/sqrt(n) in the same kernel call
 
     def __init__(self, in_features: int, out_features: int, w_spec: QuantSpec, act_spec: QuantSpec | None,
                  bias: torch.Tensor | None = None):
@@ -255,7 +259,8 @@ class PackedLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """x [M, in] (after the input transform) -> [M, out] in float32 or `out_dtype`, activations quantized as
-        `act_spec` says."""
+        `act_spec` says. A layout with `fuses_hadamard` also takes `hadamard=True`: x is then the transform's input
+        (an orthonormal power-of-two Hadamard, applied inside the kernel exactly as `native.fwht` does)."""
         raise NotImplementedError
 
     def int8_table(self) -> torch.Tensor | None:
@@ -266,10 +271,16 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
-        if self.input_transform is not None:
-            x = _apply_transform(self.input_transform, x)
         direct = self.bias is None and self.adapter is None  # the kernel may then write x's dtype itself
-        y = self.matmul(x, dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32)
+        out = dtype if direct and dtype in (torch.bfloat16, torch.float32) else torch.float32
+        # the R4 inside the kernel's activation quantization (one C call, no rotated copy of x), unless the adapter
+        # needs the rotated input too
+        if self.fuses_hadamard and self.adapter is None and native_hadamard(self.input_transform, x):
+            y = self.matmul(x, out, hadamard=True)
+        else:
+            if self.input_transform is not None:
+                x = _apply_transform(self.input_transform, x)
+            y = self.matmul(x, out)
         if self.bias is not None:
             y = y + self.bias.float()
         if self.adapter is not None:

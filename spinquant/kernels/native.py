@@ -87,7 +87,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: str | os.PathLike | None = N
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    act = [i, f, f, f, i, i]  # K, qmin, qmax, clip, symmetric, shift
+    act = [i, f, f, f, i, i, f]  # K, qmin, qmax, clip, symmetric, shift, hadamard divisor (0: none)
     lib.sq_simd.restype = i
     lib.sq_quant_act.argtypes = [p, i, i, *act[:1], i, *act[1:], p, p, p]
     lib.sq_quant_act.restype = i
@@ -162,8 +162,13 @@ def supports_act(spec: QuantSpec | None) -> bool:
             and spec.clip_search == "none")
 
 
-def _act_args(spec: QuantSpec) -> tuple:
-    return (float(spec.qmin), float(spec.qmax), float(spec.clip_ratio), int(spec.symmetric), -128 - spec.qmin)
+def _act_args(spec: QuantSpec, k: int, hadamard: bool = False) -> tuple:
+    """The kernels' activation arguments; with `hadamard`, each token is first multiplied by H_k / sqrt(k) (a fused
+    online R4, exactly what `fwht` computes)."""
+    if hadamard and (k < 1 or k & (k - 1)):
+        raise ValueError(f"the fused Hadamard needs a power-of-two width, got {k}")
+    div = float(torch.tensor(math.sqrt(k)).float()) if hadamard else 0.0
+    return (float(spec.qmin), float(spec.qmax), float(spec.clip_ratio), int(spec.symmetric), -128 - spec.qmin, div)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -226,8 +231,10 @@ def tile_groups(v: torch.Tensor) -> torch.Tensor:
 
 
 # ---- calls ----------------------------------------------------------------------------------------------
-def quant_act(x: torch.Tensor, spec: QuantSpec, k_pad: int | None = None, lib: ctypes.CDLL | None = None):
-    """Per-token codes of x [M, K]: (c int8 [M, k_pad] = v + shift, scale float32 [M], zp int32 [M] = zero + shift)."""
+def quant_act(x: torch.Tensor, spec: QuantSpec, k_pad: int | None = None, lib: ctypes.CDLL | None = None,
+              hadamard: bool = False):
+    """Per-token codes of x [M, K] (of x·H_K / sqrt(K) with `hadamard`): (c int8 [M, k_pad] = v + shift,
+    scale float32 [M], zp int32 [M] = zero + shift)."""
     lib = lib or load()
     x, is_bf16 = _input(x)
     M, K = x.shape
@@ -238,15 +245,17 @@ def quant_act(x: torch.Tensor, spec: QuantSpec, k_pad: int | None = None, lib: c
         raise ValueError(f"the native kernels quantize dynamic per-token <= 8-bit activations, not {spec}")
     c = torch.empty(M, k_pad, dtype=torch.int8)
     s, zp = torch.empty(M), torch.empty(M, dtype=torch.int32)
-    qmin, qmax, clip, sym, shift = _act_args(spec)
-    _check_rc(lib.sq_quant_act(x.data_ptr(), is_bf16, M, K, k_pad, qmin, qmax, clip, sym, shift, c.data_ptr(),
+    qmin, qmax, clip, sym, shift, had = _act_args(spec, K, hadamard)
+    _check_rc(lib.sq_quant_act(x.data_ptr(), is_bf16, M, K, k_pad, qmin, qmax, clip, sym, shift, had, c.data_ptr(),
                                s.data_ptr(), zp.data_ptr()), "quant_act")
     return c, s, zp
 
 
 def w4a8_linear(x: torch.Tensor, spec: QuantSpec, tiles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                rsum: torch.Tensor, n: int, group: int, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None):
-    """x [M, K] -> [M, n]: int4 tiles [N/16, Kp/8, 16, 4], scales / zeros bf16 [N/16, G, 16], rsum float32 [N]."""
+                rsum: torch.Tensor, n: int, group: int, out_dtype: torch.dtype, lib: ctypes.CDLL | None = None,
+                hadamard: bool = False):
+    """x [M, K] -> [M, n]: int4 tiles [N/16, Kp/8, 16, 4], scales / zeros bf16 [N/16, G, 16], rsum float32 [N];
+    with `hadamard` the input is x·H_K / sqrt(K) (the online R4 fused into the activation quantization)."""
     lib = lib or load()
     x, is_bf16 = _input(x)
     M, K = x.shape
@@ -267,16 +276,16 @@ def w4a8_linear(x: torch.Tensor, spec: QuantSpec, tiles: torch.Tensor, scales: t
         raise ValueError(f"w4a8_linear: out_dtype must be bf16 / float32 ({out_dtype}) and the activation spec "
                          f"dynamic per-token <= 8-bit ({spec})")
     y = torch.empty(M, n, dtype=out_dtype)
-    _check_rc(lib.sq_w4a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), tiles.data_ptr(), scales.data_ptr(),
+    _check_rc(lib.sq_w4a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec, K, hadamard), tiles.data_ptr(), scales.data_ptr(),
                                  _ptr(zeros), rsum.data_ptr(), n, kp, group, y.data_ptr(),
                                  int(out_dtype == torch.bfloat16)), "w4a8_linear")
     return y
 
 
 def w8a8_linear(x: torch.Tensor, spec: QuantSpec, w: torch.Tensor, scale: torch.Tensor, rsum: torch.Tensor,
-                out_dtype: torch.dtype, lib: ctypes.CDLL | None = None):
+                out_dtype: torch.dtype, lib: ctypes.CDLL | None = None, hadamard: bool = False):
     """x [M, K] -> [M, N]: w int8 [N, >= K] row-major (extra columns ignored), scale float32 [N], rsum int32 [N]
-    (sum over k < K of each row's codes)."""
+    (sum over k < K of each row's codes); with `hadamard` the input is x·H_K / sqrt(K) (a fused online R4)."""
     lib = lib or load()
     x, is_bf16 = _input(x)
     M, K = x.shape
@@ -294,7 +303,7 @@ def w8a8_linear(x: torch.Tensor, spec: QuantSpec, w: torch.Tensor, scale: torch.
         raise ValueError(f"w8a8_linear: out_dtype must be bf16 / float32 ({out_dtype}) and the activation spec "
                          f"dynamic per-token <= 8-bit ({spec})")
     y = torch.empty(M, N, dtype=out_dtype)
-    _check_rc(lib.sq_w8a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec), w.data_ptr(), w.stride(0),
+    _check_rc(lib.sq_w8a8_linear(x.data_ptr(), is_bf16, M, K, *_act_args(spec, K, hadamard), w.data_ptr(), w.stride(0),
                                  scale.data_ptr(), rsum.data_ptr(), N, y.data_ptr(), int(out_dtype == torch.bfloat16)),
               "w8a8_linear")
     return y

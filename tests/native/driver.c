@@ -2,13 +2,13 @@
  * from a file, runs it, writes the result. Used by tests/test_native_kernels.py, which compares the output with
  * the same float64 references as the host build.
  *
- *   driver quant_act IN OUT    IN: int32 M K Kp | float qmin qmax clip | int32 symmetric shift | float32 x[M*K]
+ *   driver quant_act IN OUT    IN: int32 M K Kp | float qmin qmax clip | int32 symmetric shift | float had | float32 x[M*K]
  *                              OUT: int32 rc | int8 c[M*Kp] | float32 scale[M] | int32 zp[M]
- *   driver w4a8 IN OUT         IN: int32 M K N Kp gs has_zero | float qmin qmax clip | int32 symmetric shift |
+ *   driver w4a8 IN OUT         IN: int32 M K N Kp gs has_zero | float qmin qmax clip | int32 symmetric shift | float had |
  *                                  float32 x[M*K] | uint8 tiles[NT*Kp/8*64] | uint16 scales[NT*G*16] |
  *                                  uint16 zeros[NT*G*16] (if has_zero) | float32 rsum[NT*16]
  *                              OUT: int32 rc | float32 y[M*N]
- *   driver w8a8 IN OUT         IN: int32 M K N ldw | float qmin qmax clip | int32 symmetric shift | float32 x[M*K] |
+ *   driver w8a8 IN OUT         IN: int32 M K N ldw | float qmin qmax clip | int32 symmetric shift | float had | float32 x[M*K] |
  *                                  int8 w[N*ldw] | float32 wscale[N] | int32 rsum[N]
  *                              OUT: int32 rc | float32 y[M*N]
  *   driver attn_scores IN OUT  IN: int32 H g d len stride bf16 | float scale | float32 q[H*g*d] |
@@ -25,13 +25,13 @@
 
 int sq_simd(void);
 int sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, float qmax, float clip, int symmetric,
-                 int shift, int8_t *c, float *scale, int *zp);
+                 int shift, float had, int8_t *c, float *scale, int *zp);
 int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                   int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
-                   int N, int Kp, int gs, void *y, int y_bf16);
+                   int shift, float had, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros,
+                   const float *rsum, int N, int Kp, int gs, void *y, int y_bf16);
 int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                   int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
-                   int y_bf16);
+                   int shift, float had, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N,
+                   void *y, int y_bf16);
 
 int sq_attn_scores(const float *q, const void *kt, int kv_bf16, int H, int g, int d, int len, int stride, float scale,
                    float *s);
@@ -65,11 +65,12 @@ int main(int argc, char **argv) {
         int M = i32(), K = i32(), Kp = i32();
         float qmin = f32(), qmax = f32(), clip = f32();
         int sym = i32(), shift = i32();
+        float had = f32();
         float *x = take(sizeof(float) * (size_t)M * K);
         int8_t *c = malloc((size_t)M * Kp + 1);
         float *s = malloc(sizeof(float) * M + 1);
         int *zp = malloc(sizeof(int) * M + 1);
-        rc = sq_quant_act(x, 0, M, K, Kp, qmin, qmax, clip, sym, shift, c, s, zp);
+        rc = sq_quant_act(x, 0, M, K, Kp, qmin, qmax, clip, sym, shift, had, c, s, zp);
         fwrite(&rc, 4, 1, out);
         fwrite(c, 1, (size_t)M * Kp, out);
         fwrite(s, 4, M, out);
@@ -78,6 +79,7 @@ int main(int argc, char **argv) {
         int M = i32(), K = i32(), N = i32(), Kp = i32(), gs = i32(), has_zero = i32();
         float qmin = f32(), qmax = f32(), clip = f32();
         int sym = i32(), shift = i32();
+        float had = f32();
         int NT = (N + 15) / 16, G = Kp / gs;
         float *x = take(sizeof(float) * (size_t)M * K);
         uint8_t *tiles = take((size_t)NT * (Kp / 8) * 64);
@@ -85,19 +87,20 @@ int main(int argc, char **argv) {
         uint16_t *zeros = has_zero ? take(2 * (size_t)NT * G * 16) : NULL;
         float *rsum = take(4 * (size_t)NT * 16);
         float *y = malloc(sizeof(float) * (size_t)M * N + 1);
-        rc = sq_w4a8_linear(x, 0, M, K, qmin, qmax, clip, sym, shift, tiles, scales, zeros, rsum, N, Kp, gs, y, 0);
+        rc = sq_w4a8_linear(x, 0, M, K, qmin, qmax, clip, sym, shift, had, tiles, scales, zeros, rsum, N, Kp, gs, y, 0);
         fwrite(&rc, 4, 1, out);
         fwrite(y, 4, (size_t)M * N, out);
     } else if (!strcmp(argv[1], "w8a8")) {
         int M = i32(), K = i32(), N = i32(), ldw = i32();
         float qmin = f32(), qmax = f32(), clip = f32();
         int sym = i32(), shift = i32();
+        float had = f32();
         float *x = take(sizeof(float) * (size_t)M * K);
         int8_t *w = take((size_t)N * ldw);
         float *ws = take(4 * (size_t)N);
         int32_t *rsum = take(4 * (size_t)N);
         float *y = malloc(sizeof(float) * (size_t)M * N + 1);
-        rc = sq_w8a8_linear(x, 0, M, K, qmin, qmax, clip, sym, shift, w, ldw, ws, rsum, N, y, 0);
+        rc = sq_w8a8_linear(x, 0, M, K, qmin, qmax, clip, sym, shift, had, w, ldw, ws, rsum, N, y, 0);
         fwrite(&rc, 4, 1, out);
         fwrite(y, 4, (size_t)M * N, out);
     } else if (!strcmp(argv[1], "attn_scores") || !strcmp(argv[1], "attn_mix")) {

@@ -31,6 +31,14 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(SQ_NO_SIMD)
 #include <immintrin.h>
 #define SQ_VNNI 1
+#ifndef SQ_DPBUSD_INTRINSIC
+/* acc += VPDPBUSD(a unsigned, b signed) in place, for the int4 kernels: GCC 12 compiles the intrinsic in their loops
+ * with two register copies around every instruction (inline asm: 1.26x the int4 GEMM on the 1B shapes at 512
+ * tokens, 1.06x at one token; the int8 kernels keep the intrinsic, whose one-token stream was measured faster) */
+#define DPBUSD(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b))
+#else
+#define DPBUSD(acc, a, b) ((acc) = _mm512_dpbusd_epi32((acc), (a), (b)))
+#endif
 #else
 #define SQ_VNNI 0
 #endif
@@ -81,6 +89,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 typedef struct {
     float qmin, qmax, clip;
     int symmetric, shift; /* codes are stored as v + shift in int8 */
+    float had;            /* > 0: each token is first multiplied by H_K / had (a fused online R4; K a power of two) */
 } act_spec;
 
 /* One token: x [K] -> codes c [Kp] (int8, v + shift; padding gets the code of 0), returns scale and
@@ -116,14 +125,29 @@ static void quant_token(const float *x, int K, int Kp, const act_spec *a, int8_t
     *zp_out = zp;
 }
 
-/* Quantize M tokens (float32 or bf16 input rows of stride K). Returns SQ_ENOMEM when a row buffer cannot be had. */
+/* v [n] <- v · H_n / div in place (n a power of two, Sylvester order): the butterfly stages of
+ * spinquant.rotation.hadamard._fwht_pow2 in the same order, in float32. */
+static void fwht_row(float *v, int n, float div) {
+    for (int h = 1; h < n; h *= 2)
+        for (int j0 = 0; j0 < n; j0 += 2 * h)
+            for (int j = j0; j < j0 + h; j++) {
+                const float a = v[j], b = v[j + h];
+                v[j] = a + b;
+                v[j + h] = a - b;
+            }
+    for (int j = 0; j < n; j++) v[j] /= div;
+}
+
+/* Quantize M tokens (float32 or bf16 input rows of stride K), each rotated first when a->had > 0 (then exactly
+ * what sq_fwht followed by the float32 quantization computes). Returns SQ_ENOMEM when a row buffer cannot be had. */
 static int quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const act_spec *a, int8_t *c, float *scale,
                         int *zp) {
     int failed = 0;
     #pragma omp parallel if (M > 8)
     {
-        float *row = x_bf16 ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
-        const int ok = !x_bf16 || row != NULL;
+        const int need_row = x_bf16 || a->had > 0.0f;
+        float *row = need_row ? (float *)malloc(sizeof(float) * (size_t)K) : NULL;
+        const int ok = !need_row || row != NULL;
         if (!ok) {
             #pragma omp atomic write
             failed = 1;
@@ -136,9 +160,13 @@ static int quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const a
                 const uint16_t *h = (const uint16_t *)x + (size_t)m * K;
                 for (int k = 0; k < K; k++) row[k] = bf16_to_f32(h[k]);
                 xr = row;
+            } else if (a->had > 0.0f) {
+                memcpy(row, (const float *)x + (size_t)m * K, sizeof(float) * (size_t)K);
+                xr = row;
             } else {
                 xr = (const float *)x + (size_t)m * K;
             }
+            if (a->had > 0.0f) fwht_row(row, K, a->had);
             quant_token(xr, K, Kp, a, c + (size_t)m * Kp, scale + m, zp + m);
         }
         free(row);
@@ -148,9 +176,9 @@ static int quant_tokens(const void *x, int x_bf16, int M, int K, int Kp, const a
 
 /* Exposed for the tests: the codes (v + shift), scales and zp of M tokens. */
 int sq_quant_act(const void *x, int x_bf16, int M, int K, int Kp, float qmin, float qmax, float clip, int symmetric,
-                 int shift, int8_t *c, float *scale, int *zp) {
-    if (!x || !c || !scale || !zp || M < 0 || K < 1 || Kp < K) return SQ_EINVAL;
-    act_spec a = {qmin, qmax, clip, symmetric, shift};
+                 int shift, float had, int8_t *c, float *scale, int *zp) {
+    if (!x || !c || !scale || !zp || M < 0 || K < 1 || Kp < K || (had > 0.0f && (K & (K - 1)))) return SQ_EINVAL;
+    act_spec a = {qmin, qmax, clip, symmetric, shift, had};
     return quant_tokens(x, x_bf16, M, K, Kp, &a, c, scale, zp);
 }
 
@@ -188,8 +216,8 @@ static inline __attribute__((always_inline)) void w4_tile_vnni(
                 int32_t w0, w1;
                 memcpy(&w0, ci, 4);
                 memcpy(&w1, ci + 4, 4);
-                a0[i] = _mm512_dpbusd_epi32(a0[i], lo, _mm512_set1_epi32(w0));
-                a1[i] = _mm512_dpbusd_epi32(a1[i], hi, _mm512_set1_epi32(w1));
+                DPBUSD(a0[i], lo, _mm512_set1_epi32(w0));
+                DPBUSD(a1[i], hi, _mm512_set1_epi32(w1));
             }
         }
         __m512 s = _mm512_castsi512_ps(
@@ -328,16 +356,145 @@ static inline __attribute__((always_inline)) void w4_tile_sdot(
     default: tile(wtile, st, zt, c, Kp, csum, G, bpg, rsum + (size_t)t * 16, zp, sx, m0, 4, out);                    \
     }
 
+#if SQ_VNNI
+#define LANES 16 /* int4 prefill: tokens per register (one per int32 lane) */
+#define RB 8     /* int4 prefill: rows per register block (8 int32 + 8 float accumulators) */
+#ifndef W4_LANES_MIN
+#define W4_LANES_MIN 32 /* the prefill kernel takes calls of at least this many tokens (measured faster from 32 on the 1B shapes) */
+#endif
+/* int4 prefill on AVX-512 VNNI, for many tokens: the 16 lanes of a register are 16 tokens (four consecutive k of
+ * each in its lane's bytes, codes + 128 as unsigned), and a weight row's four k as signed bytes (u - 8), unpacked
+ * once per tile for all tokens, are the broadcast operand. One VPDPBUSD: one row x 16 tokens x 4 k; RB rows share
+ * each activation load; one int32 -> float multiply-add per row and group. With c' = c + 128:
+ *   sum_k w_k c_k = sum_g [s_g · sum (u - 8)·c' + z_g · sum c'] - 128·rsum,  so  y = (that - zp·rsum)·sx.
+ * al: codes [TB][Kp/4][16][4] (c + 128; tokens past M hold 128), csf: float [TB][G][16] per-group sums of c'. */
+static void w4_tile_lanes(const uint8_t *wtile, const uint16_t *st, const uint16_t *zt, const uint8_t *al,
+                          const float *csf, int TB, int Kp, int G, int gs, const float *rsum, const int *zp,
+                          const float *sx, int M, int rows, int8_t *wus, float *sf, float *zf, void *y, int y_bf16,
+                          int N, int n0) {
+    const int KB = Kp / 8, KQ = Kp / 4, cpg = gs / 4; /* 4-k chunks: per row, per group */
+    const __m512i low = _mm512_set1_epi8(0x0f), eight = _mm512_set1_epi8(8);
+    for (int b = 0; b < KB; b++) { /* unpack the tile once: wus [Kp/4][16 rows][4] signed u - 8 */
+        __m512i w = _mm512_loadu_si512((const void *)(wtile + (size_t)b * 64));
+        _mm512_storeu_si512((void *)(wus + (size_t)b * 128), _mm512_sub_epi8(_mm512_and_si512(w, low), eight));
+        _mm512_storeu_si512((void *)(wus + (size_t)b * 128 + 64),
+                            _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(w, 4), low), eight));
+    }
+    for (int i = 0; i < G * 16; i++) {
+        sf[i] = bf16_to_f32(st[i]);
+        if (zt) zf[i] = bf16_to_f32(zt[i]);
+    }
+    for (int tb = 0; tb < TB; tb++) {
+        const uint8_t *at = al + (size_t)tb * KQ * 64;
+        const int valid = M - tb * LANES < LANES ? M - tb * LANES : LANES;
+        float zpv[LANES] = {0}, sxv[LANES] = {0}, o[16][LANES];
+        for (int l = 0; l < valid; l++) {
+            zpv[l] = (float)(zp[tb * LANES + l] + 128);
+            sxv[l] = sx[tb * LANES + l];
+        }
+        const __m512 zp128 = _mm512_loadu_ps(zpv), sxl = _mm512_loadu_ps(sxv);
+        for (int h = 0; h < 16; h += RB) {
+            __m512 facc[RB];
+            for (int r = 0; r < RB; r++) facc[r] = _mm512_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                __m512i acc[RB];
+                for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_si512();
+                for (int q = g * cpg; q < (g + 1) * cpg; q++) {
+                    const __m512i a = _mm512_loadu_si512((const void *)(at + (size_t)q * 64));
+                    const int8_t *wq = wus + (size_t)q * 64 + 4 * h;
+                    for (int r = 0; r < RB; r++) {
+                        int32_t w4;
+                        memcpy(&w4, wq + 4 * r, 4);
+                        DPBUSD(acc[r], a, _mm512_set1_epi32(w4));
+                    }
+                }
+                const __m512 cs = zt ? _mm512_loadu_ps(csf + ((size_t)tb * G + g) * LANES) : _mm512_setzero_ps();
+                for (int r = 0; r < RB; r++) {
+                    facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(sf[g * 16 + h + r]), facc[r]);
+                    if (zt) facc[r] = _mm512_fmadd_ps(cs, _mm512_set1_ps(zf[g * 16 + h + r]), facc[r]);
+                }
+            }
+            for (int r = 0; r < RB; r++) {
+                __m512 v = _mm512_fnmadd_ps(zp128, _mm512_set1_ps(rsum[h + r]), facc[r]);
+                _mm512_storeu_ps(o[h + r], _mm512_mul_ps(v, sxl));
+            }
+        }
+        for (int l = 0; l < valid; l++) {
+            float v[16];
+            for (int r = 0; r < rows; r++) v[r] = o[r][l];
+            store_row(v, rows, y, y_bf16, tb * LANES + l, N, n0);
+        }
+    }
+}
+
+/* The prefill path of sq_w4a8_linear: codes c [M][Kp] (v + shift) -> lane layout, then the tiles in parallel. */
+static int w4a8_lanes(const int8_t *c, int M, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros,
+                      const float *rsum, int N, int Kp, int gs, const float *sx, const int *zp, void *y, int y_bf16) {
+    const int TB = (M + LANES - 1) / LANES, KQ = Kp / 4, G = Kp / gs, KB = Kp / 8, NT = (N + 15) / 16;
+    uint8_t *al = (uint8_t *)aligned_alloc(64, (size_t)TB * KQ * 64);
+    float *csf = (float *)malloc(sizeof(float) * (size_t)TB * G * LANES + 1);
+    if (!al || !csf) {
+        free(al);
+        free(csf);
+        return SQ_ENOMEM;
+    }
+    #pragma omp parallel for schedule(static)
+    for (int tb = 0; tb < TB; tb++)
+        for (int l = 0; l < LANES; l++) {
+            const int m = tb * LANES + l;
+            for (int q = 0; q < KQ; q++) {
+                uint32_t v = 0x80808080u; /* a token past M: code 0 + 128 */
+                if (m < M) {
+                    memcpy(&v, c + (size_t)m * Kp + 4 * q, 4);
+                    v ^= 0x80808080u;
+                }
+                memcpy(al + ((size_t)tb * KQ + q) * 64 + 4 * l, &v, 4);
+            }
+            for (int g = 0; g < G; g++) {
+                int32_t s = 0;
+                if (m < M)
+                    for (int k = g * gs; k < (g + 1) * gs; k++) s += c[(size_t)m * Kp + k] + 128;
+                csf[((size_t)tb * G + g) * LANES + l] = (float)s;
+            }
+        }
+    int failed = 0;
+    #pragma omp parallel
+    {
+        int8_t *wus = (int8_t *)aligned_alloc(64, (size_t)KB * 128);
+        float *sf = (float *)malloc(sizeof(float) * (size_t)G * 16), *zf = (float *)malloc(sizeof(float) * (size_t)G * 16);
+        const int ok = wus && sf && zf;
+        if (!ok) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int t = 0; t < NT; t++) {
+            if (!ok) continue;
+            const int rows = N - t * 16 < 16 ? N - t * 16 : 16;
+            w4_tile_lanes(wt + (size_t)t * KB * 64, scales + (size_t)t * G * 16, zeros ? zeros + (size_t)t * G * 16 : NULL,
+                          al, csf, TB, Kp, G, gs, rsum + (size_t)t * 16, zp, sx, M, rows, wus, sf, zf, y, y_bf16, N,
+                          t * 16);
+        }
+        free(wus);
+        free(sf);
+        free(zf);
+    }
+    free(al);
+    free(csf);
+    return failed ? SQ_ENOMEM : SQ_OK;
+}
+#endif
+
 /* y [M, N] = dequant(x) @ W^T. gs: group size (a multiple of 8 dividing Kp); zeros may be NULL (symmetric). */
 int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                   int shift, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros, const float *rsum,
-                   int N, int Kp, int gs, void *y, int y_bf16) {
+                   int shift, float had, const uint8_t *wt, const uint16_t *scales, const uint16_t *zeros,
+                   const float *rsum, int N, int Kp, int gs, void *y, int y_bf16) {
     /* the caller (native.py) checks all of this with a message; here it only keeps a bad call from writing out of
      * bounds: K <= Kp (the codes buffer is Kp wide), gs a multiple of 8 dividing Kp, the int32 sums within range */
     if (!x || !wt || !scales || !rsum || !y || M < 0 || N < 1 || K < 1 || K > Kp || gs < 8 || gs % 8 || Kp % gs ||
-        (int64_t)gs * 255 * 15 > INT32_MAX)
+        (int64_t)gs * 255 * 15 > INT32_MAX || (had > 0.0f && (K & (K - 1))))
         return SQ_EINVAL;
-    act_spec a = {qmin, qmax, clip, symmetric, shift};
+    act_spec a = {qmin, qmax, clip, symmetric, shift, had};
     const int G = Kp / gs, KB = Kp / 8, NT = (N + 15) / 16, bpg = gs / 8;
     int8_t *c = (int8_t *)aligned_alloc(64, ((size_t)M * Kp + 63) / 64 * 64 + 64);
     float *sx = (float *)malloc(sizeof(float) * M + 1);
@@ -350,6 +507,16 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
         free(csum);
         return SQ_ENOMEM;
     }
+#if SQ_VNNI
+    if (M >= W4_LANES_MIN) {
+        const int rc = w4a8_lanes(c, M, wt, scales, zeros, rsum, N, Kp, gs, sx, zp, y, y_bf16);
+        free(c);
+        free(sx);
+        free(zp);
+        free(csum);
+        return rc;
+    }
+#endif
     for (int m = 0; m < M; m++)
         for (int g = 0; g < G; g++) {
             int32_t s = 0;
@@ -418,12 +585,13 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
  * int8 ops and a tied embedding use): y = ((acc - zp·rsum)·sx)·s with acc = sum_k q·c exact in int32.
  * NR rows x MB8 tokens per step share each 64-byte load; the K tail is a masked load. */
 int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qmax, float clip, int symmetric,
-                   int shift, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N, void *y,
-                   int y_bf16) {
+                   int shift, float had, const int8_t *w, int ldw, const float *wscale, const int32_t *rsum, int N,
+                   void *y, int y_bf16) {
     /* exact while |sum_k (c - zp)·q| <= K·255·128 fits int32: K <= SQ_W8A8_MAX_K (native.py says so first) */
-    if (!x || !w || !wscale || !rsum || !y || M < 0 || N < 1 || K < 1 || ldw < K || K > SQ_W8A8_MAX_K)
+    if (!x || !w || !wscale || !rsum || !y || M < 0 || N < 1 || K < 1 || ldw < K || K > SQ_W8A8_MAX_K ||
+        (had > 0.0f && (K & (K - 1))))
         return SQ_EINVAL;
-    act_spec a = {qmin, qmax, clip, symmetric, shift};
+    act_spec a = {qmin, qmax, clip, symmetric, shift, had};
     const int Kp = (K + 63) / 64 * 64;
     int8_t *c = (int8_t *)aligned_alloc(64, (size_t)M * Kp + 64);
     float *sx = (float *)malloc(sizeof(float) * M + 1);
@@ -693,14 +861,7 @@ int sq_fwht(const void *x, int x_bf16, int rows, int n, float div, float *y) {
     for (int m = 0; m < rows; m++) {
         float *v = y + (size_t)m * n;
         for (int j = 0; j < n; j++) v[j] = load1(x, x_bf16, (size_t)m * n + j);
-        for (int h = 1; h < n; h *= 2)
-            for (int j0 = 0; j0 < n; j0 += 2 * h)
-                for (int j = j0; j < j0 + h; j++) {
-                    const float a = v[j], b = v[j + h];
-                    v[j] = a + b;
-                    v[j + h] = a - b;
-                }
-        for (int j = 0; j < n; j++) v[j] /= div;
+        fwht_row(v, n, div);
     }
     return SQ_OK;
 }

@@ -12,6 +12,7 @@ from ..linear import PackedLinear, _ceil, _dequant_int4, _portable_qweight, regi
 @register_layout
 class NativeW4A8Linear(PackedLinear):
     kernel, portable = "cpu_w4a8", "int4"
+    fuses_hadamard = True
 
     def load_tensors(self, t):
         """u [N, K] unsigned 4-bit codes; scale, zero bf16 [N, G] (zero None: symmetric) -> the native tiles.
@@ -63,6 +64,6 @@ class NativeW4A8Linear(PackedLinear):
         return _dequant_int4(native.untile_int4(self.tiles)[:self.out_features], *self._groups(), self.group,
                              self.in_features)
 
-    def matmul(self, x, out_dtype):
+    def matmul(self, x, out_dtype, hadamard=False):
         return native.w4a8_linear(x, self.act_spec, self.tiles, self.tile_scales, self.tile_zeros, self.rsum,
-                                  self.out_features, self.group, out_dtype)
+                                  self.out_features, self.group, out_dtype, hadamard=hadamard)
