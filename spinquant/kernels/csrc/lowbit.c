@@ -581,6 +581,32 @@ int sq_w4a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
 #define W8_STREAM_AHEAD 4096 /* bytes ahead the one-token int8 stream prefetches */
 #endif
 
+#if SQ_VNNI
+/* acc[r][i] = sum_k w[n0 + r][k] · c[m0 + i][k] for nb rows x mb tokens (both compile-time constants at the full-block
+ * call: GCC unrolls the loops and keeps the NR x MB8 accumulators in registers; with runtime counts it kept them on
+ * the stack). NR rows x MB8 tokens share each 64-byte load; the K tail is a masked load. */
+static inline __attribute__((always_inline)) void w8_block_vnni(const int8_t *w, int ldw, const int8_t *c, int Kp,
+                                                                int K, int n0, int m0, const int nb, const int mb,
+                                                                int32_t acc[NR][MB8]) {
+    __m512i va[NR][MB8], wv[NR];
+    for (int r = 0; r < nb; r++)
+        for (int i = 0; i < mb; i++) va[r][i] = _mm512_setzero_si512();
+    for (int k = 0; k < K; k += 64) {
+        const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
+        for (int r = 0; r < nb; r++) {
+            _mm_prefetch((const char *)(w + (size_t)(n0 + r + W8_AHEAD) * ldw + k), _MM_HINT_T0);
+            wv[r] = _mm512_maskz_loadu_epi8(mask, w + (size_t)(n0 + r) * ldw + k);
+        }
+        for (int i = 0; i < mb; i++) {
+            __m512i av = _mm512_load_si512((const void *)(c + (size_t)(m0 + i) * Kp + k));
+            for (int r = 0; r < nb; r++) va[r][i] = _mm512_dpbusd_epi32(va[r][i], av, wv[r]);
+        }
+    }
+    for (int r = 0; r < nb; r++)
+        for (int i = 0; i < mb; i++) acc[r][i] = _mm512_reduce_add_epi32(va[r][i]);
+}
+#endif
+
 /* y [M, N] = dequant(x) @ W^T with symmetric per-row int8 weights w [N, ldw] (row-major, the layout torch's
  * int8 ops and a tied embedding use): y = ((acc - zp·rsum)·sx)·s with acc = sum_k q·c exact in int32.
  * NR rows x MB8 tokens per step share each 64-byte load; the K tail is a masked load. */
@@ -647,22 +673,10 @@ int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
             const int mb = M - m0 < MB8 ? M - m0 : MB8;
             int32_t acc[NR][MB8];
 #if SQ_VNNI
-            __m512i va[NR][MB8], wv[NR];
-            for (int r = 0; r < NR; r++)
-                for (int i = 0; i < MB8; i++) va[r][i] = _mm512_setzero_si512();
-            for (int k = 0; k < K; k += 64) {
-                const __mmask64 mask = K - k >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (K - k)) - 1);
-                for (int r = 0; r < nb; r++) {
-                    _mm_prefetch((const char *)(w + (size_t)(n0 + r + W8_AHEAD) * ldw + k), _MM_HINT_T0);
-                    wv[r] = _mm512_maskz_loadu_epi8(mask, w + (size_t)(n0 + r) * ldw + k);
-                }
-                for (int i = 0; i < mb; i++) {
-                    __m512i av = _mm512_load_si512((const void *)(c + (size_t)(m0 + i) * Kp + k));
-                    for (int r = 0; r < nb; r++) va[r][i] = _mm512_dpbusd_epi32(va[r][i], av, wv[r]);
-                }
-            }
-            for (int r = 0; r < nb; r++)
-                for (int i = 0; i < mb; i++) acc[r][i] = _mm512_reduce_add_epi32(va[r][i]);
+            if (nb == NR && mb == MB8) /* a full block: constant counts, the accumulators stay in registers */
+                w8_block_vnni(w, ldw, c, Kp, K, n0, m0, NR, MB8, acc);
+            else
+                w8_block_vnni(w, ldw, c, Kp, K, n0, m0, nb, mb, acc);
 #elif SQ_AVX2
             const int K16 = K & ~15;
             for (int r = 0; r < nb; r++) {
