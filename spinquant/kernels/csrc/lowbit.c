@@ -737,23 +737,32 @@ int sq_w8a8_linear(const void *x, int x_bf16, int M, int K, float qmin, float qm
 /* ---- attention of one decoded token (spinquant.decode) ---------------------------------------------------------
  * Grouped-query heads: the g query heads sharing a KV head are the rows of q [H][g][d] (float32, H = batch·kv
  * heads). Keys are cached transposed, kt [H][d][stride], values row-major, v [H][stride][d] (bf16 or float32);
- * positions 0 .. len-1 are read. Both loops are then plain vertical multiply-adds over 16 floats (GCC vector
+ * positions 0 .. len-1 are read. Both loops are then plain vertical multiply-adds over a register of floats (GCC vector
  * extensions: AVX-512, AVX2 or NEON registers as the target has), with no horizontal sums:
  *   sq_attn_scores: s[h][r][t] = scale · sum_i q[h][r][i]·kt[h][i][t]   -> float32 [H][g][len]
  *   sq_attn_mix:    o[h][r][:] = sum_t p[h][r][t] · v[h][t][:]          -> float32 [H][g][d]
  * The softmax between the two is torch's. float32 sums, parallel over heads. */
 #define SQ_ATTN_MAX_G 64
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+/* VW floats: one vector register of the target (wider GCC vectors are lowered through the stack: 64-byte vectors
+ * on AVX2 ran the scores 9x slower than AVX-512, not 2x). Every lane sums in the same order whatever VW is. */
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float fvec __attribute__((vector_size(VW * 4)));
+typedef uint32_t uvec __attribute__((vector_size(VW * 4)));
+typedef uint16_t hvec __attribute__((vector_size(VW * 2)));
 
-static inline f32x16 load16(const void *base, int is_bf16, size_t off) {
-    f32x16 f;
+static inline fvec loadv(const void *base, int is_bf16, size_t off) {
+    fvec f;
     if (is_bf16) {
-        u16x16 h;
+        hvec h;
         memcpy(&h, (const uint16_t *)base + off, sizeof h);
-        u32x16 u = __builtin_convertvector(h, u32x16) << 16;
+        uvec u = __builtin_convertvector(h, uvec) << 16;
         memcpy(&f, &u, sizeof f);
     } else {
         memcpy(&f, (const float *)base + off, sizeof f);
@@ -781,14 +790,15 @@ static inline __attribute__((always_inline)) void attn_scores_head(const float *
                                                                    int G, int g, int d, int len, int stride, float *sh) {
     if (G) g = G;
     int t0 = 0;
-    for (; t0 + 32 <= len; t0 += 32) { /* 32 keys: every row of kt is read a whole cache line at a time */
-        f32x16 acc[SQ_ATTN_MAX_G][2];
-        for (int r = 0; r < g; r++) acc[r][0] = acc[r][1] = (f32x16){0};
+    for (; t0 + 2 * VW <= len; t0 += 2 * VW) { /* 2·VW keys (32 on AVX-512: every row of kt is read a whole cache
+                                                 * line at a time) */
+        fvec acc[SQ_ATTN_MAX_G][2];
+        for (int r = 0; r < g; r++) acc[r][0] = acc[r][1] = (fvec){0};
         for (int i = 0; i < d; i++) {
             const size_t off = base + (size_t)i * stride + t0;
             /* two lines ahead: the cache is cold at every decoded token (the weight stream evicted it) */
             __builtin_prefetch((const char *)kt + (off + 64) * (kv_bf16 ? 2 : 4));
-            const f32x16 k0 = load16(kt, kv_bf16, off), k1 = load16(kt, kv_bf16, off + 16);
+            const fvec k0 = loadv(kt, kv_bf16, off), k1 = loadv(kt, kv_bf16, off + VW);
             for (int r = 0; r < g; r++) {
                 const float qv = qh[(size_t)r * d + i];
                 acc[r][0] += qv * k0;
@@ -797,16 +807,16 @@ static inline __attribute__((always_inline)) void attn_scores_head(const float *
         }
         for (int r = 0; r < g; r++) memcpy(sh + (size_t)r * len + t0, acc[r], sizeof acc[r]);
     }
-    for (; t0 + 16 <= len; t0 += 16) {
-        f32x16 acc[SQ_ATTN_MAX_G];
-        for (int r = 0; r < g; r++) acc[r] = (f32x16){0};
+    for (; t0 + VW <= len; t0 += VW) {
+        fvec acc[SQ_ATTN_MAX_G];
+        for (int r = 0; r < g; r++) acc[r] = (fvec){0};
         for (int i = 0; i < d; i++) {
-            const f32x16 kv = load16(kt, kv_bf16, base + (size_t)i * stride + t0);
+            const fvec kv = loadv(kt, kv_bf16, base + (size_t)i * stride + t0);
             for (int r = 0; r < g; r++) acc[r] += qh[(size_t)r * d + i] * kv;
         }
-        for (int r = 0; r < g; r++) memcpy(sh + (size_t)r * len + t0, &acc[r], sizeof(f32x16));
+        for (int r = 0; r < g; r++) memcpy(sh + (size_t)r * len + t0, &acc[r], sizeof(fvec));
     }
-    for (int r = 0; r < g; r++) /* the last len % 16 keys */
+    for (int r = 0; r < g; r++) /* the last len % VW keys */
         for (int t = t0; t < len; t++) {
             float a = 0.0f;
             for (int i = 0; i < d; i++) a += qh[(size_t)r * d + i] * load1(kt, kv_bf16, base + (size_t)i * stride + t);
@@ -834,16 +844,16 @@ static inline __attribute__((always_inline)) void attn_mix_head(const float *ph,
                                                                 int G, int g, int d, int len, float *oh) {
     if (G) g = G;
     int c = 0;
-    for (; c + 16 <= d; c += 16) { /* 16 output features of every row at a time, accumulated in registers */
-        f32x16 acc[SQ_ATTN_MAX_G];
-        for (int r = 0; r < g; r++) acc[r] = (f32x16){0};
+    for (; c + VW <= d; c += VW) { /* VW output features of every row at a time, accumulated in registers */
+        fvec acc[SQ_ATTN_MAX_G];
+        for (int r = 0; r < g; r++) acc[r] = (fvec){0};
         for (int t = 0; t < len; t++) {
-            const f32x16 vv = load16(v, kv_bf16, base + (size_t)t * d + c);
+            const fvec vv = loadv(v, kv_bf16, base + (size_t)t * d + c);
             for (int r = 0; r < g; r++) acc[r] += ph[(size_t)r * len + t] * vv;
         }
-        for (int r = 0; r < g; r++) memcpy(oh + (size_t)r * d + c, &acc[r], sizeof(f32x16));
+        for (int r = 0; r < g; r++) memcpy(oh + (size_t)r * d + c, &acc[r], sizeof(fvec));
     }
-    for (int r = 0; r < g; r++) /* the last d % 16 features */
+    for (int r = 0; r < g; r++) /* the last d % VW features */
         for (int i = c; i < d; i++) {
             float a = 0.0f;
             for (int t = 0; t < len; t++) a += ph[(size_t)r * len + t] * load1(v, kv_bf16, base + (size_t)t * d + i);
