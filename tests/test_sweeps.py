@@ -163,6 +163,7 @@ def test_wandb_offline_run_holds_the_rows_config_and_metrics(tmp_path):
 
 def test_spinquant_study_sweep_is_exactly_the_committed_study():
     rows, skipped = _sweep_jobs("spinquant_study", "model=stories260k")
-    assert len(rows) == 12 + 4 and skipped == 8  # RTN: lr x steps x batch; GPTQ: lr 0.5 / 1.5 at 100 steps
+    # RTN: lr x steps x batch; GPTQ: lr 0.5 / 1.5 at 100 steps; both: seeds 1, 2 of lr 1.5 / 100 steps / batch 8
+    assert len(rows) == 12 + 4 + 2 * 2 and skipped == 2 * 3 * 2 * 2 * 3 - 20
     ids = {run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows}
     assert ids == _committed("spinquant_study", "stories260k")

@@ -336,28 +336,41 @@ def to_latex(markdown: str) -> str:
 
 
 def render_study(rows: list[dict], dataset: str = "wikitext2") -> str:
-    """The SpinQuant study: one line per (weight quantizer, lr, steps, global batch) with the objective on the
-    held-back calibration sequences before and after training and the resulting perplexity (best in bold)."""
+    """The SpinQuant study: one line per (weight quantizer, lr, steps, global batch, rotation seed) with the objective
+    on the held-back calibration sequences before and after training and the resulting perplexity (best in bold);
+    settings run with several seeds get their spread below the table."""
+    def seed(r):
+        return int(r["config"].get("rotation", {}).get("seed", 0) or 0)
+
+    def setting(r):
+        return tuple(r["metrics"]["rotation_train"][k] for k in ("lr", "steps", "batch_size"))
     out = []
     for model in sorted({r["model"] for r in rows}):
         lines = [f"**{model}** — SpinQuant at {', '.join(sorted({r['scheme'] for r in rows if r['model'] == model}))}: "
                  f"held-back objective (cross-entropy of the training-time quantized model) and {dataset} perplexity",
-                 "", "| Weights | lr | Steps | Batch | Sequences | Held-out CE before | after | Δ | PPL " + dataset +
-                 " | Train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                 "", "| Weights | lr | Steps | Batch | Seed | Sequences | Held-out CE before | after | Δ | PPL " + dataset +
+                 " | Train s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        spreads = []
         for weights in ("rtn", "gptq"):
             mr = [r for r in rows if r["model"] == model and r["method"]["weights"] == weights]
             if not mr:
                 continue
-            mr.sort(key=lambda r: tuple(r["metrics"]["rotation_train"][k] for k in ("lr", "steps", "batch_size")))
+            mr.sort(key=lambda r: (setting(r), seed(r)))
             best = min(r["metrics"]["ppl"][dataset] for r in mr)
             for r in mr:
                 t, ppl = r["metrics"]["rotation_train"], r["metrics"]["ppl"][dataset]
                 d = t["heldout_loss_after"] - t["heldout_loss_before"]
                 cell = f"**{ppl:.2f}**" if ppl == best else f"{ppl:.2f}"
-                lines.append(f"| {weights.upper()} | {t['lr']:g} | {t['steps']} | {t['batch_size']} | "
+                lines.append(f"| {weights.upper()} | {t['lr']:g} | {t['steps']} | {t['batch_size']} | {seed(r)} | "
                              f"{t['steps'] * t['batch_size']} | {t['heldout_loss_before']:.4f} | "
                              f"{t['heldout_loss_after']:.4f} | {d:+.4f} | {cell} | {t['train_s']:.0f} |")
-        out.append("\n".join(lines))
+            for key in sorted({setting(r) for r in mr}):
+                ppls = [r["metrics"]["ppl"][dataset] for r in mr if setting(r) == key]
+                if len(ppls) > 1:
+                    mean = sum(ppls) / len(ppls)
+                    spreads.append(f"{weights.upper()} lr {key[0]:g}, {key[1]} steps, batch {key[2]} over {len(ppls)} "
+                                   f"seeds: mean {mean:.2f}, min {min(ppls):.2f}, max {max(ppls):.2f}")
+        out.append("\n".join(lines + ([""] + [f"- {s}" for s in spreads] if spreads else [])))
     return "\n\n".join(out) + "\n"
 
 
