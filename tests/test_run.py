@@ -151,6 +151,23 @@ def test_rotation_layout_pivots_methods_against_schemes_and_refuses_duplicates()
         make_tables.render_rotation(rows + [_fake_row("none", "rtn", 4, 4, 4, 31.0, "e")])
 
 
+def test_study_layout_shows_the_seed_and_the_spread_of_repeated_settings():
+    from spinquant.report import tables as make_tables
+
+    def row(lr, seed, ppl):
+        t = {"lr": lr, "steps": 100, "batch_size": 8, "heldout_loss_before": 5.0, "heldout_loss_after": 4.5,
+             "train_s": 3.0}
+        return {"model": "m", "scheme": "W4A4KV4", "method": {"weights": "rtn"}, "config": {"rotation": {"seed": seed}},
+                "metrics": {"ppl": {"wikitext2": ppl}, "rotation_train": t}}
+    text = make_tables.render_study([row(1.5, 2, 30.0), row(0.5, 0, 25.0), row(1.5, 0, 20.0), row(1.5, 1, 40.0)])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| RTN")]
+    assert [ln.split(" | ")[1:5] for ln in lines] == [["0.5", "100", "8", "0"], ["1.5", "100", "8", "0"],
+                                                       ["1.5", "100", "8", "1"], ["1.5", "100", "8", "2"]]
+    assert "**20.00**" in lines[1] and "| -0.5000 |" in lines[0]
+    assert "- RTN lr 1.5, 100 steps, batch 8 over 3 seeds: mean 30.00, min 20.00, max 40.00" in text
+    assert "lr 0.5, 100 steps" not in text  # one seed: no spread line
+
+
 def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_path):
     from spinquant import cli as run_mod
     common = ["quant=w4a8", "quant.group_fallback=channel", "eval.datasets=[wikitext2]", f"checkpoint_dir={tmp_path}/ck",
