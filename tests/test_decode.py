@@ -83,6 +83,26 @@ def test_lean_decoder_on_stories260k_in_bf16_matches_and_generates_greedily(stor
     assert agree >= 0.75, (new, seq[:, 16:])
 
 
+@needs_native
+def test_lean_decoder_rotates_queries_and_keys_on_the_native_fwht_in_bf16():
+    """A QuaRot model packed in bf16: the lean path's online R3 is native.fwht (one rounding instead of the module's
+    one per butterfly stage), so its logits stay within bf16 rounding of the model's own forward."""
+    from unittest import mock
+
+    from spinquant import rotation
+    model = make_tiny("qwen2", hidden=64, intermediate=128, vocab=128, seed=4)
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    quantize_(model, QuantConfig.from_dict({"scheme": "W4A8KV8"}), progress=False)
+    pack(model, dtype=torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    want = _hf_steps(model, ids, prefill=12)
+    dec = LeanDecoder(model, max_len=24)
+    with mock.patch.object(native, "fwht", wraps=native.fwht) as spy:
+        got = _lean_steps(dec, ids, prefill=12)
+    assert spy.call_count == 2 * len(dec.layers) * (1 + ids.shape[1] - 12)  # queries and keys, every layer and call
+    assert _rel(got, want) < 1.5e-2, _rel(got, want)  # 6.5e-3 measured (4.0e-3 with the module's R3)
+
+
 def _linears(n_out, spec, act, k=64, seed=0):
     torch.manual_seed(seed)
     return [QuantLinear.from_linear(nn.Linear(k, n, bias=False), rtn(torch.randn(n, k), spec), act) for n in n_out]
