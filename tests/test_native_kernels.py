@@ -138,14 +138,16 @@ def test_native_module_saves_the_portable_form_and_reloads(w_spec, a_spec):
 
 
 def test_int8_prefill_on_int_mm_equals_the_native_kernel_bit_for_bit():
-    """cpu_w8a8 hands >= 16 tokens to torch._int_mm with the native kernel's codes: the same exact int32 sums
-    and the same float operations, so a token's output does not depend on how many tokens came with it."""
+    """cpu_w8a8 hands >= NATIVE_MAX_TOKENS tokens to torch._int_mm with the native kernel's codes: the same exact int32
+    sums and the same float operations, so a token's output does not depend on how many tokens came with it."""
+    from spinquant.kernels.layouts.native_w8a8 import NATIVE_MAX_TOKENS
     ql = _quant_linear(40, 172, W8[0], A8, seed=4)
     pl = PackedLinear.from_quant_linear(ql, "cpu_w8a8")
-    x = _x(20, 172, seed=6, dtype=torch.bfloat16)
+    m = NATIVE_MAX_TOKENS + 3
+    x = _x(m, 172, seed=6, dtype=torch.bfloat16)
     with torch.no_grad():
         together = pl(x)
-        alone = torch.cat([pl(x[i:i + 1]) for i in range(20)])
+        alone = torch.cat([pl(x[i:i + 1]) for i in range(m)])
     assert torch.equal(together, alone)
 
 
@@ -392,7 +394,7 @@ def test_packed_r4_is_fused_into_the_kernel_and_keeps_the_modules_function(kerne
     ql.input_transform = OnlineHadamard(256)
     pl = PackedLinear.from_quant_linear(ql, kernel)
     pl_ref = PackedLinear.from_quant_linear(ql, kernel)
-    for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (40, torch.float32), (40, torch.bfloat16)):
+    for m, dtype in ((1, torch.float32), (3, torch.bfloat16), (50, torch.float32), (50, torch.bfloat16)):
         x = _x(m, 256, seed=m, dtype=dtype)
         with mock.patch.object(native, "fwht", wraps=native.fwht) as spy:
             y = pl(x)

@@ -16,8 +16,9 @@ picks a kernel for its spec; each kernel is one `PackedLinear` subclass in `layo
 
 The `cpu_*` kernels are spinquant's own C kernels (`native.py`, compiled on first use): per-token activation
 quantization fused with an exact integer GEMM/GEMV (int4 weights row-tiled, int8 weights row-major as
-`int8` holds them; >= 16 tokens go to `_int_mm` on the kernel's codes); the CPU backend picks them for
-quantized activations where their AVX-512 VNNI path is built (`native.available()`), torch's ops otherwise.
+`int8` holds them; from 48 tokens on `cpu_w8a8` hands `_int_mm` the kernel's codes); the CPU backend picks them
+for quantized activations where a vector path is built (AVX-512 VNNI, AVX2, ARM sdot: `native.available()`),
+torch's ops otherwise.
 The `triton_*` kernels (`pack(model, backend="triton")`) hold the portable layout of `export_tensors` and
 run on a GPU (or on the CPU under TRITON_INTERPRET=1, which is how CI tests them).
 
