@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .kernels import PackedLinear, native
 from .kernels.fuse import fuse_linears
 from .kernels.kv_cache import StaticKV, StaticPackedKV
-from .kernels.linear import native_hadamard
+from .kernels.linear import apply_transform
 from .models.adapter import get_adapter
 
 
@@ -69,13 +69,6 @@ class _Layer:
         if self.silu:  # in place: g is a fresh output of ours
             return self.down(F.silu(g, inplace=True).mul_(u))
         return self.down(self.act(g) * u)
-
-
-def _rotate(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The online R3 of queries / keys x [b, heads, s, d]: a power-of-two Hadamard is one C call (the module's
-    butterflies in float32: bit-identical on float32, one rounding instead of one per stage on bf16; the module's
-    small torch ops were ~1 ms of a 1B token), anything else the module."""
-    return native.fwht(x).to(x.dtype) if native_hadamard(t, x) else t(x)
 
 
 def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
@@ -154,8 +147,9 @@ class LeanDecoder:
     def _attention(self, layer: _Layer, q, k, v, start: int) -> torch.Tensor:
         """q [b, heads, s, d], new k / v [b, kv_heads, s, d] -> [b, s, heads·d]."""
         b, h, s, d = q.shape
-        if layer.qk_transform is not None:  # online R3: queries here, keys before they enter the cache
-            q, k = _rotate(layer.qk_transform, q), _rotate(layer.qk_transform, k)
+        if layer.qk_transform is not None:  # online R3: queries here, keys before they enter the cache; one C call
+            # each where native.fwht applies (the module's small torch ops were ~1 ms of a 1B token), back in q's dtype
+            q, k = (apply_transform(layer.qk_transform, t).to(t.dtype) for t in (q, k))
         layer.cache.write(start, k, v)
         if s == 1:  # one token: the query heads of each KV head are the rows of one [kv_heads, groups, d] query
             qg = q.reshape(b * self.kv_heads, h // self.kv_heads, d)

@@ -163,10 +163,11 @@ def native_hadamard(t: nn.Module | None, x: torch.Tensor) -> bool:
         and native.plain_kernels()
 
 
-def _apply_transform(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A packed linear's online input transform (R4): an orthonormal power-of-two Hadamard on the CPU is one C call
-    (`native.fwht`: the same butterflies in float32, bit-identical to the module on float32 input; at decode time
-    the module's ~40 small ops per layer were the cost), anything else the module itself."""
+def apply_transform(t: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An online transform of x [..., n] (a packed linear's R4, the lean decoder's R3 on queries / keys): an
+    orthonormal power-of-two Hadamard on the CPU is one C call (`native.fwht`, float32 out: the module's butterflies
+    in float32, bit-identical on float32 input, one rounding instead of one per stage on bf16; at decode time the
+    module's ~40 small ops per layer were the cost), anything else the module itself."""
     return native.fwht(x) if native_hadamard(t, x) else t(x)
 
 
@@ -278,7 +279,7 @@ class PackedLinear(nn.Module):
             y = self.matmul(x, out, hadamard=True)
         else:
             if self.input_transform is not None:
-                x = _apply_transform(self.input_transform, x)
+                x = apply_transform(self.input_transform, x)
             y = self.matmul(x, out)
         if self.bias is not None:
             y = y + self.bias.float()

@@ -367,7 +367,8 @@ static inline __attribute__((always_inline)) void w4_tile_sdot(
  * once per tile for all tokens, are the broadcast operand. One VPDPBUSD: one row x 16 tokens x 4 k; RB rows share
  * each activation load; one int32 -> float multiply-add per row and group. With c' = c + 128:
  *   sum_k w_k c_k = sum_g [s_g · sum (u - 8)·c' + z_g · sum c'] - 128·rsum,  so  y = (that - zp·rsum)·sx.
- * al: codes [TB][Kp/4][16][4] (c + 128; tokens past M hold 128), csf: float [TB][G][16] per-group sums of c'. */
+ * al: codes [TB][Kp/4][16][4] (c + 128; tokens past M hold 128), csf: float [TB][G][16] per-group sums of c' (only
+ * with zeros: the z_g term is their one reader). */
 static void w4_tile_lanes(const uint8_t *wtile, const uint16_t *st, const uint16_t *zt, const uint8_t *al,
                           const float *csf, int TB, int Kp, int G, int gs, const float *rsum, const int *zp,
                           const float *sx, int M, int rows, int8_t *wus, float *sf, float *zf, void *y, int y_bf16,
@@ -432,8 +433,8 @@ static int w4a8_lanes(const int8_t *c, int M, const uint8_t *wt, const uint16_t 
                       const float *rsum, int N, int Kp, int gs, const float *sx, const int *zp, void *y, int y_bf16) {
     const int TB = (M + LANES - 1) / LANES, KQ = Kp / 4, G = Kp / gs, KB = Kp / 8, NT = (N + 15) / 16;
     uint8_t *al = (uint8_t *)aligned_alloc(64, (size_t)TB * KQ * 64);
-    float *csf = (float *)malloc(sizeof(float) * (size_t)TB * G * LANES + 1);
-    if (!al || !csf) {
+    float *csf = zeros ? (float *)malloc(sizeof(float) * (size_t)TB * G * LANES + 1) : NULL;
+    if (!al || (zeros && !csf)) {
         free(al);
         free(csf);
         return SQ_ENOMEM;
@@ -450,7 +451,7 @@ static int w4a8_lanes(const int8_t *c, int M, const uint8_t *wt, const uint16_t 
                 }
                 memcpy(al + ((size_t)tb * KQ + q) * 64 + 4 * l, &v, 4);
             }
-            for (int g = 0; g < G; g++) {
+            for (int g = 0; csf && g < G; g++) {
                 int32_t s = 0;
                 if (m < M)
                     for (int k = g * gs; k < (g + 1) * gs; k++) s += c[(size_t)m * Kp + k] + 128;
