@@ -107,12 +107,14 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
     if teacher is not None:
         teacher = teacher.to(acc.device).eval().requires_grad_(False)
 
-    start, losses = 0, []
+    start, losses, prior_s = 0, [], 0.0
     ckpt = Path(cfg.out_dir) / "checkpoint" if cfg.out_dir else None
     if ckpt is not None and (ckpt / "trainer.json").is_file():
         acc.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer.json").read_text())
-        start, losses = state["step"], state["losses"]
+        # train_s: seconds spent on the checkpointed steps by earlier processes (None: a checkpoint from before
+        # it was recorded, so the run's training time is unknown)
+        start, losses, prior_s = state["step"], state["losses"], state.get("train_s")
 
     run, own_run = None, False
     if acc.is_main_process and cfg.wandb_mode != "disabled":
@@ -154,11 +156,16 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
                 run.log({"train/loss": loss_val, "train/lr": sched.get_last_lr()[0], "train/tokens_per_s": tps}, step=step)
             last = step + 1 == cfg.steps
             if ckpt is not None and (last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-                _save_checkpoint(acc, ckpt, step + 1, losses)
+                done_s = None if prior_s is None else prior_s + time.time() - t0
+                _save_checkpoint(acc, ckpt, step + 1, losses, done_s)
     wall = time.time() - t0
+    # a resumed run's training time is the earlier processes' time on its checkpointed steps plus this one's
+    train_s = None if prior_s is None else prior_s + wall
+    train_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     stats = {"steps": cfg.steps, "resumed_from": start, "losses": losses, "loss_last": losses[-1] if losses else None,
-             "train_tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "trainable_params": n_trainable,
-             "train_s": wall, "tokens_per_s": tokens_seen / wall if wall > 0 else None,
+             "train_tokens": train_tokens, "trainable_params": n_trainable,
+             "train_s": train_s, "prior_train_s": prior_s if start else 0.0,
+             "tokens_per_s": train_tokens / train_s if train_s else None,
              "peak_mem_bytes": mem.peak_bytes, "peak_mem_delta_bytes": mem.peak_delta_bytes, "processes": world,
              "mixed_precision": mp}
     if run is not None:
@@ -170,13 +177,14 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
     return model, stats
 
 
-def _save_checkpoint(acc, ckpt: Path, step: int, losses: list[float]) -> None:
-    """accelerate state + trainer.json into a temporary folder, then renamed over the old checkpoint."""
+def _save_checkpoint(acc, ckpt: Path, step: int, losses: list[float], train_s: float | None) -> None:
+    """accelerate state + trainer.json (steps done, their losses and training seconds) into a temporary folder,
+    then renamed over the old checkpoint."""
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     if acc.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "losses": losses}))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "losses": losses, "train_s": train_s}))
         old = ckpt.with_name(ckpt.name + ".old")
         if ckpt.exists():
             os.replace(ckpt, old)

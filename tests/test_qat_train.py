@@ -29,7 +29,8 @@ def _trainable(model):
 
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
     import qat.loop as qt
-    full, _ = train(_model(), TOKENS, _cfg(out_dir=str(tmp_path / "a")))
+    full, st_full = train(_model(), TOKENS, _cfg(out_dir=str(tmp_path / "a")))
+    assert st_full["resumed_from"] == 0 and st_full["prior_train_s"] == 0.0
     real = qt.batch_for_step
 
     def killed_at_step_3(tokens, step, cfg):
@@ -43,6 +44,9 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(qt, "batch_for_step", real)
     resumed, st = train(_model(), TOKENS, _cfg(checkpoint_every=2, out_dir=str(tmp_path / "b")))
     assert st["resumed_from"] == 2 and len(st["losses"]) == 4
+    # the training time covers all 4 steps: the killed process's 2 checkpointed steps plus this one's 2
+    assert 0 < st["prior_train_s"] < st["train_s"]
+    assert st["tokens_per_s"] == pytest.approx(st["train_tokens"] / st["train_s"])
     a, b = _trainable(full), _trainable(resumed)
     fresh = _trainable(_model())
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

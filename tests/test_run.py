@@ -272,6 +272,12 @@ def test_qat_table_pivots_methods_and_reports_recovered_gap():
     no_control = make_tables.render_qat(rows[:-1])
     assert "| QAT+LoRA | 103.00 (70%) | – |" in no_control and "gap from RTN to the FP that" in no_control
     assert "| W4A8 | QAT+LoRA | 0.41M | 0.65M | 9 | 45511 | 10 | 103.00 |" in text
+    # a run resumed from a checkpoint that did not record the earlier time: no partial seconds as the run's time
+    rows[2]["metrics"]["qat_train"] |= {"resumed_from": 50, "train_s": 4.0}
+    text = make_tables.render_qat(rows)
+    assert "| W4A8 | QAT+LoRA | 0.41M | 0.65M | – | – | – | 103.00 |" in text and "1 run(s) resumed" in text
+    rows[2]["metrics"]["qat_train"] |= {"prior_train_s": 5.0, "train_s": 9.0}  # recorded: the total is known
+    assert "| W4A8 | QAT+LoRA | 0.41M | 0.65M | 9 | 45511 | – | 103.00 |" in make_tables.render_qat(rows)
 
 
 def test_committed_bench_table_is_rendered_from_the_committed_json():

@@ -271,17 +271,33 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
             labels = dict(QAT_METHODS)
             lines += ["", "| Scheme | Method | Train tokens | Trainable params | Train s | Train tok/s | Wall s | "
                       f"PPL {dataset} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+            resumed = 0
             for r in trained:
                 t = r["metrics"]["qat_train"]
                 name = labels.get(_method_key(r)) or ("FP + LoRA fine-tune" if r["method"]["qat"] == "lora" else
                                               "FP fine-tune" if r["method"]["qat"] == "full" else str(_method_key(r)))
                 if r["spec"].get("w_bits", 16) >= 16:
                     name += " (control)"
+                timed = _qat_train_s(t)
+                speed = f"{timed:.0f} | {t['train_tokens'] / timed:.0f}" if timed else "– | –"
+                wall = "–" if t.get("resumed_from") else f"{r['metrics']['wall_s']:.0f}"
+                resumed += bool(t.get("resumed_from"))
                 lines.append(f"| {_qat_scheme(r)} | {name} | {t['train_tokens'] / 1e6:.2f}M | "
-                             f"{t['trainable_params'] / 1e6:.2f}M | {t['train_s']:.0f} | {t['tokens_per_s']:.0f} | "
-                             f"{r['metrics']['wall_s']:.0f} | {ppl(r):.2f} |")
+                             f"{t['trainable_params'] / 1e6:.2f}M | {speed} | {wall} | {ppl(r):.2f} |")
+            if resumed:
+                lines += ["", f"{resumed} run(s) resumed from a checkpoint: Wall s (and Train s where the checkpoint "
+                          "did not record the earlier processes' time) would cover only the last process, so it is "
+                          "left out (–)."]
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
+
+
+def _qat_train_s(t: dict) -> float | None:
+    """A QAT row's training seconds over all its steps, or None when unknown: a run resumed from a checkpoint
+    that did not record the earlier processes' time (rows without `prior_train_s` timed only the last part)."""
+    if t.get("resumed_from") and t.get("prior_train_s") is None:
+        return None
+    return t.get("train_s") or None
 
 
 LATEX_SUBS = [("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("$", r"\$"), ("{", r"\{"), ("}", r"\}"),
