@@ -26,12 +26,18 @@ class PairedDiff:
         return abs(self.delta_nll) <= 2 * self.se_nll
 
 
+def same_windows(a: dict, b: dict) -> bool:
+    """Whether two results (a row's ppl_detail[ds]) scored the same windows, so that they pair window by window."""
+    return (a.get("window_tokens") == b.get("window_tokens")
+            and (a.get("seq_len"), a.get("stride")) == (b.get("seq_len"), b.get("stride")))
+
+
 def paired_diff(a: dict, b: dict) -> PairedDiff:
     """a, b: `PerplexityResult.to_dict()`s (a row's ppl_detail[ds]) of two runs on the same windows."""
     wa, wb = a.get("window_nll"), b.get("window_nll")
     if not wa or not wb:
         raise ValueError("paired standard errors need per-window NLL sums (window_nll) in both results")
-    if a.get("window_tokens") != b.get("window_tokens") or (a["seq_len"], a["stride"]) != (b["seq_len"], b["stride"]):
+    if not same_windows(a, b):
         raise ValueError(f"not the same windows: {a['windows']} windows of {a['seq_len']} (stride {a['stride']}) vs "
                          f"{b['windows']} of {b['seq_len']} (stride {b['stride']})")
     n, tokens = len(wa), sum(a["window_tokens"])

@@ -16,7 +16,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..eval.paired import paired_diff
+from ..eval.paired import paired_diff, same_windows
 from ..results import read_rows
 
 DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
@@ -75,7 +75,9 @@ def _delta_cell(row, base, ds: str) -> str:
         return "–"
     cell = f"{ppl[ds] - base['metrics']['ppl'][ds]:+.2f}"
     a, b = row["metrics"].get("ppl_detail", {}).get(ds, {}), base["metrics"].get("ppl_detail", {}).get(ds, {})
-    if row is base or not a.get("window_nll") or not b.get("window_nll"):
+    # no pairing when either row lacks per-window NLLs or they scored different windows (a row evaluated on only
+    # the first windows, marked † in its table)
+    if row is base or not a.get("window_nll") or not b.get("window_nll") or not same_windows(a, b):
         return cell
     d = paired_diff(a, b)
     return cell + f" ± {d.se_ppl:.2f}" + (" ≈" if d.within_noise else "")
