@@ -1,13 +1,15 @@
 """Regenerate every committed results table at the current (clean) commit, resumably.
 
     python scripts/regenerate_tables.py --results-dir /tmp/regen              # every table, one run after another
+    python scripts/regenerate_tables.py --results-dir /tmp/regen --jobs 8     # 8 runs at a time (one thread each)
     python scripts/regenerate_tables.py --results-dir /tmp/regen --tables foundation rotation --dry-run
 
-Each table is the sweep (or script) that produced `paper/results/<table>/`, run with one thread per run into
-`<results-dir>/<table>/` (rows are written atomically and a rerun skips the rows that exist, so an interrupted
-regeneration resumes where it stopped). Copy a finished table into `paper/results/<table>/`, then
-`python scripts/pending_rows.py` and `python scripts/make_paper.py`. Tables may run in parallel processes
-(`--tables` splits them), never with more threads than cores in total.
+Each table is the sweep (or script) that produced `paper/results/<table>/`, expanded into its single runs (one
+row each) and run with one thread per run into `<results-dir>/<table>/`. Rows are written atomically and a run
+whose row exists is skipped, so an interrupted regeneration resumes where it stopped (QAT also from its
+checkpoint). `--jobs N` runs N of them at a time (at most the number of cores), each logging to
+`<results-dir>/logs/`. Copy a finished table into `paper/results/<table>/`, then `python scripts/pending_rows.py`
+and `python scripts/make_paper.py`.
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ import os
 import shlex
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pending_rows import TABLES as SWEPT  # noqa: E402  (table -> model -> the overrides its rows were run with)
 
-from spinquant.results import git_rev, is_uncommitted  # noqa: E402
+from spinquant.results import git_rev, is_uncommitted, run_id  # noqa: E402
+from spinquant.sweeps import is_sweep, split_override, sweep_jobs  # noqa: E402
 
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
 LM_HEAD_ACT = ["++quant.embed.bits=8", "++quant.lm_head_act.bits=8", "++quant.lm_head_act.symmetric=false",
@@ -56,6 +61,40 @@ def commands(table: str, results: Path, checkpoints: Path) -> list[list[str]]:
     raise ValueError(f"unknown table {table!r}")
 
 
+def single_runs(cmd: list[str]) -> list[tuple[list[str], Path | None]]:
+    """A `run.py -m` sweep command as its single runs, each with the row file it writes (the jobs Hydra would run,
+    less those its sweep.skip rules drop); any other command as it is, with None."""
+    from omegaconf import OmegaConf
+    if cmd[:len(RUN)] != RUN:
+        return [(cmd, None)]
+    overrides = [a for a in cmd[len(RUN):] if a != "-m"]
+    if "-m" not in cmd:
+        from hydra import compose, initialize_config_dir
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        return [(cmd, Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json")]
+    experiment = next(split_override(a)[1] for a in overrides if split_override(a)[0] == "experiment")
+    rest = [a for a in overrides if split_override(a)[0] != "experiment"]
+    fixed = [a for a in rest if not is_sweep(split_override(a)[1])]
+    out = []
+    for choices, cfg in sweep_jobs(ROOT / "configs", experiment, *rest)[0]:
+        row = Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json"
+        out.append((RUN + [f"+experiment={experiment}", *fixed, *(f"{k}={v}" for k, v in choices.items())], row))
+    return out
+
+
+def _run(cmd: list[str], log: Path | None) -> tuple[int, float]:
+    t0 = time.time()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if log is None:
+        rc = subprocess.run(cmd, env=env).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    return rc, time.time() - t0
+
+
 TABLES = ("lm_head", "lm_eval", "foundation", "spinquant_study", "rotation", "qat", "deploy")
 
 
@@ -64,19 +103,43 @@ def main():
     p.add_argument("--results-dir", type=Path, required=True)
     p.add_argument("--checkpoint-dir", type=Path, help="QAT checkpoints (default: <results-dir>/checkpoints)")
     p.add_argument("--tables", nargs="*", default=list(TABLES), choices=TABLES)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each (default 1)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args()
-    print(f"regenerating {', '.join(args.tables)} at {git_rev()} into {args.results_dir}", flush=True)
+    cores = os.cpu_count() or 1
+    if not 1 <= args.jobs <= cores:
+        p.error(f"--jobs {args.jobs}: between 1 and the {cores} cores here (every run takes one thread)")
     rev = git_rev()
     if is_uncommitted(rev) and not args.dry_run:
         p.error(f"the checkout is {rev}: one commit's tables come from a clean checkout; commit or stash first")
     results = args.results_dir.resolve()
     checkpoints = (args.checkpoint_dir or results / "checkpoints").resolve()
+    print(f"regenerating {', '.join(args.tables)} at {rev} into {results}", flush=True)
+    todo = []
     for table in args.tables:
         for cmd in commands(table, results, checkpoints):
-            print(f"[{table}] {shlex.join(cmd)}", flush=True)
-            if not args.dry_run:
-                subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for run, row in single_runs(cmd):
+                done = row is not None and row.exists()
+                print(f"[{table}] {shlex.join(run)}" + ("  (row exists)" if done else ""), flush=True)
+                if not done:
+                    todo.append((table, run, row))
+    if args.dry_run or not todo:
+        return
+    print(f"{len(todo)} runs to do, {args.jobs} at a time", flush=True)
+    failed = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        logs = [None if args.jobs == 1 else
+                results / "logs" / f"{table}-{row.stem if row else i}.log" for i, (table, _, row) in enumerate(todo)]
+        futures = {pool.submit(_run, run, log): (table, run, log) for (table, run, _), log in zip(todo, logs)}
+        for n, fut in enumerate(as_completed(futures), 1):
+            (table, run, log), (rc, secs) = futures[fut], fut.result()
+            what = " ".join(a for a in run[len(RUN):] if "_dir=" not in a) if run[:len(RUN)] == RUN else shlex.join(run)
+            status = "done" if rc == 0 else f"FAILED (exit {rc}" + (f", log {log})" if log else ")")
+            print(f"[{table}] {n}/{len(todo)} {status} in {secs:.0f} s: {what}", flush=True)
+            if rc:
+                failed.append(shlex.join(run))
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
 
 
 if __name__ == "__main__":

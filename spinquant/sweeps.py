@@ -62,14 +62,42 @@ def sweep_jobs(config_dir, experiment: str, *overrides: str) -> tuple[list[tuple
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose("config", overrides=ov, return_hydra_config=hydra)
 
-    base = _compose([f"+experiment={experiment}", *overrides], hydra=True)
-    params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items()}
+    # as Hydra's basic sweeper: the experiment's sweeper params, then the command line's overrides, which replace a
+    # param of the same key (fixing it, or sweeping it where the value is a comma list)
+    fixed, swept = [], {}
+    for ov in overrides:
+        key, value = split_override(ov)
+        if is_sweep(value):
+            swept[key] = value.split(",")
+        else:
+            fixed.append(ov)
+    # the sweeper params alone (a fixed override such as rotation.lr may only compose once a swept group is chosen)
+    base = _compose([f"+experiment={experiment}", *(ov for ov in fixed if ov.startswith("hydra."))], hydra=True)
+    given = {split_override(ov)[0] for ov in fixed}
+    params = {k: str(v).split(",") for k, v in base.hydra.sweeper.params.items() if k not in given}
+    params |= swept
     jobs, skipped = [], 0
     for combo in itertools.product(*params.values()):
         choices = dict(zip(params, combo))
-        cfg = _compose([f"+experiment={experiment}", *overrides, *(f"{k}={v}" for k, v in choices.items())])
+        cfg = _compose([f"+experiment={experiment}", *fixed, *(f"{k}={v}" for k, v in choices.items())])
         if skip_rule(cfg, choices, cfg.sweep.skip):
             skipped += 1
         else:
             jobs.append((choices, cfg))
     return jobs, skipped
+
+
+def split_override(override: str) -> tuple[str, str]:
+    """`+key=value` / `++key=value` / `key=value` -> (key, value)."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise ValueError(f"not a key=value override: {override!r}")
+    return key.lstrip("+~"), value
+
+
+def is_sweep(value: str) -> bool:
+    """A command-line sweep (`a,b,c`), not a list (`[a,b]`), dict or quoted string; sweep functions are refused."""
+    v = value.strip()
+    if v.startswith(("choice(", "range(", "interval(", "glob(")):
+        raise ValueError(f"sweep functions are not expanded here, list the values instead (a,b,c): {value!r}")
+    return "," in v and not v.startswith(("[", "{", "'", '"'))

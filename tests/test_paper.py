@@ -128,18 +128,25 @@ def test_conflicting_rows_finds_one_configuration_with_two_numbers():
     assert conflicting_rows([a, {**b, "metrics": {"ppl": {"wikitext2": 182.56 * (1 + 1e-7)}}}, c]) == []
 
 
-def test_every_committed_table_has_a_regeneration_command(tmp_path):
+def test_every_committed_table_has_a_regeneration_command():
     """scripts/regenerate_tables.py knows how to rebuild every folder of rows under paper/results (a new table
-    without a way to regenerate it at one commit fails here)."""
+    without a way to regenerate it at one commit fails here), and its single runs are exactly the committed rows:
+    pointed at paper/results, its dry run finds every run's row there (the expansion of each sweep into single
+    runs, command-line sweeps and overrides included, gives the run ids Hydra's multirun gave)."""
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "scripts" / "regenerate_tables.py"), "--results-dir", str(tmp_path),
+    res = root / "paper" / "results"
+    out = subprocess.run([sys.executable, str(root / "scripts" / "regenerate_tables.py"), "--results-dir", str(res),
                           "--dry-run"], capture_output=True, text=True, check=True).stdout
-    tables = {line[1:line.index("]")] for line in out.splitlines() if line.startswith("[")}
-    folders = {p.name for p in (root / "paper" / "results").iterdir() if p.is_dir()}
+    runs = [line for line in out.splitlines() if line.startswith("[")]
+    tables = {line[1:line.index("]")] for line in runs}
+    folders = {p.name for p in res.iterdir() if p.is_dir()}
     assert folders <= tables, folders - tables
-    assert f"results_dir={tmp_path}" in out and "--out " + str(tmp_path / "deploy") in out
+    assert f"results_dir={res}" in out and "--out " + str(res / "deploy") in out
+    rows = [line for line in runs if not line.startswith("[deploy]")]
+    assert all(line.endswith("(row exists)") for line in rows), [r for r in rows if not r.endswith("(row exists)")]
+    assert len(rows) == sum(len(list((res / t).glob("*.json"))) for t in tables - {"deploy"})
 
 
 def test_no_committed_row_comes_from_a_dirty_tree():
@@ -170,3 +177,32 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
             continue
         assert st["heldout_loss_after"] < st["heldout_loss_before"], (r["_file"], st["heldout_loss_before"],
                                                                        st["heldout_loss_after"])
+
+
+def test_regeneration_runs_jobs_in_parallel_logs_each_and_reports_failures(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "scripts"))
+    spec = importlib.util.spec_from_file_location("regenerate_tables", root / "scripts" / "regenerate_tables.py")
+    regen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regen)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # three stand-in runs: two write a mark after waiting for each other (so they must run at once), one fails
+    both = ("import pathlib, sys, time; m = pathlib.Path(sys.argv[1]); (m / sys.argv[2]).touch(); t = time.time()\n"
+            "while len(list(m.iterdir())) < 2 and time.time() - t < 20: time.sleep(0.05)\n"
+            "print('saw', len(list(m.iterdir()))); sys.exit(len(list(m.iterdir())) < 2)")
+    cmds = [[sys.executable, "-c", both, str(marks), "a"], [sys.executable, "-c", both, str(marks), "b"],
+            [sys.executable, "-c", "import sys; print('broken'); sys.exit(3)"]]
+    monkeypatch.setattr(regen, "commands", lambda table, results, ckpt: cmds if table == "deploy" else [])
+    monkeypatch.setattr(regen, "is_uncommitted", lambda rev: False)
+    monkeypatch.setattr(sys, "argv", ["regenerate_tables.py", "--results-dir", str(tmp_path / "r"), "--jobs", "2"])
+    with pytest.raises(SystemExit, match="1 run\\(s\\) failed:\n.*sys.exit\\(3\\)"):
+        regen.main()
+    logs = sorted((tmp_path / "r" / "logs").iterdir())
+    assert len(logs) == 3 and sum("saw 2" in f.read_text() for f in logs) == 2
+    assert any("broken" in f.read_text() for f in logs)
+    monkeypatch.setattr(sys, "argv", ["regenerate_tables.py", "--results-dir", str(tmp_path / "r"), "--jobs", "0"])
+    with pytest.raises(SystemExit):
+        regen.main()

@@ -167,3 +167,20 @@ def test_spinquant_study_sweep_is_exactly_the_committed_study():
     assert len(rows) == 12 + 4 + 2 * 2 and skipped == 2 * 3 * 2 * 2 * 3 - 20
     ids = {run_id(OmegaConf.to_container(c, resolve=True)) for _, c in rows}
     assert ids == _committed("spinquant_study", "stories260k")
+
+
+def test_command_line_overrides_replace_the_experiments_sweep_params_as_hydra_does():
+    """`run.py -m +experiment=X key=v` fixes a swept key; `key=a,b` sweeps it instead of the experiment's list;
+    a bracket list is a value, not a sweep."""
+    from spinquant.sweeps import is_sweep
+    fixed, _ = _sweep_jobs("spinquant_study", "model=stories260k", "rotation.lr=0.5", "rotation.steps=100",
+                           "rotation.batch_size=8")
+    assert sorted(ch["quant"] + "/" + ch["rotation.seed"] for ch, _ in fixed) == \
+        ["w4a4kv4/0", "w4a4kv4_gptq/0"]  # seeds 1, 2 are skipped off lr 1.5
+    assert {c.rotation.lr for _, c in fixed} == {0.5}
+    swept, _ = _sweep_jobs("qat", "quant=w4a4kv4,w2a16_g64_gptq")
+    assert {ch["quant"] for ch, _ in swept} == {"w4a4kv4", "w2a16_g64_gptq"}
+    assert len(swept) == 4 + 1  # w4a4kv4: none, full, lora, SpinQuant+lora; GPTQ: PTQ only
+    assert not is_sweep("[wikitext2,ptb]") and is_sweep("a,b") and not is_sweep("0.5")
+    with pytest.raises(ValueError, match="sweep functions"):
+        is_sweep("range(1,4)")
