@@ -88,9 +88,9 @@ def sweep_jobs(config_dir, experiment: str, *overrides: str) -> tuple[list[tuple
 
 
 def split_override(override: str) -> tuple[str, str]:
-    """`+key=value` / `++key=value` / `key=value` -> (key, value)."""
+    """`+key=value` / `++key=value` / `key=value` / `~key[=value]` -> (key, value)."""
     key, sep, value = override.partition("=")
-    if not sep:
+    if not sep and not override.startswith("~"):
         raise ValueError(f"not a key=value override: {override!r}")
     return key.lstrip("+~"), value
 
