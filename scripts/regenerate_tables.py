@@ -64,7 +64,6 @@ def commands(table: str, results: Path, checkpoints: Path) -> list[list[str]]:
 def single_runs(cmd: list[str]) -> list[tuple[list[str], Path | None]]:
     """A `run.py -m` sweep command as its single runs, each with the row file it writes (the jobs Hydra would run,
     less those its sweep.skip rules drop); any other command as it is, with None."""
-    from omegaconf import OmegaConf
     if cmd[:len(RUN)] != RUN:
         return [(cmd, None)]
     overrides = [a for a in cmd[len(RUN):] if a != "-m"]
@@ -72,15 +71,21 @@ def single_runs(cmd: list[str]) -> list[tuple[list[str], Path | None]]:
         from hydra import compose, initialize_config_dir
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        return [(cmd, Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json")]
+        return [(cmd, _row_file(cfg))]
     experiment = next(split_override(a)[1] for a in overrides if split_override(a)[0] == "experiment")
     rest = [a for a in overrides if split_override(a)[0] != "experiment"]
     fixed = [a for a in rest if not is_sweep(split_override(a)[1])]
     out = []
     for choices, cfg in sweep_jobs(ROOT / "configs", experiment, *rest)[0]:
-        row = Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json"
-        out.append((RUN + [f"+experiment={experiment}", *fixed, *(f"{k}={v}" for k, v in choices.items())], row))
+        out.append((RUN + [f"+experiment={experiment}", *fixed, *(f"{k}={v}" for k, v in choices.items())],
+                    _row_file(cfg)))
     return out
+
+
+def _row_file(cfg) -> Path:
+    """Where pipeline.run writes a composed config's row: results_dir/experiment_name/<run id>.json."""
+    from omegaconf import OmegaConf
+    return Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json"
 
 
 def _run(cmd: list[str], log: Path | None) -> tuple[int, float]:
