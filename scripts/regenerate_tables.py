@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pending_rows import TABLES as SWEPT  # noqa: E402  (table -> model -> the overrides its rows were run with)
 
-from spinquant.results import git_rev, is_uncommitted, run_id  # noqa: E402
+from spinquant.results import git_rev, is_uncommitted, row_path  # noqa: E402
 from spinquant.sweeps import is_sweep, split_override, sweep_jobs  # noqa: E402
 
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
@@ -85,7 +85,7 @@ def single_runs(cmd: list[str]) -> list[tuple[list[str], Path | None]]:
 def _row_file(cfg) -> Path:
     """Where pipeline.run writes a composed config's row: results_dir/experiment_name/<run id>.json."""
     from omegaconf import OmegaConf
-    return Path(cfg.results_dir) / cfg.experiment_name / f"{run_id(OmegaConf.to_container(cfg, resolve=True))}.json"
+    return row_path(cfg.results_dir, cfg.experiment_name, OmegaConf.to_container(cfg, resolve=True))
 
 
 def _run(cmd: list[str], log: Path | None) -> tuple[int, float]:

@@ -31,7 +31,7 @@ from .models import load
 from .models.load import check_device, load_config, load_tokenizer
 from .quant import QuantConfig, get_weight_quantizer, quantize_
 from .quant.apply import check_config_shapes
-from .results import revision_for, run_id, write_row
+from .results import revision_for, row_path, write_row
 from .typed import from_fields
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -335,8 +335,8 @@ def run(cfg: RunConfig | dict) -> dict:
     that exists for the same resolved config is returned without running (skip_existing)."""
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
     config = cfg.to_dict()
-    rid = run_id(config)
-    out = Path(cfg.results_dir) / cfg.experiment_name / f"{rid}.json"
+    out = row_path(cfg.results_dir, cfg.experiment_name, config)
+    rid = out.stem
     if cfg.skip_existing and out.exists():
         print(f"[skip] {out} exists (same resolved config)")
         return json.loads(out.read_text())

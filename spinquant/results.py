@@ -50,6 +50,12 @@ def run_id(config: dict) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def row_path(results_dir, experiment: str, config: dict) -> Path:
+    """Where a run's row lives: <results_dir>/<experiment>/<run id>.json (pipeline.run writes it there, and
+    scripts/regenerate_tables.py looks there to skip rows that exist)."""
+    return Path(results_dir) / experiment / f"{run_id(config)}.json"
+
+
 def git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
