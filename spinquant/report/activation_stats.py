@@ -17,12 +17,14 @@ from ..models import load
 from ..results import revision_for
 
 
-def markdown(model_name: str, stats: list[dict]) -> str:
+def markdown(model_name: str, stats: list[dict], git_rev: str | None = None) -> str:
+    """The statistics as a Markdown table; `git_rev` (the commit they were measured at) is named under it."""
     lines = [f"**{model_name}** (inputs to each linear; kurtosis 3 = Gaussian)", "",
              "| layer | input | kurtosis | max abs | max/median channel max | top channels |", "|---|---|---:|---:|---:|---|"]
     for s in stats:
         lines.append(f"| {s['layer']} | {s['input']} | {s['kurtosis']:.1f} | {s['abs_max']:.2f} | "
                      f"{s['channel_max_ratio']:.1f} | {s['top_channels']} |")
+    lines += ["", f"Measured at commit `{git_rev}`." if git_rev else "Commit not recorded."]
     return "\n".join(lines) + "\n"
 
 
@@ -39,7 +41,7 @@ def main():
     model, tok = load(args.model)
     ids = calibration_batch(tok, "wikitext2-train", args.samples, args.seq_len, args.seed)
     stats = activation_stats(model, ids)
-    text = markdown(args.model, stats)
+    text = markdown(args.model, stats, rev)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

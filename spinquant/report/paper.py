@@ -68,7 +68,7 @@ def build(out: Path, src: Path) -> list[Path]:
                 make_tables.splice(out / doc, "deploy_table", md)
     for f in sorted((src / "paper/results").glob("activation_stats_*.json")):
         d = json.loads(f.read_text())
-        write(f"paper/{f.stem}.md", activation_stats.markdown(d["model"], d["stats"]))
+        write(f"paper/{f.stem}.md", activation_stats.markdown(d["model"], d["stats"], d.get("git_rev")))
     rows = [r for folder in ("foundation", "rotation", "qat") for r in table_rows[f"paper/results/{folder}"]]
     for m in ("ref-llama", "stories260k"):
         written.append(plot_pareto.size_vs_ppl(rows, m, out / f"paper/figures/size_vs_ppl_{m}.png").relative_to(out))
