@@ -168,7 +168,7 @@ def test_no_committed_row_comes_from_a_dirty_tree():
 
 def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
     """The acceptance on the learned rotations behind committed numbers: in every table a SpinQuant row's training
-    lowered the objective on its held-back calibration sequences. The study keeps the settings that do not (its
+    lowered the objective on its held-back calibration sequences (deploy rows too). The study keeps the settings that do not (its
     point is to show them), but every study row at the default recipe (lr 1.5, 100 steps, batch 8) lowers it too."""
     from spinquant.report import tables as make_tables
     rows = make_tables.read_rows([ROOT / "paper" / "results" / d for d in ("rotation", "qat", "spinquant_study")])
@@ -180,6 +180,13 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
             continue
         assert st["heldout_loss_after"] < st["heldout_loss_before"], (r["_file"], st["heldout_loss_before"],
                                                                        st["heldout_loss_after"])
+    deploy = {f.name: json.loads(f.read_text()) for f in (ROOT / "paper" / "results" / "deploy").glob("*.json")}
+    learned_deploy = {n: r for n, r in deploy.items() if r["quantizer"].startswith("spinquant")}
+    assert len(learned_deploy) == 4  # offline (GGUF) and R1/R2/R4 (ExecuTorch), on both models
+    for name, r in learned_deploy.items():
+        st = r.get("rotation_train")
+        assert st is not None, f"{name} does not record its rotation training"
+        assert st["heldout_loss_after"] < st["heldout_loss_before"], (name, st)
 
 
 def test_regeneration_runs_jobs_in_parallel_logs_each_and_reports_failures(tmp_path, monkeypatch):
