@@ -101,7 +101,7 @@ def main(argv=None):
             f = export_gguf(qmodel, d / f"ours-{quantizer}-{fmt}.gguf", resolve_path(cfg.model.path), name=args.model)
             row = deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
                              ours, {**common, "overrides": overrides, "quantize_s": time.time() - t,
-                                    **learned(qmodel)})
+                                    **pipeline.rotation_train_metrics(qmodel)})
             write_deploy_row(row, out_path(quantizer, fmt))
             print(f"[done] {quantizer} {fmt}: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
             os.remove(f)
@@ -134,15 +134,9 @@ def et_rows(args, base, model, tok, ids, seq_len, vocab, common, out_path, wante
             f = export_executorch(qmodel, d / f"ours-{quantizer}.pte", max_seq_len=seq_len)
             row = et_deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
                                 ours, {**common, "overrides": overrides, "quantize_s": time.time() - t,
-                                    **learned(qmodel)})
+                                    **pipeline.rotation_train_metrics(qmodel)})
             write_row(row, out_path(quantizer, fmt))
             os.remove(f)
-
-
-def learned(qmodel) -> dict:
-    """A learned rotation's training statistics (held-back objective before/after, losses), as pipeline rows carry."""
-    state = getattr(qmodel, "rotation_state", None)
-    return {"rotation_train": state.stats} if state is not None and state.stats else {}
 
 
 def write_row(row, path):

@@ -374,8 +374,7 @@ def run(cfg: RunConfig | dict) -> dict:
         metrics["size_on_disk_bytes"] = size_on_disk(model)
         metrics["fp16_size_bytes"] = fp16_size_bits(model) // 8
     metrics.update(wall_s=time.time() - t0, quant_s=quant_s, rotation_s=rotation_s)
-    if model.rotation_state.stats:
-        metrics["rotation_train"] = model.rotation_state.stats
+    metrics.update(rotation_train_metrics(model))
     if qat_stats is not None:
         metrics["qat_train"] = qat_stats
     if cfg.eval.lm_eval.tasks:
@@ -395,6 +394,13 @@ def rotation_label(rot) -> str:
     if hasattr(rot, "r3") and not rot.r3 and not getattr(rot, "r4", True):
         return f"{rot.name}-offline"
     return rot.name
+
+
+def rotation_train_metrics(model) -> dict:
+    """{"rotation_train": stats} for a model whose rotation was learned (held-back objective before/after, losses),
+    else {}: what a row records about the rotation training behind it."""
+    stats = model.rotation_state.stats
+    return {"rotation_train": stats} if stats else {}
 
 
 def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
