@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
 
 
 def _records(data: bytes):
+    """The protobuf payloads of a .wandb file's bytes, in order. Stops at the first record that is cut short or
+    whose crc32 (over its type byte and payload) does not match: wandb's service process may be mid-write."""
     pos, buf = HEADER, b""
     while pos + HEADER <= len(data):
         left = BLOCK - pos % BLOCK
         if left < HEADER:  # block trailer padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
         if kind == 0 and length == 0:  # zero padding up to the end of the block
             pos += left
             continue
         chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != crc:  # a record still being written
+            return
         if kind == 1:
             yield chunk
         elif kind == 2:

@@ -155,6 +155,19 @@ def test_wandb_offline_run_holds_the_rows_config_and_metrics(tmp_path):
     assert history[-1]["ppl/wikitext2"] == pytest.approx(row["metrics"]["ppl"]["wikitext2"])
     assert config["quant"]["scheme"] == "W4A8" and config["seed"] == 0
     assert config["_group"] == "wb"  # a sweep (an experiment) is a wandb group
+    # read while wandb's service is still writing: a file cut anywhere, or with a torn last record, parses to a
+    # prefix of the records (never a protobuf error), and reports the run finished only once the exit record is in
+    from spinquant.tracking import _parse_run
+    data = next((tmp_path / "ck" / "wb" / row["run_id"]).glob("wandb/offline-run-*/*.wandb")).read_bytes()
+    full = _parse_run(data)
+    assert full[3] and full[0] == history
+    cuts = sorted({*range(0, len(data), max(1, len(data) // 300)), len(data) - 1})
+    seen = [_parse_run(data[:cut]) for cut in cuts]
+    assert not any(s[3] for s in seen) and all(s[0] == history[:len(s[0])] for s in seen)
+    assert len(seen[-1][0]) == len(history)  # only the exit record (last) is missing
+    torn = bytearray(data)
+    torn[-3] ^= 0xFF  # a byte of the last record's payload not yet flushed: its crc no longer matches
+    assert not _parse_run(bytes(torn))[3]
     # disabled mode: no wandb folder at all
     cfg = _compose(["quant=w16a16", *TINY, f"results_dir={tmp_path}", "experiment_name=wb",
                     f"checkpoint_dir={tmp_path}/ck2", "wandb.mode=disabled"])
