@@ -140,7 +140,7 @@ LLAMA_CPP = ["Q8_0", "Q4_0", "Q4_K_M"]
 ET_FORMAT = "XNNPACK-W4A8"
 OURS_ET = [("rtn", ["quant=executorch_w4a8"]),
            ("gptq", ["quant=executorch_w4a8_gptq"]),
-           ("spinquant-r124+gptq", ["quant=executorch_w4a8_gptq", "rotation=spinquant", "rotation.r3=false"]),
+           ("quarot-r124+gptq", ["quant=executorch_w4a8_gptq", "rotation=quarot", "rotation.r3=false"]),
            ("qat-full", ["quant=executorch_w4a8", "qat=full", "qat.scales=fixed", "qat.train.steps=100"])]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4}
 QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4,
-                   "spinquant-r124+gptq": 4, "qat-full": 5}
+                   "quarot-r124+gptq": 4, "qat-full": 5}
 RUNTIME_ORDER = {"llama.cpp": 0, "executorch": 1, "transformers": 2}
 NOTES = {"llama.cpp": "", "executorch": " XNNPACK delegate; prefill is 448 tokens (the program's static cache holds the "
                                       "eval length, 512) and decode 64."}
