@@ -9,7 +9,7 @@ file (llama_model_quantize, the `llama-quantize` a user runs); and ours (RTN, GP
 fixed-scale full QAT) quantized on the GGUF grids and exported bit-exactly. Each file's WikiText-2 perplexity is
 computed inside llama.cpp with our windows (spinquant.deploy.LlamaCppLM through eval.perplexity_of_ids); our rows
 also carry our fake-quant perplexity on the same windows. ExecuTorch (`--runtimes executorch`): our FP model as an
-FP32 XNNPACK program, and ours (RTN, GPTQ, SpinQuant R1/R2/R4 + GPTQ, fixed-scale full QAT) at Meta's W4A8 recipe
+FP32 XNNPACK program, and ours (RTN, GPTQ, QuaRot R1/R2/R4 + GPTQ, fixed-scale full QAT) at Meta's W4A8 recipe
 (quant=executorch_w4a8), each run in ExecuTorch's runtime with the same windows.
 Rows are written one by one (atomically); a rerun skips
 the rows that exist.

@@ -170,8 +170,8 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
     """The acceptance on the learned rotations behind committed numbers: in the rotation and QAT tables a SpinQuant
     row's training lowered the objective on its held-back calibration sequences. The study keeps the settings that do
     not (its point is to show them), but every study row at the default recipe (lr 1.5, 100 steps, batch 8) lowers it.
-    Deploy rows record it: lowered where the rotation trained against quantized weights, flat (|change| < 0.01) where
-    it trained W16A8 (one of those, stories260K's, rises by 0.004: the README says so)."""
+    Deploy rows with a learned rotation (SpinQuant-offline for GGUF, trained against the 4-bit weights) lower it too;
+    the rotated ExecuTorch rows are QuaRot's Hadamards, which train nothing."""
     from spinquant.report import tables as make_tables
     rows = make_tables.read_rows([ROOT / "paper" / "results" / d for d in ("rotation", "qat", "spinquant_study")])
     learned = [r for r in rows if "rotation_train" in r["metrics"]]
@@ -184,16 +184,15 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
                                                                        st["heldout_loss_after"])
     deploy = {f.name: json.loads(f.read_text()) for f in (ROOT / "paper" / "results" / "deploy").glob("*.json")}
     learned_deploy = {n: r for n, r in deploy.items() if r["quantizer"].startswith("spinquant")}
-    assert len(learned_deploy) == 4  # offline (GGUF) and R1/R2/R4 (ExecuTorch), on both models
+    assert len(learned_deploy) == 2  # SpinQuant-offline + GPTQ (GGUF Q4_0), on both models
     for name, r in learned_deploy.items():
         st = r.get("rotation_train")
         assert st is not None, f"{name} does not record its rotation training"
-        before, after = st["heldout_loss_before"], st["heldout_loss_after"]
-        if st["train_quant"]["weight"]["bits"] < 16:
-            assert after < before, (name, before, after)
-        else:  # trained W16A8 (the official rule when GPTQ follows): only int8 activations are quantized, the
-            # objective hardly depends on the rotation, and the README reports it as flat (|change| < 0.01)
-            assert abs(after - before) < 0.01, (name, before, after)
+        assert st["train_quant"]["weight"]["bits"] < 16, name  # trained against the 4-bit weights, not W16A16 (flat)
+        assert st["heldout_loss_after"] < st["heldout_loss_before"], (name, st["heldout_loss_before"],
+                                                                       st["heldout_loss_after"])
+    for name, r in deploy.items():  # a row without a learned rotation records no training
+        assert r["quantizer"].startswith("spinquant") or "rotation_train" not in r, name
 
 
 def test_regeneration_runs_jobs_in_parallel_logs_each_and_reports_failures(tmp_path, monkeypatch):
