@@ -262,7 +262,7 @@ def preflight(cfg: RunConfig, out: Path):
     rot = cfg.rotation
     if rot.name == "spinquant" and not rot.load:
         from .rotation.spinquant import check_config
-        check_config(asdict(rot), int(os.environ.get("WORLD_SIZE", 1)))
+        check_config(asdict(rot), int(os.environ.get("WORLD_SIZE", 1)), target=qcfg)
         _check_long_enough(tok, cfg.data.calib, root, rot.seq_len + 2, "calibration text")
     if cfg.qat.name != "none":
         dataset_path(cfg.qat.data, root)

@@ -140,3 +140,23 @@ def test_bad_spinquant_settings_are_reported_before_the_model_loads(tmp_path, ru
         run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.schedule=linear"))
     with pytest.raises(ValueError, match="rotation.lr must be > 0"):
         run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4", "rotation.batch_size=0"))
+
+
+def test_spinquant_that_would_train_against_nothing_quantized_is_refused(tmp_path, run_mod):
+    """At W16A16 (or an explicit 16-bit train_quant) the objective is rotation-invariant: training would learn
+    nothing, so it is refused before the model loads; quantization from a per-module override alone counts."""
+    from spinquant.rotation.spinquant import check_config, quantizes_nothing
+    with pytest.raises(ValueError, match="would train against nothing quantized .*W16A16.*rotation=quarot"):
+        run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w16a16"))
+    with pytest.raises(ValueError, match="would train against nothing quantized"):
+        run_mod.run_hydra(_cfg(tmp_path, "rotation=spinquant", "quant=w4a4kv4",
+                               "rotation.train_quant={scheme: W16A16}"))
+    fp = QuantConfig.from_dict({"scheme": "W16A16"})
+    assert quantizes_nothing(fp)
+    assert not quantizes_nothing(QuantConfig.from_dict({"scheme": "W16A16", "overrides": [
+        {"modules": "*.down_proj", "weight": {"bits": 4}}]}))
+    assert not quantizes_nothing(QuantConfig.from_dict({"scheme": "W16A16", "kv": {"bits": 4}}))
+    for scheme, method in (("W4A16", "gptq"), ("W4A8", "gptq"), ("W4A4KV4", "rtn")):  # GPTQ at W4A16: trains RTN
+        check_config({}, target=QuantConfig.from_dict({"scheme": scheme, "method": method}))
+    with pytest.raises(ValueError, match="nothing quantized"):  # the library call checks too
+        check_config({"train_quant": {"scheme": "W16A16"}})

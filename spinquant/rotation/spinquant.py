@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..models.adapter import get_adapter
 from ..quant.apply import quantize_
 from ..quant.quantizer import fake_quantize
-from ..quant.schemes import QuantConfig
+from ..quant.schemes import QuantConfig, QuantSpec
 from .cayley import CayleySGD, cosine_lr, orthogonality_error
 from .fuse import (
     add_down_hadamard,
@@ -200,8 +200,20 @@ def _prepare(model, cfg: dict, fallback: str) -> None:
         add_down_hadamard(model, fallback)
 
 
-def check_config(cfg: dict, world: int = 1) -> None:
-    """The training settings' errors, raised before any model is loaded (experiments/run.py calls this first)."""
+def quantizes_nothing(tq: QuantConfig) -> bool:
+    """Whether training under `tq` sees no quantization at all (decoder weights, their inputs, the KV cache: what
+    the training loop quantizes): its objective is then exactly rotation-invariant, so training learns nothing."""
+    specs = [tq.weight, tq.act, tq.kv]
+    for o in tq.overrides:
+        if not o.skip:
+            specs += [QuantSpec.from_dict({**tq.weight.to_dict(), **o.weight}),
+                      QuantSpec.from_dict({**tq.act.to_dict(), **o.act})]
+    return not any(s.enabled for s in specs)
+
+
+def check_config(cfg: dict, world: int = 1, target: QuantConfig | None = None) -> None:
+    """The training settings' errors, raised before any model is loaded (the pipeline's preflight calls this first,
+    with the run's quant config as `target`)."""
     schedule, retraction = cfg.get("schedule", "cosine"), cfg.get("retraction", "exact")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"rotation.schedule must be 'cosine' or 'constant', got {schedule!r}")
@@ -213,6 +225,16 @@ def check_config(cfg: dict, world: int = 1) -> None:
         raise ValueError(f"rotation.lr must be > 0 and {', '.join(ints)} >= 1, got lr={cfg.get('lr', 1.5)}, {ints}")
     if ints["batch_size"] % world:
         raise ValueError(f"rotation.batch_size={ints['batch_size']} (global) must be a multiple of the {world} processes")
+    tq = cfg.get("train_quant") or "auto"
+    if tq == "auto":
+        tq = train_quant_for(target) if target is not None else None
+    if tq is not None:
+        tq = tq if isinstance(tq, QuantConfig) else QuantConfig.from_dict(dict(tq))
+        if quantizes_nothing(tq):
+            raise ValueError("rotation=spinquant would train against nothing quantized (training quantization "
+                             f"{tq.label()}): its objective does not depend on the rotation, so it would learn "
+                             "nothing. Use rotation=quarot for fixed Hadamards, or set rotation.train_quant to the "
+                             "quantization to train against (e.g. {scheme: W4A16})")
 
 
 def _objective(work, params: dict, x: torch.Tensor) -> torch.Tensor:
