@@ -383,3 +383,29 @@ def test_spinquant_trains_against_the_per_module_specs_quantize_will_use():
     from spinquant import rotation
     rotation.apply(make_tiny("llama", hidden=64, intermediate=96), {"name": "spinquant", "steps": 1, "batch_size": 2,
                    "heldout": 1}, torch.randint(0, 128, (3, 16)), target=cfg)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_held_back_objective_records_its_parts_and_their_paired_standard_error(micro):
+    """Each held-back micro-batch's loss is recorded before and after training: their mean is the recorded objective,
+    and the paired standard error of the change matches a float64 recomputation (numpy, ddof=1)."""
+    import numpy as np
+
+    from spinquant.report.tables import se_text
+    from spinquant.rotation.spinquant import _train
+    model = make_tiny("llama", hidden=48, intermediate=128)
+    calib = torch.randint(0, 128, (20, 24), generator=torch.Generator().manual_seed(1))
+    cfg = {"steps": 3, "lr": 1.0, "batch_size": 2, "micro_batch_size": micro, "heldout": 6, "progress": False,
+           "train_quant": {"scheme": "W4A4KV4"}}
+    stats = _train(model, cfg, calib, 0, "error", 48, 12, 2)[2]
+    b, a = np.array(stats["heldout_losses_before"]), np.array(stats["heldout_losses_after"])
+    assert len(b) == len(a) == 6 // micro
+    assert b.mean() == pytest.approx(stats["heldout_loss_before"], rel=1e-6)
+    assert a.mean() == pytest.approx(stats["heldout_loss_after"], rel=1e-6)
+    d = a - b
+    assert np.abs(d).max() > 0  # the rotations moved
+    assert stats["heldout_delta_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)), rel=1e-9)
+    assert se_text(stats) == f" ± {stats['heldout_delta_se']:.4f}" and se_text({}) == ""
+    stats = _train(make_tiny("llama", hidden=48, intermediate=128), {**cfg, "heldout": 5, "micro_batch_size": 2},
+                   calib, 0, "error", 48, 12, 2)[2]
+    assert stats["heldout_delta_se"] is None  # unequal micro-batches (2, 2, 1): no paired SE

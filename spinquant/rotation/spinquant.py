@@ -237,17 +237,29 @@ def check_config(cfg: dict, world: int = 1, target: QuantConfig | None = None) -
                              "quantization to train against (e.g. {scheme: W4A16})")
 
 
+def paired_se(before: list[float], after: list[float]) -> float | None:
+    """Standard error of the mean of the paired differences after - before (equal-size parts: the held-back
+    sequences, one per micro-batch by default); None with fewer than two parts."""
+    n = len(before)
+    if n < 2 or len(after) != n:
+        return None
+    d = [a - b for a, b in zip(after, before)]
+    m = sum(d) / n
+    return (sum((x - m) ** 2 for x in d) / (n - 1) / n) ** 0.5
+
+
 def _objective(work, params: dict, x: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `work` with weights `params` (rotated, see `_rotated_params`) on x [b, seq]."""
     logits = torch.func.functional_call(work, params, (x,), {"use_cache": False}).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
 
 
-def _accumulated_objective(work, base, R1, R2s, weight_spec, xs: torch.Tensor, micro: int, backward: bool):
+def _accumulated_objective(work, base, R1, R2s, weight_spec, xs: torch.Tensor, micro: int, backward: bool,
+                           parts: list | None = None):
     """Mean objective over xs [n, seq] in micro-batches; with `backward`, its gradient accumulated into R1 / R2s.
     The rotated (and fake-quantized) weights are built once: each micro-batch back-propagates to them only, and
     their summed gradient goes through the rotation once (exact; the weight side, e.g. RTN's MSE clip search,
-    is not recomputed per micro-batch)."""
+    is not recomputed per micro-batch). `parts`, if given, receives each micro-batch's own mean."""
     with torch.set_grad_enabled(backward):
         params = _rotated_params(work, base, R1, R2s, weight_spec)
     leaves = {k: v.detach().requires_grad_(backward) for k, v in params.items()}
@@ -255,10 +267,13 @@ def _accumulated_objective(work, base, R1, R2s, weight_spec, xs: torch.Tensor, m
     for i in range(0, len(xs), micro):
         x = xs[i:i + micro]
         with torch.set_grad_enabled(backward):
-            part = _objective(work, leaves, x) * (len(x) / len(xs))  # equal-length sequences: size-weighted means
+            mean = _objective(work, leaves, x)
+            part = mean * (len(x) / len(xs))  # equal-length sequences: size-weighted means
         if backward:
             part.backward()
         total += part.item()
+        if parts is not None:
+            parts.append(mean.item())
     if backward:
         keys = [k for k in params if leaves[k].grad is not None]
         torch.autograd.backward([params[k] for k in keys], [leaves[k].grad for k in keys])
@@ -314,10 +329,13 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     rotations = [R1, *R2s]
     opt = CayleySGD(rotations, lr=lr, retraction=cfg.get("retraction", "exact"), seed=seed)
 
-    def heldout_loss() -> float:
-        return _accumulated_objective(work, base, R1, R2s, weight_spec, held.to(device), micro, backward=False)
+    def heldout_loss() -> tuple[float, list[float]]:
+        parts = []
+        mean = _accumulated_objective(work, base, R1, R2s, weight_spec, held.to(device), micro, backward=False,
+                                      parts=parts)
+        return mean, parts
 
-    before = heldout_loss()
+    before, before_parts = heldout_loss()
     g = torch.Generator().manual_seed(seed)  # same draws on every process: one global batch per step
     losses, lrs, alphas, t0 = [], [], [], time.time()
     bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True) or rank != 0)
@@ -343,7 +361,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
         lrs.append(step_lr)
         alphas.append(opt.last_alpha[0])  # R1's step after the cap
         bar.set_postfix(loss=f"{loss.item():.3f}", step=f"{alphas[-1]:.3g}")
-    after = heldout_loss()
+    after, after_parts = heldout_loss()
     _strip_quantizers(work)
     for n, p in work.named_parameters():
         p.requires_grad_(requires.get(n, False))
@@ -353,5 +371,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
              "samples": int(train.shape[0]), "heldout": heldout, "seq_len": int(calib.shape[1]),
              "train_s": time.time() - t0, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
              "lrs": lrs, "r1_step": alphas, "heldout_loss_before": before, "heldout_loss_after": after,
+             "heldout_losses_before": before_parts, "heldout_losses_after": after_parts,
+             "heldout_delta_se": paired_se(before_parts, after_parts) if heldout % micro == 0 else None,
              "orthogonality_error": err, "train_quant": tq.to_dict()}
     return R1.detach().cpu(), [r.detach().cpu() for r in R2s], stats
