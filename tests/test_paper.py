@@ -168,8 +168,9 @@ def test_no_committed_row_comes_from_a_dirty_tree():
 
 def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
     """The acceptance on the learned rotations behind committed numbers: in the rotation and QAT tables a SpinQuant
-    row's training lowered the objective on its held-back calibration sequences. The study keeps the settings that do
-    not (its point is to show them), but every study row at the default recipe (lr 1.5, 100 steps, batch 8) lowers it.
+    row's training lowered the objective on its held-back calibration sequences. So does every study row at the default
+    recipe (lr 1.5, 100 steps, batch 8); the study keeps the settings that barely train (its point is to show them), and
+    where one of those raises the held-back objective, the rise is within two paired standard errors (noise).
     Deploy rows with a learned rotation (SpinQuant-offline for GGUF, trained against the 4-bit weights) lower it too;
     the rotated ExecuTorch rows are QuaRot's Hadamards, which train nothing."""
     from spinquant.report import tables as make_tables
@@ -178,7 +179,12 @@ def test_every_committed_spinquant_rotation_lowered_its_held_back_objective():
     assert {r["experiment"] for r in learned} == {"rotation", "qat", "spinquant_study"}
     for r in learned:
         st = r["metrics"]["rotation_train"]
+        if r["experiment"] == "spinquant_study":  # the study says what is noise: each change with its standard error
+            assert st.get("heldout_delta_se") is not None, r["_file"]
         if r["experiment"] == "spinquant_study" and (st["lr"], st["steps"], st["batch_size"]) != (1.5, 100, 8):
+            if st["heldout_loss_after"] >= st["heldout_loss_before"]:  # a setting that does not train: its rise
+                se = st.get("heldout_delta_se")                           # must be noise, within 2 paired SE
+                assert se is not None and st["heldout_loss_after"] - st["heldout_loss_before"] < 2 * se, r["_file"]
             continue
         assert st["heldout_loss_after"] < st["heldout_loss_before"], (r["_file"], st["heldout_loss_before"],
                                                                        st["heldout_loss_after"])
