@@ -84,12 +84,20 @@ def test_r4_uses_executorch_hadamard_op_or_our_dense_matrix():
     assert not dense.fast and torch.allclose(dense(x), odd(x), atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A small Llama (2 layers, MLP width 128) rotated with R1/R2 + online R4 (no R3), at quant=executorch_w4a8,
-    exported once (an export takes ~1 min: ExecuTorch's passes, not the model size, dominate)."""
+@pytest.fixture(scope="module", params=["quarot", "spinquant"])
+def exported(request, tmp_path_factory):
+    """A small Llama (2 layers, MLP width 128) rotated with R1/R2 + online R4 (no R3), QuaRot's Hadamards or
+    SpinQuant's learned R1/R2 (a few steps against the W4A8 target), at quant=executorch_w4a8, exported once per
+    rotation (an export takes ~1 min: ExecuTorch's passes, not the model size, dominate)."""
     model = make_tiny("llama", vocab=512, intermediate=128).float()
-    rotation.apply(model, {"name": "quarot", "r3": False})
+    if request.param == "quarot":
+        rotation.apply(model, {"name": "quarot", "r3": False})
+    else:
+        calib = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+        rotation.apply(model, {"name": "spinquant", "r3": False, "steps": 3, "batch_size": 2, "heldout": 2,
+                               "progress": False}, calib, target=QuantConfig(scheme="ExecuTorch-W4A8"))
+        st = model.rotation_state.stats
+        assert st["losses"][0] != st["losses"][-1]  # the rotations were learned, not left at the Hadamard
     quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
     ref = copy.deepcopy(model)
     path = export_executorch(model, tmp_path_factory.mktemp("et") / "m.pte", max_seq_len=96)
