@@ -77,15 +77,13 @@ def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
         raise ETExportError("KV-cache quantization is not exported (the program's cache is transformers' fp32 static "
                             "cache): export a model without KV quantization (e.g. quant=executorch_w4a8)")
     weights = [("weight", w), ("lm_head", quant.lm_head)]
-    weights += [(f"overrides[{o.modules!r}].weight", type(w).from_dict({**w.to_dict(), **o.weight}))
-                for o in quant.overrides if o.weight]
+    weights += [(f"overrides[{o.modules!r}].weight", o.over(w, "weight")) for o in quant.overrides if o.weight]
     for what, spec in weights:
         if spec.enabled and not (_weight_ok(spec) and _scale_note(spec) == ""):
             raise ETExportError(f"quant.{what} {spec.short()}{_scale_note(spec)} is not an XNNPACK weight layout here; "
                                 f"use quant=executorch_w4a8 (int4 sym g32 bf16 scales; int8 sym per-channel)")
     acts = [("act", act), ("lm_head_act", quant.lm_head_act)]
-    acts += [(f"overrides[{o.modules!r}].act", type(w).from_dict({**act.to_dict(), **o.act}))
-             for o in quant.overrides if o.act]
+    acts += [(f"overrides[{o.modules!r}].act", o.over(act, "act")) for o in quant.overrides if o.act]
     for what, spec in acts:
         if spec is not None and spec.enabled and not _act_ok(spec):
             raise ETExportError(f"quant.{what} {spec.short()} is not XNNPACK's dynamic activation quantization (int8 "

@@ -89,7 +89,7 @@ def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
                                f"{8 if spec.bits > 4 else 4}, blocks of 32, fp16 scales: llama.cpp's "
                                f"{'Q8_0' if spec.bits > 4 else 'Q4_0'})")
     specs = [("quant.weight", quant.weight), ("quant.embed", quant.embed), ("quant.lm_head", quant.lm_head)]
-    specs += [(f"quant.overrides[{o.modules!r}].weight", type(quant.weight).from_dict({**quant.weight.to_dict(), **o.weight}))
+    specs += [(f"quant.overrides[{o.modules!r}].weight", o.over(quant.weight, "weight"))
               for o in quant.overrides if o.weight]
     for what, spec in specs:
         if spec.enabled and spec_format(spec) is None:

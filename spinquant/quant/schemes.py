@@ -37,6 +37,11 @@ class ModuleOverride:
     def to_dict(self) -> dict:
         return {"modules": self.modules, "weight": dict(self.weight), "act": dict(self.act), "skip": self.skip}
 
+    def over(self, base: QuantSpec, role: str) -> QuantSpec:
+        """`base` with this override's `role` ("weight" or "act") fields merged over it; base itself if none."""
+        fields = getattr(self, role)
+        return QuantSpec.from_dict({**base.to_dict(), **fields}) if fields else base
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -86,8 +91,7 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, o.modules):
                 if o.skip:
                     return None
-                w = QuantSpec.from_dict({**w.to_dict(), **o.weight}) if o.weight else w
-                a = QuantSpec.from_dict({**a.to_dict(), **o.act}) if o.act else a
+                w, a = o.over(w, "weight"), o.over(a, "act")
         return self._fallback(w, in_features, f"{name} weight"), a
 
     def check_overrides(self, names) -> None:

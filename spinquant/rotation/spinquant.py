@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..models.adapter import get_adapter
 from ..quant.apply import quantize_
 from ..quant.quantizer import fake_quantize
-from ..quant.schemes import QuantConfig, QuantSpec
+from ..quant.schemes import QuantConfig
 from .cayley import CayleySGD, cosine_lr, orthogonality_error
 from .fuse import (
     add_down_hadamard,
@@ -206,8 +206,7 @@ def quantizes_nothing(tq: QuantConfig) -> bool:
     specs = [tq.weight, tq.act, tq.kv]
     for o in tq.overrides:
         if not o.skip:
-            specs += [QuantSpec.from_dict({**tq.weight.to_dict(), **o.weight}),
-                      QuantSpec.from_dict({**tq.act.to_dict(), **o.act})]
+            specs += [o.over(tq.weight, "weight"), o.over(tq.act, "act")]
     return not any(s.enabled for s in specs)
 
 
