@@ -109,6 +109,9 @@ def train(model, tokens: torch.Tensor, cfg: TrainConfig, teacher=None, run_confi
 
     start, losses, prior_s = 0, [], 0.0
     ckpt = Path(cfg.out_dir) / "checkpoint" if cfg.out_dir else None
+    if ckpt is not None and ckpt.exists() and not (ckpt / "trainer.json").is_file():  # never replace what it did not write
+        raise FileExistsError(f"{ckpt} exists and is not a QAT checkpoint (no trainer.json); move it away or set "
+                              f"checkpoint_dir to another folder")
     if ckpt is not None and (ckpt / "trainer.json").is_file():
         acc.load_state(str(ckpt))
         state = json.loads((ckpt / "trainer.json").read_text())

@@ -119,18 +119,22 @@ def usage() -> str:
 
 
 EXPORT_FORMATS = ("packed", "gguf", "compressed-tensors", "executorch")
-EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] "
+EXPORT_USAGE = ("usage: spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] [--overwrite] "
                 "[group=option key=value ...]\n"
                 "  packed: a folder for spinquant.load_packed (our kernels); gguf: one .gguf file for llama.cpp "
                 "(quant=gguf_q4_0 / gguf_q8_0, weight-only, R1/R2 rotations only); compressed-tensors: a checkpoint "
                 "folder for transformers / vLLM (symmetric weight-only, or W8A8); executorch: one .pte program on "
-                "XNNPACK (quant=executorch_w4a8, R1/R2 and R4 rotations)")
+                "XNNPACK (quant=executorch_w4a8, R1/R2 and R4 rotations)\n"
+                "  OUT may be a new or empty folder (or file), or an earlier output of the same format, whose files are "
+                "replaced; --overwrite also writes into a folder holding other files (keeping them) or replaces a "
+                "file of another kind")
 
 
 def export_cmd(argv: list[str]) -> None:
-    """spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] [overrides]: the run's
-    quantization written to OUT (no evaluation)."""
-    fmt = "packed"
+    """spinquant export OUT [--format packed|gguf|compressed-tensors|executorch] [--overwrite] [overrides]: the
+    run's quantization written to OUT (no evaluation)."""
+    fmt, overwrite = "packed", "--overwrite" in argv
+    argv = [a for a in argv if a != "--overwrite"]
     if "--format" in argv:
         i = argv.index("--format")
         if i + 1 >= len(argv) or argv[i + 1] not in EXPORT_FORMATS:
@@ -148,8 +152,10 @@ def export_cmd(argv: list[str]) -> None:
     rc = pipeline.RunConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
     run = {"packed": pipeline.export_packed, "gguf": pipeline.export_gguf_run,
            "compressed-tensors": pipeline.export_compressed_tensors_run, "executorch": pipeline.export_executorch_run}[fmt]
-    path = run(rc, out)
-    print(f"[done] {rc.quant.label()} {fmt} model written to {path}")
+    path = run(rc, out, overwrite=overwrite)
+    q = rc.quant
+    name = q.label() if q.scheme in (None, q.label()) else f"{q.scheme} ({q.label()})"
+    print(f"[done] {name} {fmt} model written to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,6 @@ float32 and the checkpoint's dtype is float32, so the reloaded weights are our d
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +21,9 @@ import torch
 from .export import check_fused_only
 from .models.adapter import get_adapter
 from .quant.linear import QuantEmbedding, QuantLinear
+from .writes import check_dir, write_dir
+
+WRITER = "compressed-tensors"
 
 
 class CTExportError(ValueError):
@@ -91,15 +91,22 @@ def _layout(m, where: str):
 
 
 def check_config(quant, rotation_cfg=None, qat_cfg=None) -> None:
-    """The export's refusals from the run's configuration alone, before any model is loaded or trained."""
-    w, act = quant.weight, quant.act
+    """The export's refusals from the run's configuration alone (per-module overrides merged in, as the model will
+    be quantized), before any model is loaded or trained."""
     if quant.kv.enabled:
         raise CTExportError("KV-cache quantization is not exported: export a model without KV quantization")
-    if w.enabled and not w.symmetric:
-        raise CTExportError(f"asymmetric weights ({w.short()}) are not exported; use a symmetric preset (quant=w4a16)")
-    if act.enabled and not (w.bits == 8 and w.granularity == "channel" and act.bits == 8 and act.granularity == "token"):
-        raise CTExportError(f"{w.short()} weights with {act.short()} activations have no compressed-tensors layout "
-                            f"here; export weight-only (quant=w4a16 / w4a16_g128) or W8A8 (quant=w8a8)")
+    pairs = [("quant", quant.weight, quant.act)]
+    pairs += [(f"quant.overrides[{o.modules!r}]", o.over(quant.weight, "weight"), o.over(quant.act, "act"))
+              for o in quant.overrides if not o.skip]
+    for where, w, act in pairs:
+        if w.enabled and not w.symmetric:
+            raise CTExportError(f"{where}: asymmetric weights ({w.short()}) are not exported; use a symmetric preset "
+                                f"(quant=w4a16)")
+        if act.enabled and not (w.enabled and w.bits == 8 and w.granularity == "channel" and act.bits == 8
+                                and act.granularity == "token" and act.dynamic):
+            raise CTExportError(f"{where}: {w.short() if w.enabled else 'FP'} weights with {act.short()} activations "
+                                f"have no compressed-tensors layout here; export weight-only (quant=w4a16 / "
+                                f"w4a16_g128) or W8A8 (quant=w8a8)")
     for what in ("embed", "lm_head"):
         if getattr(quant, what).enabled:
             raise CTExportError(f"quant.{what} is quantized; this export keeps it in full precision")
@@ -136,16 +143,14 @@ def check_exportable(model) -> dict:
     return plan
 
 
-def export_compressed_tensors(model, out, tokenizer=None) -> Path:
+def export_compressed_tensors(model, out, tokenizer=None, overwrite: bool = False) -> Path:
     """Write `model` (after `quantize_`) as a compressed-tensors checkpoint folder `out` (config.json with its
-    quantization_config, model.safetensors, tokenizer). Checks first; the folder appears complete or not at all."""
+    quantization_config, model.safetensors, tokenizer). Checks first; the files appear complete or not at all, and a
+    folder holding other files is refused unless `overwrite` (which keeps them; see `spinquant.writes`)."""
     from safetensors.torch import save_file
     QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
+    out = check_dir(out, WRITER, overwrite)
     plan = check_exportable(model)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.parent, os.W_OK):
-        raise PermissionError(f"cannot write {out}: {out.parent} is not writable")
     groups: dict[tuple, list[str]] = {}
     for name, (fmt, w, act) in plan.items():
         groups.setdefault((fmt, w, act), []).append(name)
@@ -178,16 +183,9 @@ def export_compressed_tensors(model, out, tokenizer=None) -> Path:
         tensors[k] = v.detach().float().contiguous()
     cfg = model.config.to_dict()
     cfg.update(quantization_config=qconfig.model_dump(exclude_none=True), dtype="float32", torch_dtype="float32")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with write_dir(out, WRITER, overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -175,30 +175,73 @@ class LeanDecoder:
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Append ids [b, s] (b = batch_size) -> logits float32 [b, vocab] of the last position ([b, s, vocab] with
         all_logits)."""
-        if ids.dim() != 2 or ids.shape[0] != self.batch:
-            raise ValueError(f"ids must be [batch_size={self.batch}, tokens], got shape {tuple(ids.shape)}")
+        self._check_ids(ids)
         b, s = ids.shape
         start = self.pos
         if start + s > self.max_len:
             raise ValueError(f"{start} cached + {s} new tokens exceed max_len {self.max_len}; reset() or build the "
                              f"decoder with a larger max_len")
+        logits = self._forward(ids, start, all_logits)
+        if not bool(torch.isfinite(logits).all()):
+            self._locate_nonfinite(ids, start, all_logits)
+        return logits
+
+    def _check_ids(self, ids) -> None:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"ids must be a tensor [batch_size={self.batch}, tokens >= 1], got {shape}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be integer token ids (torch.long), got dtype {ids.dtype}")
+        vocab = getattr(self.embed, "num_embeddings", None) or self.model.config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary (0..{vocab - 1})")
+
+    def _locate_nonfinite(self, ids, start: int, all_logits: bool):
+        """Re-run the step that produced NaN / Inf logits (it rewrites the same cache positions) with a check after
+        each layer's attention and MLP, and raise naming where the values first stopped being finite."""
+        from .numerics import NonFiniteError, nonfinite_tensors
+        bad = nonfinite_tensors(self.model)
+        if bad:
+            raise NonFiniteError(f"non-finite logits during decode: model weights hold NaN or Inf in {bad[:5]}")
+        where = []
+        self._forward(ids, start, all_logits, where)
+        self.pos = start  # the step did not happen
+        at = where[0] if where else "the final norm / lm_head"
+        end = start + ids.shape[1] - 1
+        raise NonFiniteError(f"non-finite activations (NaN or Inf) during decode at positions {start}..{end}, first in "
+                             f"{at}; the weights are finite, so the values overflow (check the dtype)")
+
+    def _forward(self, ids, start: int, all_logits: bool, where: list | None = None) -> torch.Tensor:
+        b, s = ids.shape
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids).to(self.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             y = _rms_norm(x, layer.norms[0])
             qk, v = layer.project_qkv(y)
             qk = self._rope(qk.reshape(b, s, h + kvh, d), start)
             q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
             v = v.view(b, s, kvh, d).transpose(1, 2)
             x = x + layer.o(self._attention(layer, q, k, v, start))
+            if where is not None and not where and not bool(torch.isfinite(x).all()):
+                where.append(f"layer {i} attention")
             x = x + layer.mlp(_rms_norm(x, layer.norms[1]))
+            if where is not None and not where and not bool(torch.isfinite(x).all()):
+                where.append(f"layer {i} MLP")
         self.pos = start + s
         x = _rms_norm(x if all_logits else x[:, -1:], self.final_norm)
         logits = self.head(x).float()
         return logits if all_logits else logits[:, -1]
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy continuation of ids [b, s] from an empty cache -> new ids [b, max_new_tokens]."""
+        """Greedy continuation of ids [b, s] from an empty cache -> new ids [b, max_new_tokens]. Arguments are
+        checked before the first token: the prompt and all but the last new token must fit in max_len."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self._check_ids(ids)
+        if ids.shape[1] + max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens needs "
+                             f"{ids.shape[1] + max_new_tokens - 1} cache positions, more than max_len {self.max_len}")
         self.reset()
         tok = self.forward(ids).argmax(-1, keepdim=True)
         out = [tok]

@@ -18,8 +18,6 @@ non-4/8-bit weights, activation specs other than int8 asym dynamic per-token, a 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +27,9 @@ import torch.nn.functional as F
 from .export import check_fused_only
 from .models.adapter import get_adapter
 from .quant.linear import QuantEmbedding, QuantLinear
+from .writes import check_file, write_file
+
+WRITER = "ExecuTorch"
 
 
 class ETExportError(ValueError):
@@ -242,19 +243,14 @@ def _plain(m: QuantLinear) -> nn.Linear:
 
 # ---- export -------------------------------------------------------------------------------------------------------
 
-def export_executorch(model, path, max_seq_len: int) -> Path:
+def export_executorch(model, path, max_seq_len: int, overwrite: bool = False) -> Path:
     """Write `model` (after quantize_, fake-quant) as an ExecuTorch program `path` (.pte, XNNPACK) with a static KV
     cache of `max_seq_len` positions. Checks first; the file appears complete or not at all. `model` is consumed
     (its quantized modules are replaced by exportable ones, in float32)."""
     XnnpackPartitioner, EdgeCompileConfig, to_edge_transform_and_lower = _executorch()
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+    path = check_file(path, WRITER, is_pte, overwrite, "ExecuTorch program")
     check_exportable(model)
-    path = Path(path)
-    if any(p.exists() and not p.is_dir() for p in path.parents):
-        raise NotADirectoryError(f"cannot write {path}: {next(p for p in path.parents if p.exists())} is not a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: {path.parent} is not writable")
     if max_seq_len > getattr(model.config, "max_position_embeddings", max_seq_len):
         raise ETExportError(f"max_seq_len {max_seq_len} exceeds the model's context "
                             f"{model.config.max_position_embeddings}")
@@ -269,12 +265,13 @@ def export_executorch(model, path, max_seq_len: int) -> Path:
                             dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
     prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            prog.write_to_file(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with write_file(path, WRITER, is_pte, overwrite, "ExecuTorch program") as tmp, open(tmp, "wb") as f:
+        prog.write_to_file(f)
     return path
+
+
+def is_pte(path) -> bool:
+    """Whether `path` is an ExecuTorch program (flatbuffer file identifier "ET" + version at bytes 4-8)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return len(head) == 8 and head[4:6] == b"ET"

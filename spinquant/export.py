@@ -26,9 +26,11 @@ from .quant.apply import _set
 from .quant.linear import KVQuantizer
 from .quant.spec import QuantSpec
 from .rotation.online import OnlineHadamard
+from .writes import check_dir, write_dir
 
 FORMAT = "spinquant-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor and metadata checksums (version 1 files still load, unchecked)
+READS = (1, 2)
 WEIGHTS, META = "model.safetensors", "spinquant.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -67,14 +69,20 @@ def _adapter_meta(a) -> dict | None:
             "pool_group": a.pool_group}
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
-    """Write the packed model to folder `path` (atomically: a temporary folder renamed at the end)."""
-    from safetensors.torch import save_file
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write the packed model to folder `path`: written beside it and moved in at the end, so a failure leaves no
+    partial output. A folder holding other files is refused unless `overwrite` (which keeps them; see
+    `spinquant.writes`)."""
+    path = check_dir(path, FORMAT, overwrite)
     if not any(isinstance(m, PackedLinear) for m in model.modules()):
         pack(model)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    with write_dir(path, FORMAT, overwrite) as tmp:
+        _write(model, tmp, tokenizer)
+    return path
+
+
+def _write(model: nn.Module, tmp: Path, tokenizer) -> None:
+    from safetensors.torch import save_file
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     covered: set[str] = set()
@@ -124,15 +132,136 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             "model_config": model.config.to_dict(), "quant_config": qc.to_dict() if qc is not None else None,
             "modules": modules, "attention": attention,
             "rotation": state.to_dict() if (state := getattr(model, "rotation_state", None)) is not None else None}
+    meta = json.loads(json.dumps(meta, default=str))  # as it will read back
+    meta["checksums"] = {"tensors": {k: tensor_sha256(v) for k, v in tensors.items()}, "meta": meta_sha256(meta)}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    (tmp / META).write_text(json.dumps(meta, indent=1, default=str))
+    (tmp / META).write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    if path.exists():
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (row-major, its own dtype)."""
+    import hashlib
+    return hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def meta_sha256(meta: dict) -> str:
+    """sha256 of the metadata without its checksums, in a canonical JSON form (sorted keys)."""
+    import hashlib
+    body = {k: v for k, v in meta.items() if k != "checksums"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _spec_of(d, what: str, where: Path) -> QuantSpec | None:
+    if d is None:
+        return None
+    try:
+        return QuantSpec.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ExportFormatError(f"{where}: {what} is not a valid spec ({e})") from None
+
+
+def _kernel_holds(kernel: str, s: QuantSpec) -> str | None:
+    """Why the saved form `kernel` cannot hold weights of spec `s` (None if it can)."""
+    if not s.enabled and kernel != "dequant":
+        return f"a {s.bits}-bit weight spec is not quantized, but kernel {kernel!r} holds integer codes"
+    if kernel == "int4" and not (s.bits <= 4 and s.granularity in ("channel", "group")):
+        return f"kernel 'int4' holds at most 4-bit per-channel or grouped codes, not {s.short()}"
+    if kernel == "int8" and not (4 < s.bits <= 8 and s.granularity == "channel" and s.symmetric):
+        return f"kernel 'int8' holds 5-8-bit symmetric per-channel codes, not {s.short()}"
+    return None
+
+
+def _check_code_range(name: str, kernel: str, q: torch.Tensor | None, s: QuantSpec, where: Path) -> None:
+    """The saved codes lie in the range of the recorded bit-width (an edited `bits` is caught here)."""
+    if q is None:
+        return
+    if kernel == "int4":
+        if q.dtype != torch.uint8:
+            raise ExportFormatError(f"{where}: {name}.qweight has dtype {q.dtype}, expected uint8 (two 4-bit codes a byte)")
+        off = 8 if s.symmetric else 8 - 2 ** (s.bits - 1)  # the saved form u = code + off (kernels.linear._int4_form)
+        lo, hi = s.qmin + off, s.qmax + off
+        u = torch.stack([q & 15, q >> 4])
+    else:
+        if q.dtype != torch.int8:
+            raise ExportFormatError(f"{where}: {name}.qweight has dtype {q.dtype}, expected int8")
+        lo, hi, u = s.qmin, s.qmax, q
+    if u.numel() and (int(u.min()) < lo or int(u.max()) > hi):
+        raise ExportFormatError(f"{where}: {name}.qweight holds codes outside the range of its recorded w_spec "
+                                f"{s.short()} ([{int(u.min())}, {int(u.max())}] stored, [{lo}, {hi}] allowed): "
+                                f"the spec or the tensor was changed")
+
+
+def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
+    """The metadata against the model its `model_config` builds and against itself, before any tensor is read: every
+    module exists with the recorded sizes, one attention entry per layer, specs valid and holdable by their kernel,
+    the rotation consistent with the online transforms. Raises ExportFormatError naming the field."""
+    from .rotation import ROTATIONS
+    a = get_adapter(model)
+    n_layers = len(a.decoder_layers(model))
+    mods = meta.get("modules")
+    if not isinstance(mods, dict) or not isinstance(meta.get("attention"), dict):
+        raise ExportFormatError(f"{where}: `modules` and `attention` must be objects")
+    have = dict(model.named_modules())
+    for name, d in mods.items():
+        m = have.get(name)
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if kind not in ("linear", "embedding"):
+            raise ExportFormatError(f"{where}: module {name!r} has kind {kind!r} (expected linear or embedding)")
+        if m is None:
+            raise ExportFormatError(f"{where}: module {name!r} does not exist in the model its model_config describes "
+                                    f"({n_layers} layers, hidden {model.config.hidden_size})")
+        if kind == "linear":
+            if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out")):
+                got = (getattr(m, "in_features", None), getattr(m, "out_features", None))
+                raise ExportFormatError(f"{where}: module {name!r} is recorded as a linear {d.get('in')} -> {d.get('out')}, "
+                                        f"but model_config makes it {type(m).__name__} {got[0]} -> {got[1]}")
+            w = _spec_of(d.get("w_spec"), f"{name}.w_spec", where)
+            act = _spec_of(d.get("act_spec"), f"{name}.act_spec", where)
+            why = _kernel_holds(d.get("kernel"), w) if w is not None else "w_spec is missing"
+            if why:
+                raise ExportFormatError(f"{where}: module {name!r}: {why}")
+            if act is not None and act.enabled and (act.granularity != "token" or act.bits > 8):
+                raise ExportFormatError(f"{where}: module {name!r}: act_spec {act.short()} is not a per-token activation "
+                                        f"quantizer of at most 8 bits (the packed kernels' form)")
+        else:
+            if not isinstance(m, nn.Embedding) or (m.num_embeddings, m.embedding_dim) != (d.get("num"), d.get("dim")):
+                raise ExportFormatError(f"{where}: embedding {name!r} is recorded as {d.get('num')} x {d.get('dim')}, "
+                                        f"which model_config does not give")
+            spec = _spec_of(d.get("spec"), f"{name}.spec", where)
+            if spec is None or spec.bits > 8 or spec.granularity not in ("channel", "tensor"):
+                raise ExportFormatError(f"{where}: embedding {name!r}: spec must be an int8-or-narrower per-row spec")
+    keys = set(meta["attention"])
+    if keys != {str(i) for i in range(n_layers)}:
+        raise ExportFormatError(f"{where}: `attention` has entries for layers {sorted(keys, key=lambda k: (len(k), k))}, "
+                                f"but model_config has {n_layers} layers (0..{n_layers - 1})")
+    for i, d in meta["attention"].items():
+        kv = (d or {}).get("kv")
+        if kv is not None:
+            for part in ("k", "v"):
+                spec = _spec_of(kv.get(part) if isinstance(kv, dict) else None, f"attention {i} kv.{part}", where)
+                if spec is None or not spec.enabled:
+                    raise ExportFormatError(f"{where}: attention {i}: kv.{part} must be a quantized spec")
+                try:
+                    spec.check_shape(a.head_dim(model), "head_dim")
+                except ValueError as e:
+                    raise ExportFormatError(f"{where}: attention {i} kv.{part}: {e}") from None
+    rot = meta.get("rotation")
+    if rot is not None:
+        if not isinstance(rot, dict) or rot.get("name") not in ROTATIONS:
+            raise ExportFormatError(f"{where}: rotation {rot.get('name') if isinstance(rot, dict) else rot!r} is not a "
+                                    f"known rotation ({', '.join(ROTATIONS)})")
+        cfg = rot.get("config") or {}
+        r3 = rot["name"] != "none" and bool(cfg.get("r3", False))
+        r4 = rot["name"] != "none" and bool(cfg.get("r4", False))
+        has_r3 = [bool((d or {}).get("qk_transform")) for d in meta["attention"].values()]
+        downs = [d for n, d in mods.items() if d["kind"] == "linear" and n.endswith("." + a.linear_names()["down"])]
+        has_r4 = [bool(d.get("input_transform")) for d in downs]
+        if any(h != r3 for h in has_r3) or any(h != r4 for h in has_r4):
+            raise ExportFormatError(f"{where}: rotation {rot['name']!r} (r3={r3}, r4={r4}) does not match the online "
+                                    f"transforms recorded (R3 on {sum(has_r3)} of {len(has_r3)} layers, R4 on "
+                                    f"{sum(has_r4)} of {len(has_r4)} packed down_proj)")
 
 
 def _take(tensors: dict, name: str, shape: tuple | None, where: Path) -> torch.Tensor:
@@ -142,6 +271,7 @@ def _take(tensors: dict, name: str, shape: tuple | None, where: Path) -> torch.T
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ExportFormatError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)} "
                                 f"from {META}")
+    tensors.verify(name)
     return t
 
 
@@ -164,6 +294,7 @@ def _linear_from(tensors, name, d, where) -> PackedLinear:
         t["weight"] = _take(tensors, f"{name}.weight", (N, K), where)
     else:
         raise ExportFormatError(f"{where}: module {name!r} has unknown kernel {kernel!r}")
+    _check_code_range(name, kernel, t.get("qweight"), w_spec, where)
     m = PackedLinear.from_export(t, K, N, w_spec, act_spec, load_kernel(kernel, w_spec, act_spec))
     if d.get("input_transform"):
         m.input_transform = OnlineHadamard(d["input_transform"]["n"], d["input_transform"]["fallback"])
@@ -187,19 +318,33 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         raise ExportFormatError(f"{path} is not a saved spinquant model: expected {META} and {WEIGHTS} in it")
     try:
         meta = json.loads((path / META).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportFormatError(f"{path / META} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ExportFormatError(f"{path / META} is not a JSON object")
     if meta.get("format") != FORMAT:
         raise ExportFormatError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READS:
         raise ExportFormatError(f"{path / META}: format_version {meta.get('format_version')!r} is not supported by "
-                                f"this spinquant (reads version {FORMAT_VERSION}); upgrade spinquant or re-export")
+                                f"this spinquant (reads versions {', '.join(map(str, READS))}); upgrade spinquant or "
+                                f"re-export")
+    sums = meta.get("checksums")
+    meta_unchanged = sums is None or (isinstance(sums, dict) and meta_sha256(meta) == sums.get("meta"))
+    if meta["format_version"] >= 2 and not (isinstance(sums, dict) and isinstance(sums.get("tensors"), dict)
+                                           and isinstance(sums.get("meta"), str)):
+        raise ExportFormatError(f"{path / META}: the checksums of a version-2 file are missing or malformed")
+    if sums is None:
+        import warnings
+        warnings.warn(f"{path} was saved by an older spinquant (format version 1, no checksums): its contents cannot "
+                      f"be verified; re-export it to add them", stacklevel=2)
     try:  # tensors are read one module at a time, keeping peak memory at the packed model's size
-        tensors = _LazyTensors(path / WEIGHTS)
+        tensors = _LazyTensors(path / WEIGHTS, sums["tensors"] if sums else None)
     except (ValueError, KeyError, TypeError, OSError) as e:
         if isinstance(e, ExportFormatError):
             raise
         raise ExportFormatError(f"{path / WEIGHTS} is corrupt or unreadable: {e}") from None
+    if meta.get("dtype") not in DTYPES:
+        raise ExportFormatError(f"{path / META}: dtype {meta.get('dtype')!r} is not one of {list(DTYPES)}")
     dtype = DTYPES[meta["dtype"]]
     cfg = dict(meta["model_config"])
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -207,6 +352,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     where = path / WEIGHTS
     mods = meta["modules"]
+    check_meta(meta, model, path / META)
     for name, d in mods.items():  # linears first: a shared embedding reads the lm_head's table
         if d["kind"] == "linear":
             _set(model, name, _linear_from(tensors, name, d, where))
@@ -249,6 +395,10 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     if meta.get("quant_config"):
         from .quant.schemes import QuantConfig
         model.quant_config = QuantConfig.from_dict({k: v for k, v in meta["quant_config"].items()})
+    if not meta_unchanged:
+        raise ExportFormatError(f"{path / META} was changed after it was saved (its checksum does not match): an "
+                                f"edited spec, rotation or config would change the computation or silently fail to; "
+                                f"re-export the model instead of editing the file")
     model.eval().to(device)
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():
@@ -265,8 +415,9 @@ class _LazyTensors:
               "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "BOOL": torch.bool}
 
-    def __init__(self, path: Path):
-        self.path, size = path, path.stat().st_size
+    def __init__(self, path: Path, checksums: dict | None = None):
+        self.path, self.checksums, size = path, checksums, path.stat().st_size
+        self.mismatched: set[str] = set()
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 0 < n <= size - 8:
@@ -279,6 +430,11 @@ class _LazyTensors:
                 raise ExportFormatError(f"{path} is corrupt or truncated: tensor {name!r} ({e.get('dtype')}, bytes "
                                         f"{e['data_offsets']}) lies outside the file's {size - self.start} data bytes")
         self.names = set(header)
+        if checksums is not None and set(checksums) != self.names:
+            extra, missing = sorted(self.names - set(checksums)), sorted(set(checksums) - self.names)
+            raise ExportFormatError(f"{path}: the file's tensors differ from those recorded at save: "
+                                    + "; ".join(([f"{missing[:5]} missing from the file"] if missing else [])
+                                                + ([f"{extra[:5]} in the file but not recorded"] if extra else [])))
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
@@ -291,12 +447,26 @@ class _LazyTensors:
         with open(self.path, "rb") as f:
             f.seek(self.start + a)
             f.readinto(buf)
+        if self.checksums is not None:
+            import hashlib
+            if hashlib.sha256(buf).hexdigest() != self.checksums[name]:
+                self.mismatched.add(name)
         if not buf:
             return torch.empty(e["shape"], dtype=self.DTYPES[e["dtype"]])
         return torch.frombuffer(buf, dtype=self.DTYPES[e["dtype"]]).reshape(e["shape"])
 
+    def verify(self, name: str) -> None:
+        """Raise if the bytes read for `name` do not match its recorded checksum (after the caller's shape checks,
+        which give a more specific reason)."""
+        if name in self.mismatched:
+            raise ExportFormatError(f"{self.path}: tensor {name!r} does not match the checksum recorded when it was "
+                                    f"saved: the file is corrupt (or was modified); re-export or copy it again")
+
     def rest(self) -> dict[str, torch.Tensor]:
-        return {n: self.pop(n) for n in sorted(self.names)}
+        out = {n: self.pop(n) for n in sorted(self.names)}
+        for n in out:
+            self.verify(n)
+        return out
 
 
 def _trim() -> None:

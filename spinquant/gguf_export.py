@@ -15,8 +15,6 @@ GGUF equivalent and are refused; R1 / R2 are fused into the weights and export a
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,9 @@ import torch
 from .export import check_fused_only
 from .models.adapter import get_adapter
 from .quant.linear import QuantEmbedding, QuantLinear
+from .writes import check_file, write_file
+
+WRITER = "GGUF"
 
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type -> llama.cpp architecture
 PERMUTE_QK = {"llama", "mistral"}
@@ -172,19 +173,16 @@ def _vocab(gguf, tokenizer_dir: Path):
                           f"fallback, or GPT-2 byte-level BPE): {'; '.join(errors)}")
 
 
-def export_gguf(model, path, tokenizer_dir, name: str | None = None, fp: str = "F16") -> Path:
+def export_gguf(model, path, tokenizer_dir, name: str | None = None, fp: str = "F16", overwrite: bool = False) -> Path:
     """Write `model` (fake-quant or FP, after `quantize_`) to the GGUF file `path` with the tokenizer of
     `tokenizer_dir`; unquantized matrices as `fp` (F16, or F32: exactly the FP weights, e.g. as the input of
     llama.cpp's own quantizer). Checks everything first; the file appears complete or not at all."""
     if fp not in ("F16", "F32"):
         raise ValueError(f"fp must be 'F16' or 'F32', got {fp!r}")
     gguf = _gguf()
-    path, tokenizer_dir = Path(path), Path(tokenizer_dir)
+    path, tokenizer_dir = check_file(path, WRITER, is_gguf, overwrite, "GGUF file"), Path(tokenizer_dir)
     check_exportable(model)
     vocab = _vocab(gguf, tokenizer_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: {path.parent} is not writable")
     c = model.config
     a = get_adapter(model)
     arch = ARCH[c.model_type]
@@ -225,10 +223,8 @@ def export_gguf(model, path, tokenizer_dir, name: str | None = None, fp: str = "
             if getattr(m, "bias", None) is not None:
                 add_vec(f"blk.{i}.{names[role]}.bias", m.bias, p)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with write_file(path, WRITER, is_gguf, overwrite, "GGUF file") as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or getattr(c, "_name_or_path", "") or arch)
         w.add_context_length(c.max_position_embeddings)
         w.add_embedding_length(c.hidden_size)
@@ -264,8 +260,10 @@ def export_gguf(model, path, tokenizer_dir, name: str | None = None, fp: str = "
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
+
+
+def is_gguf(path) -> bool:
+    """Whether `path` starts with GGUF's magic (a file a GGUF export may replace)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"

@@ -18,7 +18,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from .quant import QuantConfig, get_weight_quantizer, quantize_
 from .quant.apply import check_config_shapes
 from .results import revision_for, row_path, write_row
 from .typed import from_fields
+from .writes import check_dir, check_file
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,6 +77,11 @@ class EvalConfig:
 
     def __post_init__(self):
         self.lm_eval = from_fields(LMEvalConfig, self.lm_eval, "eval.lm_eval")
+        for k in ("max_windows", "seq_len", "stride", "batch_size"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"eval.{k} must be a positive integer{' or null' if k != 'batch_size' else ''}, "
+                                 f"got {v!r}" + (" (null scores every window)" if k == "max_windows" else ""))
 
 
 @dataclass
@@ -144,12 +150,23 @@ class RunConfig:
     raw: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if isinstance(self.model, (str, os.PathLike)):  # a short name or a folder, as sq.load_model takes
+            self.model = ModelConfig(name=Path(self.model).name if os.sep in str(self.model) else str(self.model),
+                                     path=str(self.model))
         self.model = from_fields(ModelConfig, self.model, "model")
         self.data = from_fields(DataConfig, self.data, "data")
         self.rotation = rotation.rotation_config(self.rotation)
+        # one rule for seeds, from Python as from Hydra (whose configs interpolate ${seed}): a section's seed left
+        # unset is the run's seed
+        if getattr(self.rotation, "seed", 0) is None:
+            self.rotation = replace(self.rotation, seed=self.seed)
+        if isinstance(self.quant, str):  # a scheme name, e.g. "W4A8"
+            self.quant = QuantConfig(scheme=self.quant)
         if not isinstance(self.quant, QuantConfig):
             self.quant = QuantConfig.from_dict(dict(self.quant or {}))
         self.qat = from_fields(QATRunConfig, self.qat, "qat")
+        if self.qat.name != "none" and "seed" not in self.qat.train:
+            self.qat = replace(self.qat, train={**self.qat.train, "seed": self.seed})
         self.eval = from_fields(EvalConfig, self.eval, "eval")
         self.kernels = from_fields(KernelsConfig, self.kernels, "kernels")
         self.wandb = from_fields(WandbConfig, self.wandb, "wandb")
@@ -237,14 +254,19 @@ def _lengths(cfg: RunConfig) -> tuple[int, int]:
     return cfg.eval.seq_len or cfg.model.seq_len, cfg.data.calib_seq_len or cfg.model.seq_len
 
 
-def preflight(cfg: RunConfig, out: Path):
+def preflight(cfg: RunConfig, out: Path | None):
     """Everything checkable before the model's weights are read (and before GPTQ / SpinQuant / QAT run), so a
-    bad config fails in seconds: device, results folder, model family and tokenizer, group sizes and overrides
-    against every layer the config quantizes (from config.json), eval length against the model's context,
-    every dataset present and at least one window long. Returns the tokenizer."""
+    bad config fails in seconds: device, results folder (`out`: the row's path; None for an export, whose target
+    its caller checks), model family and tokenizer, group sizes and overrides against every layer the config
+    quantizes (from config.json), eval length against the model's context, every dataset present and at least one
+    window long. Returns the tokenizer."""
     qcfg = cfg.quant
     check_device(cfg.device)
-    _check_writable(out.parent)
+    if out is not None:
+        _check_writable(out.parent)
+    if cfg.kernels.save:
+        from .export import FORMAT
+        check_dir(cfg.kernels.save, FORMAT, what="packed model folder (kernels.save)")
     get_weight_quantizer(qcfg.method)  # unknown method (a plugin not loaded?): a clear error now, not after loading
     eval_len, calib_len = _lengths(cfg)
     mconf = load_config(cfg.model.path)
@@ -438,50 +460,54 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     return model, device, rotation_s, time.time() - t, qat_stats
 
 
-def _quantized_for_export(cfg: RunConfig | dict, target: Path, check_config=None):
-    """(config, quantized model, tokenizer) for an export to `target`: the format's refusals from the config
-    (`check_config(quant, rotation, qat)`), then the run's preflight, before the model is loaded and quantized."""
+def _quantized_for_export(cfg: RunConfig | dict, check_target, check_config=None):
+    """(config, quantized model, tokenizer) for an export: the target path's checks (`check_target()`), the format's
+    refusals from the config (`check_config(quant, rotation, qat)`), then the run's preflight, all before the model
+    is loaded and quantized."""
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    check_target()
     if check_config is not None:
         check_config(cfg.quant, cfg.rotation, cfg.qat)
     seed_everything(cfg.seed)
-    tok = preflight(cfg, target)
+    tok = preflight(cfg, None)
     return cfg, build_quantized(cfg, tok)[0], tok
 
 
-def export_compressed_tensors_run(cfg: RunConfig | dict, out) -> Path:
+def export_compressed_tensors_run(cfg: RunConfig | dict, out, overwrite: bool = False) -> Path:
     """Quantize as `cfg` says and write a compressed-tensors checkpoint folder `out` (transformers / vLLM load it).
     Everything the format cannot hold here is refused from the config, before the model loads."""
-    from .ct_export import check_config, export_compressed_tensors
-    cfg, model, tok = _quantized_for_export(cfg, Path(out), check_config)
-    return export_compressed_tensors(model, out, tok)
+    from .ct_export import WRITER, check_config, export_compressed_tensors
+    cfg, model, tok = _quantized_for_export(cfg, lambda: check_dir(out, WRITER, overwrite), check_config)
+    return export_compressed_tensors(model, out, tok, overwrite=overwrite)
 
 
-def export_gguf_run(cfg: RunConfig | dict, out) -> Path:
+def export_gguf_run(cfg: RunConfig | dict, out, overwrite: bool = False) -> Path:
     """Quantize as `cfg` says and write the GGUF file `out` for llama.cpp (weights bit-exact; see gguf_export).
     Everything GGUF cannot hold is refused from the config, before the model loads."""
-    from .gguf_export import check_config, export_gguf
+    from .gguf_export import WRITER, check_config, export_gguf, is_gguf
     from .models.load import resolve_path
-    cfg, model, _ = _quantized_for_export(cfg, Path(out), check_config)
-    return export_gguf(model, out, resolve_path(cfg.model.path), name=cfg.model.name)
+    cfg, model, _ = _quantized_for_export(cfg, lambda: check_file(out, WRITER, is_gguf, overwrite, "GGUF file"),
+                                          check_config)
+    return export_gguf(model, out, resolve_path(cfg.model.path), name=cfg.model.name, overwrite=overwrite)
 
 
-def export_executorch_run(cfg: RunConfig | dict, out) -> Path:
+def export_executorch_run(cfg: RunConfig | dict, out, overwrite: bool = False) -> Path:
     """Quantize as `cfg` says and write the ExecuTorch program `out` (.pte, XNNPACK; see et_export) with a static KV
     cache of the eval length. Everything the program cannot hold is refused from the config, before the model loads."""
-    from .et_export import check_config, export_executorch
-    cfg, model, _ = _quantized_for_export(cfg, Path(out), check_config)
-    return export_executorch(model, out, max_seq_len=_lengths(cfg)[0])
+    from .et_export import WRITER, check_config, export_executorch, is_pte
+    cfg, model, _ = _quantized_for_export(
+        cfg, lambda: check_file(out, WRITER, is_pte, overwrite, "ExecuTorch program"), check_config)
+    return export_executorch(model, out, max_seq_len=_lengths(cfg)[0], overwrite=overwrite)
 
 
-def export_packed(cfg: RunConfig | dict, out) -> Path:
+def export_packed(cfg: RunConfig | dict, out, overwrite: bool = False) -> Path:
     """Quantize as `cfg` says, pack onto `cfg.kernels` (cpu when none) and save the folder `out` (weights,
-    metadata, tokenizer), written atomically. No evaluation."""
+    metadata, tokenizer). No evaluation. A folder holding other files is refused unless `overwrite`."""
     from . import export, kernels
-    cfg, model, tok = _quantized_for_export(cfg, Path(out) / "model.json")
+    cfg, model, tok = _quantized_for_export(cfg, lambda: check_dir(out, export.FORMAT, overwrite))
     backend = cfg.kernels.name if cfg.kernels.name != "none" else "cpu"
     kernels.pack(model, DTYPES[cfg.kernels.dtype], backend=backend)
-    return export.save(model, out, tok)
+    return export.save(model, out, tok, overwrite=overwrite)
 
 
 def make_row(cfg: RunConfig, rid: str, method: dict, metrics: dict, rev: str) -> dict:

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 from .data import REPO_ROOT
+from .writes import write_file
 
 # keys that do not change what a run computes, excluded from the run id (`sweep`: which rows a sweep skips;
 # `wandb`: where metrics are mirrored; `threads`: CPU threads per run)
@@ -99,12 +98,14 @@ def _write_json(row: dict, path: Path) -> None:
     """Atomically (temp file + rename); a row from a dirty tree never lands in paper/results."""
     if _committed(path) and is_uncommitted(row["git_rev"]):
         raise DirtyTreeError(f"refusing to write {path}: a row from {row['git_rev']} into the committed rows")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(row, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with write_file(path, "results row", _is_row, what="results row") as tmp:
+        tmp.write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+
+
+def _is_row(path: Path) -> bool:
+    """A JSON object with a git revision: a row this package wrote (one it may replace)."""
+    row = json.loads(path.read_text())
+    return isinstance(row, dict) and "git_rev" in row
 
 
 def write_row(row: dict, path: Path) -> None:

@@ -59,6 +59,12 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
     stride = stride or seq_len
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in 1..seq_len={seq_len}, got {stride}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1 (or None: every window), got {max_windows}")
+    ctx = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ctx is not None and seq_len > ctx:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context (max_position_embeddings={ctx}); evaluate "
+                         f"with seq_len <= {ctx}")
     ids = ids.reshape(-1)
     if ids.numel() < seq_len:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
@@ -83,11 +89,20 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
             x = x.to(logits.device)
             tok_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
                                       reduction="none").view(x.shape[0], -1)  # [b, L-1]; j predicts token j+1
+            if not bool(torch.isfinite(tok_nll).all()):
+                raise _nonfinite(model, forward, x, desc)
             for row, (_, _, first) in enumerate(g):
                 win_nll.append(tok_nll[row, first - 1:].double().sum().item())
                 win_tok.append(tok_nll.shape[1] - (first - 1))
     nll, count = math.fsum(win_nll), sum(win_tok)
     return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride, win_nll, win_tok)
+
+
+def _nonfinite(model, forward, x, desc: str):
+    from ..numerics import NonFiniteError, nonfinite_activation_error
+    if isinstance(model, torch.nn.Module):
+        return nonfinite_activation_error(model, lambda: forward(x), f"evaluation ({desc})")
+    return NonFiniteError(f"non-finite logits (NaN or Inf) during evaluation ({desc}) from {model!r}")
 
 
 def perplexity(model, tokenizer, dataset: str, seq_len: int, stride: int | None = None, batch_size: int = 4,

@@ -33,7 +33,12 @@ def resolve_path(name_or_path: str) -> Path | str:
                                     f"ref-llama ships in the package: python scripts/train_reference_model.py rebuilds it)")
         return p
     p = Path(name_or_path).expanduser()
-    if p.exists():
+    try:
+        exists = p.exists()
+    except OSError as e:  # e.g. a name longer than the OS allows
+        raise FileNotFoundError(f"model path {name_or_path[:80]!r}{'…' if len(name_or_path) > 80 else ''} "
+                                f"({len(name_or_path)} characters) cannot be read: {e.strerror}") from None
+    if exists:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{p} is not a Hugging Face model folder (no config.json)")
         return p

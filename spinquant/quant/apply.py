@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..models.adapter import FamilyAdapter, get_adapter
 from ..models.attention import use_spinquant_attention
+from ..numerics import check_finite_weights
 from .gptq import HessianAccumulator
 from .linear import KVQuantizer, QuantEmbedding, QuantLinear
 from .quantizer import fake_quantize
@@ -132,7 +133,8 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
         if config.calib_act_quant and config.kv.enabled:
             adapter.attention(layer).kv_quantizer = KVQuantizer(config.kv, config.kv)
         for group in SEQUENTIAL_GROUPS:
-            accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features) for role in group}
+            accs = {role: HessianAccumulator(layer.get_submodule(paths[role]).in_features,
+                                             f"{adapter.layers}.{li}.{paths[role]}") for role in group}
             hooks = [layer.get_submodule(paths[r]).register_forward_hook(
                 lambda m, inp, out, r=r, accs=accs: accs[r].add(weight_input(m, inp[0], specs[li][r][1]))) for r in group]
             for hidden, kw in inputs:
@@ -188,9 +190,15 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
     filter_fn(module, name) -> bool (torchao's convention): decoder linears (and the lm_head) for which it
     returns False stay in full precision; `config.overrides` change or skip modules by name pattern.
     A model that is already quantized is refused (a second config would silently stack on the first)."""
+    if isinstance(config, str):
+        raise TypeError(f"quantize_ takes a QuantConfig, not the string {config!r}: "
+                        f"quantize_(model, QuantConfig(scheme={config!r}))")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize_ takes a QuantConfig (e.g. QuantConfig(scheme='W4A8')), got {type(config).__name__}")
     adapter = get_adapter(model)
     check_not_quantized(model, adapter)
     _check_shapes(model, adapter, config)
+    check_finite_weights(model, "quantization")
     specs = linear_specs(model, config, filter_fn)
     wq = get_weight_quantizer(config.method)
     _check_options(wq, config.method_options)

@@ -17,12 +17,16 @@ from .spec import QuantSpec
 class HessianAccumulator:
     """Running H = 2/n · Σ xᵀx over calibration rows x [*, in] (float64 accumulation for stability)."""
 
-    def __init__(self, in_features: int):
+    def __init__(self, in_features: int, name: str = "a linear"):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.n = 0
+        self.n, self.name = 0, name
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if not bool(torch.isfinite(x).all()):
+            from ..numerics import NonFiniteError
+            raise NonFiniteError(f"non-finite activations (NaN or Inf) entering {self.name} during GPTQ calibration: "
+                                 f"the calibration forward overflows before this layer (check the model's dtype)")
         self.H += x.T @ x
         self.n += x.shape[0]
 

@@ -20,7 +20,7 @@ class NoRotation:
 class QuaRotConfig:
     """QuaRot (Ashkboos et al. 2024): random orthogonal Hadamard R1 / R2 fused, online Hadamard R3 (Q/K) and R4."""
     name: str = "quarot"
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed (RunConfig.seed); 0 when rotating outside a run
     fallback: str = "error"  # error | block_diagonal (sizes with no Hadamard construction)
     r3: bool = True
     r4: bool = True
@@ -31,7 +31,7 @@ class SpinQuantConfig:
     """SpinQuant (Liu et al. 2024): R1 / R2 learned by Cayley SGD; defaults are the official recipe
     (configs/rotation/spinquant.yaml documents each key and the stated departures)."""
     name: str = "spinquant"
-    seed: int = 0
+    seed: int | None = None  # None: the run's seed (RunConfig.seed); 0 when rotating outside a run
     steps: int = 100
     lr: float = 1.5
     schedule: str = "cosine"
@@ -96,7 +96,7 @@ def rotation_config(cfg) -> object:
     """A typed rotation config from a dict (a Hydra `rotation` group) or an instance; unknown keys are refused."""
     if not isinstance(cfg, dict) and hasattr(cfg, "name") and type(cfg) in {r.config for r in ROTATIONS.values()}:
         return cfg
-    d = dict(cfg or {})
+    d = {"name": cfg} if isinstance(cfg, str) else dict(cfg or {})
     name = d.get("name", "none")
     if name not in ROTATIONS:
         raise ValueError(f"unknown rotation {name!r}; available: {', '.join(ROTATIONS)}")
@@ -108,7 +108,20 @@ def apply(model, cfg, calib=None, target=None):
     `RotationState` on it. calib: token ids for learned rotations; target: the QuantConfig that will follow
     (SpinQuant trains against it when train_quant is 'auto')."""
     typed = rotation_config(cfg)
+    done = getattr(model, "rotation_state", None)
+    if done is not None and done.name != "none":
+        raise ValueError(f"model is already rotated ({done.name}); rotations are fused into the weights and a second "
+                         f"one would be applied on top of the first (and leave the online R3/R4 of the first "
+                         f"wrong): rotate a fresh FP model instead")
+    if getattr(model, "quant_config", None) is not None:
+        raise ValueError(f"model is already quantized ({model.quant_config.label()}); rotate the FP model first, "
+                         f"then quantize_ it")
+    if typed.name != "none":
+        from ..numerics import check_finite_weights
+        check_finite_weights(model, f"rotation {typed.name!r}")
     d = asdict(typed)
+    if "seed" in d and d["seed"] is None:  # outside a run there is no run seed to inherit: the documented default
+        d["seed"] = 0
     stats = ROTATIONS[typed.name].fn(model, d, calib, target) or {}
     model.rotation_state = RotationState(typed.name, d, stats)
     return model

@@ -51,10 +51,16 @@ def model_fingerprint(model) -> dict:
 
 
 def save_rotations(path, R1: torch.Tensor, R2s: list[torch.Tensor], fingerprint: dict, meta: dict | None = None):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format_version": FORMAT_VERSION, "R1": R1.cpu(), "R2": [r.cpu() for r in R2s],
-                "fingerprint": fingerprint, "meta": meta or {}}, path)
+    """Write learned rotations to `path` (atomically; replaces only an earlier rotation file)."""
+    from ..writes import write_file
+    with write_file(path, "spinquant rotation", _is_rotation_file, what="rotation file") as tmp:
+        torch.save({"format_version": FORMAT_VERSION, "R1": R1.cpu(), "R2": [r.cpu() for r in R2s],
+                    "fingerprint": fingerprint, "meta": meta or {}}, tmp)
+
+
+def _is_rotation_file(path) -> bool:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(blob, dict) and "R1" in blob and "fingerprint" in blob
 
 
 def load_rotations(path, model, with_meta: bool = False):
@@ -224,6 +230,9 @@ def check_config(cfg: dict, world: int = 1, target: QuantConfig | None = None) -
         raise ValueError(f"rotation.lr must be > 0 and {', '.join(ints)} >= 1, got lr={cfg.get('lr', 1.5)}, {ints}")
     if ints["batch_size"] % world:
         raise ValueError(f"rotation.batch_size={ints['batch_size']} (global) must be a multiple of the {world} processes")
+    if cfg.get("save"):  # the rotation file's place, before hours of training
+        from ..writes import check_file
+        check_file(cfg["save"], "spinquant rotation", _is_rotation_file, what="rotation file (rotation.save)")
     tq = cfg.get("train_quant") or "auto"
     if tq == "auto":
         tq = train_quant_for(target) if target is not None else None
