@@ -227,8 +227,9 @@ def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
                                         f"quantizer of at most 8 bits (the packed kernels' form)")
         else:
             if not isinstance(m, nn.Embedding) or (m.num_embeddings, m.embedding_dim) != (d.get("num"), d.get("dim")):
+                got = f"{getattr(m, 'num_embeddings', '?')} x {getattr(m, 'embedding_dim', '?')}"
                 raise ExportFormatError(f"{where}: embedding {name!r} is recorded as {d.get('num')} x {d.get('dim')}, "
-                                        f"which model_config does not give")
+                                        f"but model_config makes it {got}")
             spec = _spec_of(d.get("spec"), f"{name}.spec", where)
             if spec is None or spec.bits > 8 or spec.granularity not in ("channel", "tensor"):
                 raise ExportFormatError(f"{where}: embedding {name!r}: spec must be an int8-or-narrower per-row spec")

@@ -288,11 +288,32 @@ def preflight(cfg: RunConfig, out: Path | None):
         _check_long_enough(tok, cfg.data.calib, root, rot.seq_len + 2, "calibration text")
     if cfg.qat.name != "none":
         dataset_path(cfg.qat.data, root)
+    if cfg.qat.name == "lora":
+        _check_lora_ranks(mconf, qcfg, cfg.qat.lora)
     le = cfg.eval.lm_eval
     if le.tasks:
         from .eval.harness import check_tasks
         check_tasks(list(le.tasks), le.include_defaults, root)
     return tok
+
+
+def _check_lora_ranks(mconf, qcfg: QuantConfig, lora: dict) -> None:
+    """QAT+LoRA's rank against every targeted linear's width, from config.json: QA-LoRA pools each weight group into
+    one input, so its rank is at most in_features / group_size (1 for per-channel weights)."""
+    from .models.adapter import adapter_for_model_type
+    a = adapter_for_model_type(mconf.model_type)
+    rank, qa = int(lora.get("rank", 16)), bool(lora.get("qa_lora", False))
+    targets = lora.get("targets") or ["q", "k", "v", "o", "gate", "up", "down"]
+    widths = a.linear_in_features(mconf)
+    for role in targets:
+        n = widths[role]
+        specs = qcfg.specs_for(f"{a.layers}.0.{a.linear_names()[role]}", n)
+        w = specs[0] if specs is not None else None
+        a_in = n // (w.group_size if w.granularity == "group" else n) if qa and w is not None and w.enabled else n
+        if rank > a_in:
+            why = f" (QA-LoRA pools each group of {n // a_in} inputs)" if qa else ""
+            raise ValueError(f"qat.lora.rank={rank} exceeds the {a_in} inputs of {role}_proj's adapter{why}; set "
+                             f"qat.lora.rank to at most {a_in}")
 
 
 def load_model(cfg: ModelConfig, device: str = "cpu"):

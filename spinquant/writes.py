@@ -51,8 +51,12 @@ def _check_parent(path: Path, what: str) -> None:
         if p.exists() and not p.is_dir():
             raise OutputPathError(f"cannot write {what} {path}: {p} is a file, not a folder")
     existing = next(p for p in path.absolute().parents if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write {what} {path}: {existing} is not writable")
+    try:  # a real probe: access() says yes to root on read-only or virtual file systems (/proc)
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".spinquant-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write {what} {path}: {existing} is not writable ({e.strerror})") from None
 
 
 def _manifest(folder: Path) -> dict | None:

@@ -155,3 +155,68 @@ def test_packed_types_after_load(saved):
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, PackedLinear)
     assert isinstance(loaded.get_input_embeddings(), PackedEmbedding)
     assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+
+
+# ---- integrity: a corrupted or edited file is refused with the reason ---------------------------------------------
+
+def _meta(path):
+    return json.loads((path / export.META).read_text())
+
+
+def _edit_meta(path, fn):
+    meta = _meta(path)
+    fn(meta)
+    (path / export.META).write_text(json.dumps(meta, indent=1))
+
+
+def test_one_flipped_byte_in_the_weights_is_refused_naming_the_tensor(saved):
+    data = bytearray((saved / export.WEIGHTS).read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    torch.manual_seed(0)
+    pos = header + int(torch.randint(0, len(data) - header, ()).item())  # somewhere in the tensor bytes
+    data[pos] ^= 0x10
+    (saved / export.WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(export.ExportFormatError, match=r"tensor '.*' does not match the checksum"):
+        export.load(saved)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m["modules"]["model.layers.0.self_attn.q_proj"]["w_spec"].update(bits=8),
+     "kernel 'int4' holds at most 4-bit"),
+    (lambda m: m["modules"]["model.layers.0.self_attn.q_proj"]["w_spec"].update(bits=3),
+     r"q_proj.qweight holds codes outside the range of its recorded w_spec int3"),
+    (lambda m: m["modules"]["model.layers.0.self_attn.q_proj"].update(act_spec=None),
+     "spinquant.json was changed after it was saved"),
+    (lambda m: m["modules"]["model.layers.0.self_attn.q_proj"]["act_spec"].update(bits=4),
+     "spinquant.json was changed after it was saved"),
+    (lambda m: m["modules"]["model.layers.0.self_attn.q_proj"]["act_spec"].update(granularity="tensor"),
+     "act_spec .* is not a per-token"),
+    (lambda m: m.update(rotation={"name": "quarot", "config": {"seed": 0, "r3": True, "r4": True}, "stats": {}}),
+     r"rotation 'quarot' \(r3=True, r4=True\) does not match the online transforms"),
+    (lambda m: m.update(rotation={"name": "nope", "config": {}, "stats": {}}), "rotation 'nope' is not a known rotation"),
+    (lambda m: m["model_config"].update(hidden_size=128), r"'model.embed_tokens' is recorded as 160 x 64, but model_config makes it 160 x 128"),
+    (lambda m: m["model_config"].update(num_hidden_layers=1), "model.layers.1.* does not exist in the model"),
+    (lambda m: m["attention"].update({"2": {"qk_transform": None, "kv": None}}),
+     r"`attention` has entries for layers \['0', '1', '2'\], but model_config has 2 layers"),
+    (lambda m: m["attention"]["0"].update(kv={"k": {"bits": 4}}), "attention 0: kv.v must be a quantized spec"),
+    (lambda m: m.update(dtype="int3"), "dtype 'int3' is not one of"),
+])
+def test_an_edited_spec_is_refused_with_the_reason(saved, edit, match):
+    _edit_meta(saved, edit)
+    with pytest.raises(export.ExportFormatError, match=match):
+        export.load(saved)
+
+
+def test_a_rotated_models_rotation_record_is_checked(tmp_path):
+    export.save(_packed_tiny("W4A4KV4", rotate=True), tmp_path / "m")
+    assert _meta(tmp_path / "m")["rotation"]["name"] == "quarot"
+    export.load(tmp_path / "m")
+    _edit_meta(tmp_path / "m", lambda m: m["rotation"].update(name="none"))  # the R3/R4 would silently stay
+    with pytest.raises(export.ExportFormatError, match=r"rotation 'none' \(r3=False, r4=False\) does not match"):
+        export.load(tmp_path / "m")
+
+
+def test_version_1_files_still_load_with_a_warning(saved):
+    _edit_meta(saved, lambda m: (m.pop("checksums"), m.update(format_version=1)))
+    with pytest.warns(UserWarning, match="format version 1, no checksums"):
+        export.load(saved)

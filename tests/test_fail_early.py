@@ -160,3 +160,119 @@ def test_spinquant_that_would_train_against_nothing_quantized_is_refused(tmp_pat
         check_config({}, target=QuantConfig.from_dict({"scheme": scheme, "method": method}))
     with pytest.raises(ValueError, match="nothing quantized"):  # the library call checks too
         check_config({"train_quant": {"scheme": "W16A16"}})
+
+
+# ---- the last silent and deep cases (issue: never compute on garbage) ---------------------------------------------
+
+def test_rotating_twice_or_after_quantization_is_refused():
+    from spinquant import rotation
+    model = make_tiny("llama")
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        want = model(ids).logits
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    with pytest.raises(ValueError, match=r"already rotated \(quarot\)"):
+        rotation.apply(model, {"name": "quarot", "seed": 1})
+    assert model.rotation_state.config["seed"] == 0  # the state still records the one rotation that happened
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=1e-4)  # FP function intact
+    rotation.apply(make_tiny("llama"), {"name": "none"})
+    q = make_tiny("llama")
+    quantize_(q, QuantConfig(scheme="W4A8"), progress=False)
+    with pytest.raises(ValueError, match=r"already quantized \(W4A8\); rotate the FP model first"):
+        rotation.apply(q, {"name": "quarot"})
+
+
+def test_python_and_hydra_take_the_run_seed_for_the_rotation(tmp_path):
+    import spinquant as sq
+    from spinquant import rotation
+    py = sq.RunConfig(seed=1, rotation=sq.QuaRotConfig(), qat={"name": "lora"})
+    hy = sq.RunConfig.from_dict(_resolved(_cfg(tmp_path, "seed=1", "rotation=quarot")))
+    assert py.rotation.seed == hy.rotation.seed == 1 and py.qat.train["seed"] == 1
+    assert sq.RunConfig(seed=1, rotation=sq.QuaRotConfig(seed=0)).rotation.seed == 0  # an explicit seed stays
+    weights = []
+    for cfg in (py.rotation, hy.rotation, sq.QuaRotConfig(seed=0)):
+        m = make_tiny("llama")
+        rotation.apply(m, cfg)
+        weights.append(m.model.layers[0].self_attn.q_proj.weight.clone())
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+def _resolved(cfg):
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_max_windows_below_one_is_refused_before_the_model_loads(tmp_path, run_mod):
+    for n in (0, -1):
+        with pytest.raises(ValueError, match=rf"eval.max_windows must be a positive integer or null, got {n}"):
+            run_mod.run_hydra(_cfg(tmp_path, "quant=w4a8", f"eval.max_windows={n}"))
+
+
+def test_evaluate_refuses_a_window_longer_than_the_models_context(stories):
+    import spinquant as sq
+    model, tok = stories
+    with pytest.raises(ValueError, match=r"seq_len=1024 exceeds the model's context \(max_position_embeddings=512\)"):
+        sq.evaluate(model, tok, sq.EvalConfig(datasets=["wikitext2"], max_windows=1), seq_len=1024, progress=False)
+
+
+def test_run_config_takes_a_model_name_and_a_scheme_name():
+    import spinquant as sq
+    cfg = sq.RunConfig(model="ref-llama", quant="W4A8", rotation="quarot")
+    assert (cfg.model.name, cfg.model.path) == ("ref-llama", "ref-llama") and cfg.quant == QuantConfig(scheme="W4A8")
+    assert cfg.rotation.name == "quarot"
+
+
+def test_quantize_with_a_scheme_string_says_how():
+    with pytest.raises(TypeError, match=r"not the string 'W4A8': quantize_\(model, QuantConfig\(scheme='W4A8'\)\)"):
+        quantize_(make_tiny("llama"), "W4A8")
+
+
+def test_a_model_path_too_long_for_the_os_is_a_clear_error(tmp_path, run_mod):
+    with pytest.raises(FileNotFoundError, match=r"\(5000 characters\) cannot be read: File name too long"):
+        run_mod.run_hydra(_cfg(tmp_path, "model=local", f"model.path={'x' * 5000}", "model.name=x"))
+
+
+def test_lean_decoder_checks_its_arguments_before_the_first_token():
+    from spinquant.decode import LeanDecoder
+    dec = LeanDecoder(make_tiny("llama"), max_len=16)
+    prompt = torch.randint(0, 128, (1, 10))
+    for bad, match in ((-3, "max_new_tokens must be a positive integer, got -3"), (0, "got 0"), (2.0, "got 2.0")):
+        with pytest.raises(ValueError, match=match):
+            dec.generate(prompt, bad)
+    with pytest.raises(TypeError, match="integer token ids"):
+        dec.generate(prompt.float(), 2)
+    with pytest.raises(ValueError, match=r"token id 128 is outside the vocabulary \(0..127\)"):
+        dec.generate(torch.tensor([[1, 128]]), 2)
+    with pytest.raises(ValueError, match=r"token id -1 is outside"):
+        dec.forward(torch.tensor([[-1]]))
+    calls = []
+    dec._forward = lambda *a, **k: calls.append(1)  # nothing may run when the request cannot fit
+    with pytest.raises(ValueError, match=r"10 tokens \+ 8 new tokens needs 17 cache positions, more than max_len 16"):
+        dec.generate(prompt, 8)
+    assert not calls
+
+
+def test_compressed_tensors_refuses_an_override_it_cannot_hold_before_loading(tmp_path, run_mod):
+    from spinquant.ct_export import CTExportError
+    for override, match in (("weight: {symmetric: false}", "asymmetric weights"),
+                            ("act: {bits: 8, granularity: token, dynamic: true, symmetric: false}", "activations")):
+        with pytest.raises(CTExportError, match=rf"quant.overrides\['\*.down_proj'\]: .*{match}"):
+            run_mod.main(["export", str(tmp_path / "c"), "--format", "compressed-tensors", "quant=w4a16",
+                          f"quant.overrides=[{{modules: '*.down_proj', {override}}}]"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_readme_per_module_example_composes_and_skips_layer_0(tmp_path):
+    import spinquant as sq
+    cfg = sq.RunConfig.from_dict(_resolved(_cfg(tmp_path, "quant=w4a8",
+                                                'quant.overrides=[{modules: "model.layers.0.*", skip: true}]')))
+    assert cfg.quant.overrides[0].skip and cfg.quant.overrides[0].modules == "model.layers.0.*"
+
+
+def test_a_qa_lora_rank_wider_than_the_pooled_inputs_is_refused_before_the_model_loads(tmp_path, run_mod):
+    # stories260K: hidden 64 in groups of 32 -> 2 pooled inputs per q/k/v/gate/up adapter
+    with pytest.raises(ValueError, match=r"qat.lora.rank=16 exceeds the 2 inputs of q_proj's adapter \(QA-LoRA pools "
+                                         r"each group of 32 inputs\); set qat.lora.rank to at most 2"):
+        run_mod.run_hydra(_cfg(tmp_path, "quant=w4a8", "qat=lora", "qat.lora.qa_lora=true", "qat.merge=true",
+                               "quant.group_fallback=channel"))
