@@ -23,7 +23,7 @@ from .kernels.linear import load_kernel
 from .models.adapter import get_adapter
 from .models.attention import use_spinquant_attention
 from .quant.apply import _set
-from .quant.linear import KVQuantizer
+from .quant.linear import KVQuantizer, QuantLinear
 from .quant.spec import QuantSpec
 from .rotation.online import OnlineHadamard
 from .writes import check_dir, write_dir
@@ -99,6 +99,14 @@ def _write(model: nn.Module, tmp: Path, tokenizer) -> None:
                              "bias": m.bias is not None, "input_transform": _hadamard_meta(m.input_transform),
                              "adapter": _adapter_meta(m.adapter)}
             covered.add(name)
+        elif isinstance(m, QuantLinear) and m.qweight is None and (m.input_transform is not None or m.act_spec):
+            # a 16-bit linear with an online R4 (a skipped down_proj under QuaRot) or quantized inputs: its weight is
+            # saved as is (with the state dict); the transform and activation spec are recorded here
+            if m.adapter is not None:
+                raise ExportFormatError(f"{name}: a LoRA adapter on a 16-bit linear is not saved; merge it first")
+            modules[name] = {"kind": "fp_linear", "in": m.in_features, "out": m.out_features,
+                             "act_spec": m.act_spec.to_dict() if m.act_spec else None,
+                             "input_transform": _hadamard_meta(m.input_transform)}
         elif isinstance(m, PackedEmbedding):
             table = head.int8_table() if isinstance(head, PackedLinear) else None
             shared = table is not None and m.codes.data_ptr() == table.data_ptr()
@@ -207,12 +215,23 @@ def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
     for name, d in mods.items():
         m = have.get(name)
         kind = d.get("kind") if isinstance(d, dict) else None
-        if kind not in ("linear", "embedding"):
-            raise ExportFormatError(f"{where}: module {name!r} has kind {kind!r} (expected linear or embedding)")
+        if kind not in ("linear", "fp_linear", "embedding"):
+            raise ExportFormatError(f"{where}: module {name!r} has kind {kind!r} (expected linear, fp_linear or "
+                                    f"embedding)")
         if m is None:
             raise ExportFormatError(f"{where}: module {name!r} does not exist in the model its model_config describes "
                                     f"({n_layers} layers, hidden {model.config.hidden_size})")
-        if kind == "linear":
+        if kind == "fp_linear":
+            if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out")):
+                raise ExportFormatError(f"{where}: module {name!r} is recorded as a 16-bit linear {d.get('in')} -> "
+                                        f"{d.get('out')}, which model_config does not give")
+            act = _spec_of(d.get("act_spec"), f"{name}.act_spec", where)
+            if act is not None and act.enabled:
+                try:
+                    act.check_shape(m.in_features, f"{name} input")
+                except ValueError as e:
+                    raise ExportFormatError(f"{where}: {e}") from None
+        elif kind == "linear":
             if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out")):
                 got = (getattr(m, "in_features", None), getattr(m, "out_features", None))
                 raise ExportFormatError(f"{where}: module {name!r} is recorded as a linear {d.get('in')} -> {d.get('out')}, "
@@ -257,12 +276,13 @@ def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
         r3 = rot["name"] != "none" and bool(cfg.get("r3", False))
         r4 = rot["name"] != "none" and bool(cfg.get("r4", False))
         has_r3 = [bool((d or {}).get("qk_transform")) for d in meta["attention"].values()]
-        downs = [d for n, d in mods.items() if d["kind"] == "linear" and n.endswith("." + a.linear_names()["down"])]
+        downs = [d for n, d in mods.items() if d["kind"] in ("linear", "fp_linear")
+                 and n.endswith("." + a.linear_names()["down"])]
         has_r4 = [bool(d.get("input_transform")) for d in downs]
         if any(h != r3 for h in has_r3) or any(h != r4 for h in has_r4):
             raise ExportFormatError(f"{where}: rotation {rot['name']!r} (r3={r3}, r4={r4}) does not match the online "
                                     f"transforms recorded (R3 on {sum(has_r3)} of {len(has_r3)} layers, R4 on "
-                                    f"{sum(has_r4)} of {len(has_r4)} packed down_proj)")
+                                    f"{sum(has_r4)} of {len(has_r4)} recorded down_proj)")
 
 
 def _take(tensors: dict, name: str, shape: tuple | None, where: Path) -> torch.Tensor:
@@ -379,6 +399,12 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     if getattr(model.config, "tie_word_embeddings", False) and not isinstance(model.get_output_embeddings(), PackedLinear):
         model.tie_weights()
     _rebuild_meta_buffers(model)
+    for name, d in mods.items():  # 16-bit linears with an online transform or quantized inputs
+        if d["kind"] == "fp_linear":
+            ql = QuantLinear.from_linear(model.get_submodule(name), None, _spec(d.get("act_spec")))
+            if d.get("input_transform"):
+                ql.input_transform = OnlineHadamard(d["input_transform"]["n"], d["input_transform"]["fallback"])
+            _set(model, name, ql)
     a = get_adapter(model)
     for i, layer in enumerate(a.decoder_layers(model)):
         d = meta["attention"].get(str(i), {})

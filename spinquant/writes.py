@@ -104,8 +104,8 @@ def check_file(path, writer: str, recognise: Callable[[Path], bool] | None = Non
         raise OutputPathError(f"cannot write {what} {path}: it is an existing folder; give a file name, e.g. "
                               f"{path / ('model' + (path.suffix or '.out'))}")
     if path.exists() and not overwrite and not (recognise is not None and _safe(recognise, path)):
-        raise OutputPathError(f"{what} {path} exists and is not recognised as {writer} output; refusing to replace it. Give another "
-                              f"name, or pass overwrite=True (--overwrite)")
+        raise OutputPathError(f"{what} {path} exists and is not recognised as {writer} output; refusing to replace "
+                              f"it. Give another name, or pass overwrite=True (--overwrite)")
     return path
 
 

@@ -166,11 +166,12 @@ def test_cli_gguf_export_refuses_from_the_config_before_loading(tmp_path, monkey
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_cli_gguf_export_of_an_offline_rotated_gptq_model(tmp_path):
+def test_cli_gguf_export_of_an_offline_rotated_gptq_model(tmp_path, capsys):
     from spinquant import cli
     out = tmp_path / "m.gguf"
     cli.main(["export", str(out), "--format", "gguf", "model=stories260k", "quant=gguf_q4_0_gptq", "quant.group_fallback=none",
               "rotation=quarot_offline", "rotation.fallback=block_diagonal", "data.calib_samples=4", "progress=false"])
+    assert f"[done] GGUF-Q4_0 (W4A16) gguf model written to {out}" in capsys.readouterr().out
     reader, tensors = _read(out)
     assert tensors["blk.0.attn_q.weight"][0] == "Q4_0" and tensors["output.weight"][0] == "Q8_0"
     assert tensors["blk.0.ffn_down.weight"][0] == "F16"  # 172 inputs: no blocks of 32, left FP (group_fallback=none)

@@ -3,12 +3,9 @@ appended (one evaluation window of 64 tokens, 2 calibration samples, one trainin
 drift from the CLI. A line whose comment says `illustrative` (it needs a GPU, your own checkpoint, Slurm, the hub, or
 runs a whole committed table) is composed with Hydra and built into a typed `RunConfig` instead: its overrides and
 keys are still checked."""
-import os
 import re
 import shlex
 from pathlib import Path
-
-import pytest
 
 from spinquant import cli
 
