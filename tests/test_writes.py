@@ -183,3 +183,43 @@ def test_rotation_file_and_results_row_refuse_foreign_files(tmp_path):
     write_row({**row, "seed": 1}, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text())["seed"] == 1
     assert (tmp_path / "r.json").read_text() == "my notes"
+
+
+def test_compressed_tensors_keeps_a_users_file_with_overwrite(tmp_path):
+    from spinquant.ct_export import export_compressed_tensors
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig(scheme="W4A16"), progress=False)
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match="keep.txt"):
+        export_compressed_tensors(model, out)
+    export_compressed_tensors(model, out, overwrite=True)
+    export_compressed_tensors(model, out)  # its own output now
+    assert (out / "keep.txt").read_text() == "mine" and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_executorch_replaces_its_own_program_only(tmp_path):
+    from spinquant.et_export import export_executorch, is_pte
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
+    out = tmp_path / "m.pte"
+    export_executorch(model, out, max_seq_len=16)
+    assert is_pte(out)
+    first = out.stat().st_mtime_ns
+    model = make_tiny("llama")
+    quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
+    export_executorch(model, out, max_seq_len=16)  # its own program: replaced
+    assert out.stat().st_mtime_ns >= first and is_pte(out)
+    (tmp_path / "notes.pte").write_text("mine")
+    assert not is_pte(tmp_path / "notes.pte")
+    with pytest.raises(OutputPathError, match="not recognised as ExecuTorch"):
+        export_executorch(model, tmp_path / "notes.pte", max_seq_len=16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pte", "notes.pte"]
+
+
+def test_an_unwritable_export_target_is_named_as_such_not_as_a_results_folder():
+    from spinquant import cli
+    with pytest.raises(OutputPathError, match=r"cannot write GGUF file /proc/m.gguf: /proc is not writable"):
+        cli.main(["export", "/proc/m.gguf", "--format", "gguf", "model=stories260k", "quant=gguf_q4_0"])
