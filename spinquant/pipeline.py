@@ -73,6 +73,7 @@ class EvalConfig:
     max_windows: int | None = None  # windows per dataset (quick runs); None: the whole test set
     size: bool = True
     memory: bool = True
+    kld: bool = True              # KL divergence to the FP model and top-1 agreement, on the perplexity's windows
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
     def __post_init__(self):
@@ -323,19 +324,38 @@ def load_model(cfg: ModelConfig, device: str = "cpu"):
     return load(cfg.path, dtype=DTYPES[cfg.dtype], device=device)
 
 
-def evaluate(model, tok, cfg: EvalConfig, data_root=None, progress: bool = True, seq_len: int | None = None) -> dict:
-    """Perplexity on every eval dataset: {"ppl": {ds: ppl}, "ppl_detail": {ds: PerplexityResult dict}}."""
+def evaluate(model, tok, cfg: EvalConfig, data_root=None, progress: bool = True, seq_len: int | None = None,
+             reference=None) -> dict:
+    """Perplexity on every eval dataset: {"ppl": {ds: ppl}, "ppl_detail": {ds: PerplexityResult dict}}; with
+    `reference` (the FP model) also {"kld": {ds: KLDResult dict}}: KL(FP ‖ model) and top-1 agreement on the same
+    windows."""
     seq_len = cfg.seq_len or seq_len
     if seq_len is None:
         raise ValueError("evaluate needs eval.seq_len (or seq_len=)")
     out: dict = {"ppl": {}, "ppl_detail": {}}
     for ds in cfg.datasets:
         r = perplexity(model, tok, ds, seq_len, cfg.stride, cfg.batch_size, cfg.max_windows, data_root,
-                       progress=progress)
+                       progress=progress, reference=reference)
         out["ppl"][ds] = r.ppl
-        out["ppl_detail"][ds] = r.to_dict()
-        print(f"  {ds}: ppl {r.ppl:.3f} ({r.tokens_scored} tokens, {r.windows} windows of {r.seq_len})")
+        out["ppl_detail"][ds] = {k: v for k, v in r.to_dict().items() if k != "kld"}
+        line = f"  {ds}: ppl {r.ppl:.3f} ({r.tokens_scored} tokens, {r.windows} windows of {r.seq_len})"
+        if r.kld is not None:
+            out.setdefault("kld", {})[ds] = r.kld.to_dict()
+            line += f", KLD to FP {r.kld.mean:.5f} (p99 {r.kld.p99:.4f}), same top-1 {100 * r.kld.top1:.2f}%"
+        print(line)
     return out
+
+
+def kld_to_fp(model, tok, cfg: "RunConfig", device: str = "cpu") -> dict:
+    """{ds: KLDResult dict} of `model` against the FP checkpoint of `cfg.model`, loaded afresh for this pass (and freed
+    after it), on the eval windows. A pass of its own, after the perplexity pass, so that the row's memory metrics
+    measure the evaluated model alone."""
+    reference, _ = load_model(cfg.model, device)
+    try:
+        print("  KL divergence to the FP model:")
+        return evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, _lengths(cfg)[0], reference=reference)["kld"]
+    finally:
+        del reference
 
 
 def evaluate_lm_eval(model, tok, cfg: RunConfig) -> dict:
@@ -408,6 +428,8 @@ def run(cfg: RunConfig | dict) -> dict:
 
     with PeakMemory(device) as mem:
         metrics = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len)
+    if cfg.eval.kld:
+        metrics["kld"] = kld_to_fp(model, tok, cfg, device)
     if cfg.eval.memory:
         metrics["peak_mem_bytes"] = mem.peak_bytes
         metrics["peak_mem_delta_bytes"] = mem.peak_delta_bytes

@@ -31,6 +31,8 @@ def _absent_default(key: str, value) -> bool:
         return isinstance(value, dict) and not value.get("tasks")
     if key == "calib_act_quant":
         return value is False
+    if key == "kld":  # eval.kld, on by default since KL divergence joined the rows
+        return value is True
     if key == "overrides":  # quant.overrides: [] in every preset since the README's example needed the key
         return not value
     return key == "plugins" and not value

