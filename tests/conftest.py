@@ -7,6 +7,27 @@ if not torch.cuda.is_available():  # Triton kernels run under the interpreter; s
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def require(module: str):
+    """Import an optional runtime for a test module: skipped on a developer machine without it, a failure under CI
+    (CI=true), where every runtime in the lock must be installed."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{module} is not importable under CI ({e}); make install installs it from the lock",
+                        pytrace=False)
+        pytest.skip(f"{module} is not installed", allow_module_level=True)
+
+
+def skip_outside_ci(reason: str) -> None:
+    """Skip on a developer machine that lacks something (a cross compiler, a model, a working C build); fail under
+    CI, which installs all of it, so that a broken install cannot turn tests into skips."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI must provide it)", pytrace=False)
+    pytest.skip(reason)
+
+
 def make_tiny(family: str = "llama", tied: bool = False, seed: int = 0, hidden: int = 64, layers: int = 2,
               heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 128):
     """A small random decoder of the Llama family (llama / qwen2 with q/k/v bias / mistral)."""

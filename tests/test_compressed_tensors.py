@@ -5,9 +5,9 @@ import torch
 
 from spinquant import rotation
 from spinquant.quant import QuantConfig, quantize_
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, require
 
-ct = pytest.importorskip("compressed_tensors")
+ct = require("compressed_tensors")
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32  # noqa: E402
 
 from spinquant.ct_export import CTExportError, export_compressed_tensors, pack_int32  # noqa: E402

@@ -10,7 +10,7 @@ from spinquant.kernels.fuse import fuse_linears
 from spinquant.kernels.kv_cache import StaticKV, StaticPackedKV
 from spinquant.quant import QuantConfig, QuantLinear, QuantSpec, quantize_
 from spinquant.quant.rtn import rtn
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, skip_outside_ci
 from tests.test_kernels import _decode_vs_full
 
 needs_native = pytest.mark.skipif(not native.builds(), reason="spinquant's C kernels do not build here")
@@ -111,7 +111,7 @@ def _linears(n_out, spec, act, k=64, seed=0):
 @pytest.mark.parametrize("kernel", ["cpu_w4a8", "cpu_w8a8", "int8", "dequant"])
 def test_fused_linear_equals_its_parts_and_shares_their_weights(kernel):
     if kernel.startswith("cpu_") and not native.builds():
-        pytest.skip("spinquant's C kernels do not build here")
+        skip_outside_ci("spinquant's C kernels do not build here")
     w = QuantSpec(bits=4 if kernel in ("cpu_w4a8", "dequant") else 8, symmetric=True, granularity="group" if
                   kernel == "cpu_w4a8" else "channel", group_size=32 if kernel == "cpu_w4a8" else None)
     act = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True)

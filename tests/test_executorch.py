@@ -6,8 +6,10 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("executorch")
-pytest.importorskip("torchao")
+from tests.conftest import require
+
+require("executorch")
+require("torchao")
 
 from spinquant import kernels, rotation  # noqa: E402
 from spinquant.deploy import ExecuTorchLM  # noqa: E402

@@ -13,6 +13,7 @@ import torch
 
 import spinquant as sq
 from spinquant import cli
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -191,8 +192,21 @@ def test_importing_spinquant_prints_no_start_up_noise():
     torch's pytree notice about torchao's Enums would print on every start (`spinquant --help` included)."""
     import subprocess
     import sys
-    pytest.importorskip("torchao")
+    require("torchao")
     r = subprocess.run([sys.executable, "-c", "import spinquant, transformers, torchao; import spinquant.kernels"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "Enum subclass" not in r.stderr and "Failed to load" not in r.stderr, r.stderr
+
+
+def test_a_missing_runtime_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    from tests.conftest import skip_outside_ci
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no_such_runtime_xyz is not importable under CI"):
+        require("no_such_runtime_xyz")
+    with pytest.raises(pytest.fail.Exception, match="no qemu"):
+        skip_outside_ci("no qemu")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require("no_such_runtime_xyz")
+    assert require("json").dumps([]) == "[]"

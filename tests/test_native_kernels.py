@@ -17,6 +17,7 @@ from spinquant.kernels.linear import token_codes
 from spinquant.quant import QuantLinear, QuantSpec
 from spinquant.quant.rtn import rtn
 from spinquant.rotation.online import OnlineHadamard
+from tests.conftest import skip_outside_ci
 
 pytestmark = pytest.mark.skipif(not native.builds(), reason="no C compiler: native kernels not built")
 # the machine's own build: the vector path where the CPU has AVX-512 VNNI (CI's machine does), else the loops
@@ -253,7 +254,7 @@ def arm_drivers(tmp_path_factory):
     if not (ARM_CC and QEMU):
         if os.environ.get("CI") == "true":
             pytest.fail("CI installs gcc-aarch64-linux-gnu and qemu-user (.ci/run): the ARM kernels must be tested")
-        pytest.skip("no aarch64 cross compiler / qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+        skip_outside_ci("no aarch64 cross compiler / qemu-user (apt-get install gcc-aarch64-linux-gnu qemu-user)")
     d = tmp_path_factory.mktemp("arm")
     out = {}
     for name, march in (("sdot", "armv8.2-a+dotprod"), ("portable", "armv8-a")):

@@ -6,6 +6,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.conftest import skip_outside_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -116,7 +118,7 @@ def test_spinquant_recipe_on_a_local_checkpoint_saves_and_reuses_its_rotations(t
     from spinquant.models.load import models_root
     path = models_root() / "stories260K"
     if not path.is_dir():
-        pytest.skip("stories260K checkpoint not present")
+        skip_outside_ci("stories260K checkpoint not present")
     rot = tmp_path / "rot.pt"
     common = ["model=local", f"model.path={path}", "model.name=my-llama", "model.seq_len=128", "eval.datasets=[wikitext2]",
               "rotation=spinquant", "quant=w4a4kv4_gptq", "rotation.steps=3", "rotation.samples=8"]

@@ -5,9 +5,11 @@ import os
 import pytest
 import torch
 
+from tests.conftest import require
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-pytest.importorskip("triton")
+require("triton")
 
 from spinquant.kernels import PackedLinear  # noqa: E402
 from spinquant.kernels import triton_kernels as tk  # noqa: E402
