@@ -129,6 +129,21 @@ def test_program_matches_our_packed_model(exported):
     assert abs(loss_got.item() / loss_want.item() - 1) < 0.005
 
 
+def test_a_program_is_recognised_as_its_own_output_and_a_foreign_file_is_kept(exported, tmp_path):
+    """The writer replaces an earlier program (recognised by ExecuTorch's file identifier) and refuses, before any
+    work, to replace a file that is not one."""
+    from spinquant.et_export import WRITER, is_pte
+    from spinquant.writes import OutputPathError, check_file
+    ref, path, _ = exported
+    assert is_pte(path) and check_file(path, WRITER, is_pte) == path
+    notes = tmp_path / "notes.pte"
+    notes.write_text("mine")
+    assert not is_pte(notes)
+    with pytest.raises(OutputPathError, match="not recognised as ExecuTorch"):
+        export_executorch(copy.deepcopy(ref), notes, max_seq_len=16)
+    assert notes.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.pte"]
+
+
 def test_program_decodes_with_its_static_cache(exported):
     """Token-by-token decode through the program's static KV cache gives the logits of the one-shot prefill, and a
     new sequence from position 0 ignores what an earlier, longer one left in the cache; threads are as asked."""

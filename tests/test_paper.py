@@ -73,7 +73,8 @@ def test_a_new_row_appends_to_its_table_and_the_old_rows_stay(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=foundation", "model=stories260k", "quant=w4a16_g128",
                                            f"results_dir={res}", "quant.group_fallback=channel", "eval.max_windows=2",
-                                           "progress=false", "wandb.mode=disabled"])
+                                           "progress=false", "wandb.mode=disabled",
+                                           "eval.kld=false"])  # a KLD row adds its columns (–) to the old rows
     row = run_mod.run_hydra(cfg)
     after = make_tables.render(read_rows([res / "foundation"]))
     new = [ln for ln in after.splitlines() if ln not in before.splitlines()]
@@ -102,6 +103,29 @@ def test_delta_column_gives_the_paired_standard_error_and_marks_noise():
     assert cell["W16A16"] == "+0.00"
     assert cell["W8A16"].endswith(" ≈") and " ± " in cell["W8A16"]
     assert " ± " in cell["W4A16"] and not cell["W4A16"].endswith("≈")
+
+
+def test_rows_below_fp_after_reading_the_calibration_text_are_marked_and_kld_has_its_columns():
+    from spinquant.report import tables as make_tables
+
+    def row(name, w_bits, ppl, rot="none", weights="rtn", kld=None):
+        m = {"ppl": {"wikitext2": ppl, "python-docs": 2 * ppl}, "rotation_s": 1.0}
+        if kld is not None:
+            m["kld"] = {"wikitext2": {"mean": kld, "top1": 0.9}, "python-docs": {"mean": 2 * kld, "top1": 0.8}}
+        return {"model": "m", "scheme": name, "method": {"rotation": rot, "weights": weights, "qat": "none"},
+                "spec": {"w_bits": w_bits, "a_bits": 16, "kv_bits": 16}, "metrics": m}
+    fp = row("W16A16", 16, 100.0)
+    gptq, rtn = row("W8A16", 8, 99.0, weights="gptq", kld=0.0123), row("W4A16", 4, 99.5)  # RTN read no data
+    text = make_tables.render([fp, gptq, rtn])
+    cells = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in text.splitlines() if ln.startswith("| W")}
+    assert cells["W8A16"][5].endswith("‡") and not cells["W4A16"][5].endswith("‡")
+    assert cells["W8A16"][6:8] == ["0.0123 / 90.0%", "0.0246 / 80.0%"] and cells["W4A16"][6] == "–"
+    assert make_tables.ADAPTED_NOTE in text and "KLD / top-1 wikitext2" in text
+    assert make_tables.ADAPTED_NOTE not in make_tables.render([fp, rtn])
+    rot = make_tables.render_rotation([fp, row("W4A16", 4, 98.0, rot="spinquant"), row("W4A16", 4, 98.5, rot="quarot"),
+                                       row("W4A16", 4, 103.0)])
+    assert "| SpinQuant-RTN | 98.00‡ |" in rot and "| QuaRot-RTN | 98.50 |" in rot and "| RTN | 103.00 |" in rot
+    assert make_tables.ADAPTED_NOTE in rot
 
 
 def test_tables_name_the_commits_their_rows_come_from():
@@ -228,3 +252,17 @@ def test_regeneration_runs_jobs_in_parallel_logs_each_and_reports_failures(tmp_p
     monkeypatch.setattr(sys, "argv", ["regenerate_tables.py", "--results-dir", str(tmp_path / "r"), "--jobs", "0"])
     with pytest.raises(SystemExit):
         regen.main()
+
+
+def test_deploy_rows_below_the_fp_file_are_marked():
+    from spinquant.report.deploy import render_deploy
+    from spinquant.report.tables import ADAPTED_NOTE
+
+    def row(q, fmt, ppl):
+        return {"model": "m", "runtime": "llama.cpp", "format": fmt, "quantizer": q, "ppl_runtime": ppl,
+                "ppl_framework": ppl, "windows": 4, "seq_len": 512, "file_bytes": 1e6, "decode_tok_s": 1.0,
+                "prefill_tok_s": 1.0, "git_rev": "abc", "threads": 1}
+    text = render_deploy([row("none", "F32", 100.0), row("qat-full", "Q4_0", 45.0), row("llama.cpp", "Q8_0", 99.9),
+                          row("gptq", "Q4_0", 101.0)])
+    assert "| 45.00‡ |" in text and "| 99.90 |" in text and "| 101.00 |" in text and ADAPTED_NOTE in text
+    assert ADAPTED_NOTE not in render_deploy([row("none", "F32", 100.0), row("rtn", "Q4_0", 101.0)])

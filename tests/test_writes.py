@@ -200,25 +200,6 @@ def test_compressed_tensors_keeps_a_users_file_with_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_executorch_replaces_its_own_program_only(tmp_path):
-    from spinquant.et_export import export_executorch, is_pte
-    model = make_tiny("llama")
-    quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
-    out = tmp_path / "m.pte"
-    export_executorch(model, out, max_seq_len=16)
-    assert is_pte(out)
-    first = out.stat().st_mtime_ns
-    model = make_tiny("llama")
-    quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
-    export_executorch(model, out, max_seq_len=16)  # its own program: replaced
-    assert out.stat().st_mtime_ns >= first and is_pte(out)
-    (tmp_path / "notes.pte").write_text("mine")
-    assert not is_pte(tmp_path / "notes.pte")
-    with pytest.raises(OutputPathError, match="not recognised as ExecuTorch"):
-        export_executorch(model, tmp_path / "notes.pte", max_seq_len=16)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pte", "notes.pte"]
-
-
 def test_an_unwritable_export_target_is_named_as_such_not_as_a_results_folder():
     from spinquant import cli
     with pytest.raises(OutputPathError, match=r"cannot write GGUF file /proc/m.gguf: /proc is not writable"):

@@ -33,17 +33,25 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
              f"thread(s).{NOTES.get(runtime, '')}", "",
              f"| Quantizer | Format | File (MB) | PPL {runtime} | PPL ours | {runtime} vs ours | Prefill tok/s | "
              "Decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    fp = next((r["ppl_runtime"] for r in mrows if r["quantizer"] == "none"), None)
+    adapted = False
     for r in mrows:
         ours = r["ppl_framework"]
+        saw = "gptq" in r["quantizer"] or r["quantizer"].startswith(("qat", "spinquant"))  # read WikiText-2 train
+        mark = "‡" if fp is not None and saw and r["ppl_runtime"] < fp else ""
+        adapted |= bool(mark)
         rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
         name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
                                                                                              r["quantizer"])
-        lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f} | "
+        lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f}{mark} | "
                      f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
                      f"{r['decode_tok_s']:.0f} |")
     if any(r["quantizer"].startswith("qat") for r in mrows):
         lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
                       "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
+    if adapted:
+        from .tables import ADAPTED_NOTE
+        lines += ["", ADAPTED_NOTE]
     revs = sorted({r["git_rev"] for r in mrows})
     lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
     return "\n".join(lines)

@@ -83,6 +83,31 @@ def _delta_cell(row, base, ds: str) -> str:
     return cell + f" ± {d.se_ppl:.2f}" + (" ≈" if d.within_noise else "")
 
 
+ADAPTED = "‡"
+ADAPTED_NOTE = ("‡ below the FP model on WikiText-2 after reading WikiText-2 train (GPTQ calibration, SpinQuant "
+                "rotation training or QAT): domain adaptation, not a better quantizer, until the KL divergence to the FP "
+                "model and the held-out domain say otherwise.")
+
+
+def saw_calibration_text(method: dict) -> bool:
+    """Whether a row's method read WikiText-2 train: a calibrated weight quantizer (GPTQ), a learned rotation or QAT."""
+    from ..quant import WEIGHT_QUANTIZERS
+    wq = WEIGHT_QUANTIZERS.get(method.get("weights", "none"))
+    return bool(wq and wq.needs_hessian) or method.get("rotation") == "spinquant" or method.get("qat", "none") != "none"
+
+
+def _adapted(value: float, fp_value: float | None, row: dict) -> str:
+    """'‡' for the WikiText-2 perplexity of a row that read the calibration text and lands below the FP model's (a
+    data-free row below FP, e.g. RTN, is left to the paired SE of the Δ column)."""
+    return ADAPTED if fp_value is not None and value < fp_value and saw_calibration_text(row["method"]) else ""
+
+
+def _kld_cells(row, datasets: list[str]) -> list[str]:
+    """Mean KL divergence to FP and same-top-1 share per dataset ('–' for rows evaluated before eval.kld)."""
+    k = row["metrics"].get("kld") or {}
+    return [f"{k[d]['mean']:.4f} / {100 * k[d]['top1']:.1f}%" if d in k else "–" for d in datasets]
+
+
 def _dataset_label(name: str) -> str:
     """A column name for a dataset: its registered name, or a text file's name without folder and extension."""
     return Path(name).stem if "/" in name or name.endswith(".txt") else name
@@ -106,12 +131,15 @@ def render(rows: list[dict]) -> str:
         head = ["Scheme", "Method", "W groups"] + [f"PPL {_dataset_label(d)}" for d in datasets]
         head += [f"{t} {m.replace('_', ' ')}" for t, m in le_cols]
         head += ["Δ wikitext2"] if fp and "wikitext2" in datasets else []
+        kld_ds = [d for d in datasets if any(d in (r["metrics"].get("kld") or {}) for r in mrows)]
+        head += [f"KLD / top-1 {_dataset_label(d)}" for d in kld_ds]
         head += ["Size (MB)", "× FP size"]
         trained = any("qat_train" in r["metrics"] for r in mrows)
         if trained:  # QAT rows: what the training cost
             head += ["Train tokens", "Trainable params", "Wall s"]
         rule = "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"
         lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", rule]
+        adapted = False
         for r in mrows:
             ppl = r["metrics"]["ppl"]
             mark = "†" if _subset(r) else ""
@@ -119,7 +147,10 @@ def render(rows: list[dict]) -> str:
             le = r["metrics"].get("lm_eval", {})
             cells += [_fmt_metric(le[t][m]) if m in le.get(t, {}) else "–" for t, m in le_cols]
             if fp and "wikitext2" in datasets:
-                cells.append(_delta_cell(r, fp, "wikitext2"))
+                below = _adapted(ppl["wikitext2"], fp["metrics"]["ppl"].get("wikitext2"), r) if "wikitext2" in ppl else ""
+                adapted |= bool(below)
+                cells.append(_delta_cell(r, fp, "wikitext2") + below)
+            cells += _kld_cells(r, kld_ds)
             size = r["metrics"].get("size_bytes")
             cells.append(f"{size / 1e6:.2f}" if size else "–")
             fps = fp["metrics"].get("size_bytes") if fp else r["metrics"].get("fp16_size_bytes")
@@ -150,6 +181,11 @@ def render(rows: list[dict]) -> str:
         if subsets:
             lines += ["", f"† evaluated on only the first {' / '.join(map(str, subsets))} windows of each dataset "
                           f"(`eval.max_windows`), not the whole test set: not comparable with full-set numbers."]
+        if adapted:
+            lines += ["", ADAPTED_NOTE]
+        if kld_ds:
+            lines += ["", "KLD / top-1: mean KL divergence of the next-token distribution from the FP model's on the "
+                          "same windows, and the share of tokens whose most likely next token agrees (`eval.kld`)."]
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -183,15 +219,23 @@ def render_rotation(rows: list[dict], dataset: str = "wikitext2") -> str:
         head = ["Method"] + cols + ["Rotation s (per column)"]
         lines = [f"**{model}** — {dataset} perplexity", "", "| " + " | ".join(head) + " |",
                  "|---|" + "|".join(["---:"] * len(cols)) + "|---:|"]
+        fp_v = fp[0]["metrics"]["ppl"][dataset] if fp else None
         if fp:
-            v = fp[0]["metrics"]["ppl"][dataset]
-            lines.append("| FP | " + " | ".join(f"{v:.2f}" for _ in cols) + " | – |")
+            lines.append("| FP | " + " | ".join(f"{fp_v:.2f}" for _ in cols) + " | – |")
+        adapted = False
         for k in methods:
             name = ROTATION_NAMES.get(k[0], k[0] + "-") + k[1].upper()
-            ppl = [f"{cells[(k, c)]['metrics']['ppl'][dataset]:.2f}" if (k, c) in cells else "–" for c in cols]
+            ppl = []
+            for c in cols:
+                r = cells.get((k, c))
+                v = r["metrics"]["ppl"][dataset] if r is not None else None
+                ppl.append("–" if v is None else f"{v:.2f}" + (_adapted(v, fp_v, r) if dataset == "wikitext2" else ""))
+            adapted |= any(p.endswith(ADAPTED) for p in ppl)
             secs = [cells[(k, c)]["metrics"].get("rotation_s") for c in cols if (k, c) in cells]
             rot = " / ".join(f"{s:.0f}" for s in secs) if k[0] != "none" and secs else "–"
             lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot} |")
+        if adapted:
+            lines += ["", ADAPTED_NOTE]
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -245,8 +289,12 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
                  "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
         if fp:
             lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
+        def mark(r):
+            return _adapted(ppl(r), ppl(fp), r) if fp and dataset == "wikitext2" else ""
+
         if control:
-            lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}" for _ in cols) + " |")
+            lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}{mark(control)}" for _ in cols)
+                         + " |")
         for mk, label in QAT_METHODS[1:]:
             if not any((mk, c) in cells for c in cols):
                 continue
@@ -256,7 +304,7 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
                 if r is None:
                     row.append("–")
                     continue
-                cell = f"{ppl(r):.2f}"
+                cell = f"{ppl(r):.2f}{mark(r)}"
                 if mk[2] != "none" and fp and rtn:
                     gap = ppl(rtn) - ppl(fp)
                     if gap > MIN_GAP * ppl(fp):
@@ -267,6 +315,8 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
                         cell += " (< FP)"
                 row.append(cell)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if any(mark(r) for r in [*q, *([control] if control else [])]):
+            lines += ["", ADAPTED_NOTE]
         trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
                          key=lambda r: (cols.index(_qat_scheme(r)) if _qat_scheme(r) in cols else -1, str(_method_key(r))))
         if trained:
