@@ -265,7 +265,7 @@ def test_qat_table_pivots_methods_and_reports_recovered_gap():
             row("W2A16", 2, 16, "spinquant", "rtn", "lora", 120.0, True),
             row("W16A16", 16, 16, "none", "none", "lora", 99.0, True)]
     text = make_tables.render_qat(rows)
-    assert "| FP + LoRA (control) | 99.00 | 99.00 |" in text and "| FP + LoRA fine-tune (control) | 0.41M |" in text
+    assert "| FP + LoRA (control) | 99.00‡ | 99.00‡ |" in text and "| FP + LoRA fine-tune (control) | 0.41M |" in text
     assert "| Method | W4A8 | W2A16-g64 |" in text
     # recovered share against the FP+LoRA control first ((110-103)/(110-99) = 64%), against FP beside it (70%)
     assert "| QAT+LoRA | 103.00 (64% / 70% FP) | – |" in text
