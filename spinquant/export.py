@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .kernels import PackedEmbedding, PackedLinear, pack
-from .kernels.linear import load_kernel
+from .kernels.linear import holds_int4, holds_int8, int4_offset, load_kernel
 from .models.adapter import get_adapter
 from .models.attention import use_spinquant_attention
 from .quant.apply import _set
@@ -60,6 +60,11 @@ def _hadamard_meta(t) -> dict | None:
     if not isinstance(t, OnlineHadamard):
         raise ExportFormatError(f"cannot save online transform {type(t).__name__}: only OnlineHadamard is supported")
     return {"type": "hadamard", "n": t.n, "fallback": t.fallback}
+
+
+def _hadamard_from(meta: dict | None) -> OnlineHadamard | None:
+    """Inverse of `_hadamard_meta`."""
+    return None if not meta else OnlineHadamard(meta["n"], meta["fallback"])
 
 
 def _adapter_meta(a) -> dict | None:
@@ -174,9 +179,9 @@ def _kernel_holds(kernel: str, s: QuantSpec) -> str | None:
     """Why the saved form `kernel` cannot hold weights of spec `s` (None if it can)."""
     if not s.enabled and kernel != "dequant":
         return f"a {s.bits}-bit weight spec is not quantized, but kernel {kernel!r} holds integer codes"
-    if kernel == "int4" and not (s.bits <= 4 and s.granularity in ("channel", "group")):
+    if kernel == "int4" and not holds_int4(s):
         return f"kernel 'int4' holds at most 4-bit per-channel or grouped codes, not {s.short()}"
-    if kernel == "int8" and not (4 < s.bits <= 8 and s.granularity == "channel" and s.symmetric):
+    if kernel == "int8" and not holds_int8(s):
         return f"kernel 'int8' holds 5-8-bit symmetric per-channel codes, not {s.short()}"
     return None
 
@@ -188,8 +193,7 @@ def _check_code_range(name: str, kernel: str, q: torch.Tensor | None, s: QuantSp
     if kernel == "int4":
         if q.dtype != torch.uint8:
             raise ExportFormatError(f"{where}: {name}.qweight has dtype {q.dtype}, expected uint8 (two 4-bit codes a byte)")
-        off = 8 if s.symmetric else 8 - 2 ** (s.bits - 1)  # the saved form u = code + off (kernels.linear._int4_form)
-        lo, hi = s.qmin + off, s.qmax + off
+        lo, hi = s.qmin + int4_offset(s), s.qmax + int4_offset(s)  # the saved form u = code + offset
         u = torch.stack([q & 15, q >> 4])
     else:
         if q.dtype != torch.int8:
@@ -221,10 +225,13 @@ def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
         if m is None:
             raise ExportFormatError(f"{where}: module {name!r} does not exist in the model its model_config describes "
                                     f"({n_layers} layers, hidden {model.config.hidden_size})")
+        if kind in ("linear", "fp_linear") and (
+                not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out"))):
+            got = (getattr(m, "in_features", None), getattr(m, "out_features", None))
+            raise ExportFormatError(f"{where}: module {name!r} is recorded as a {'16-bit ' * (kind == 'fp_linear')}"
+                                    f"linear {d.get('in')} -> {d.get('out')}, but model_config makes it "
+                                    f"{type(m).__name__} {got[0]} -> {got[1]}")
         if kind == "fp_linear":
-            if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out")):
-                raise ExportFormatError(f"{where}: module {name!r} is recorded as a 16-bit linear {d.get('in')} -> "
-                                        f"{d.get('out')}, which model_config does not give")
             act = _spec_of(d.get("act_spec"), f"{name}.act_spec", where)
             if act is not None and act.enabled:
                 try:
@@ -232,10 +239,6 @@ def check_meta(meta: dict, model: nn.Module, where: Path) -> None:
                 except ValueError as e:
                     raise ExportFormatError(f"{where}: {e}") from None
         elif kind == "linear":
-            if not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != (d.get("in"), d.get("out")):
-                got = (getattr(m, "in_features", None), getattr(m, "out_features", None))
-                raise ExportFormatError(f"{where}: module {name!r} is recorded as a linear {d.get('in')} -> {d.get('out')}, "
-                                        f"but model_config makes it {type(m).__name__} {got[0]} -> {got[1]}")
             w = _spec_of(d.get("w_spec"), f"{name}.w_spec", where)
             act = _spec_of(d.get("act_spec"), f"{name}.act_spec", where)
             why = _kernel_holds(d.get("kernel"), w) if w is not None else "w_spec is missing"
@@ -317,8 +320,7 @@ def _linear_from(tensors, name, d, where) -> PackedLinear:
         raise ExportFormatError(f"{where}: module {name!r} has unknown kernel {kernel!r}")
     _check_code_range(name, kernel, t.get("qweight"), w_spec, where)
     m = PackedLinear.from_export(t, K, N, w_spec, act_spec, load_kernel(kernel, w_spec, act_spec))
-    if d.get("input_transform"):
-        m.input_transform = OnlineHadamard(d["input_transform"]["n"], d["input_transform"]["fallback"])
+    m.input_transform = _hadamard_from(d.get("input_transform"))
     if d.get("adapter"):
         from qat.lora import LoRA
         ad = d["adapter"]
@@ -402,15 +404,14 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     for name, d in mods.items():  # 16-bit linears with an online transform or quantized inputs
         if d["kind"] == "fp_linear":
             ql = QuantLinear.from_linear(model.get_submodule(name), None, _spec(d.get("act_spec")))
-            if d.get("input_transform"):
-                ql.input_transform = OnlineHadamard(d["input_transform"]["n"], d["input_transform"]["fallback"])
+            ql.input_transform = _hadamard_from(d.get("input_transform"))
             _set(model, name, ql)
     a = get_adapter(model)
     for i, layer in enumerate(a.decoder_layers(model)):
         d = meta["attention"].get(str(i), {})
         attn = a.attention(layer)
         if d.get("qk_transform"):
-            attn.qk_transform = OnlineHadamard(d["qk_transform"]["n"], d["qk_transform"]["fallback"])
+            attn.qk_transform = _hadamard_from(d["qk_transform"])
         if d.get("kv"):
             attn.kv_quantizer = KVQuantizer(QuantSpec.from_dict(d["kv"]["k"]), QuantSpec.from_dict(d["kv"]["v"]))
     use_spinquant_attention(model)

@@ -346,16 +346,22 @@ def evaluate(model, tok, cfg: EvalConfig, data_root=None, progress: bool = True,
     return out
 
 
-def kld_to_fp(model, tok, cfg: "RunConfig", device: str = "cpu") -> dict:
-    """{ds: KLDResult dict} of `model` against the FP checkpoint of `cfg.model`, loaded afresh for this pass (and freed
-    after it), on the eval windows. A pass of its own, after the perplexity pass, so that the row's memory metrics
-    measure the evaluated model alone."""
-    reference, _ = load_model(cfg.model, device)
-    try:
+def evaluate_run(model, tok, cfg: "RunConfig", device: str = "cpu") -> tuple[dict, "PeakMemory | None"]:
+    """A run's evaluation: (evaluate's output, with "kld" when eval.kld; the PeakMemory of the perplexity pass when
+    eval.memory). The FP checkpoint for the KL divergence is loaded afresh; when memory is measured it scores in a
+    pass of its own after the measured one (so the row's memory is the evaluated model's alone), otherwise the
+    model's logits are computed once for both."""
+    eval_len = _lengths(cfg)[0]
+    if not cfg.eval.memory:
+        reference = load_model(cfg.model, device)[0] if cfg.eval.kld else None
+        return evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len, reference=reference), None
+    with PeakMemory(device) as mem:
+        out = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len)
+    if cfg.eval.kld:
         print("  KL divergence to the FP model:")
-        return evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, _lengths(cfg)[0], reference=reference)["kld"]
-    finally:
-        del reference
+        reference = load_model(cfg.model, device)[0]
+        out["kld"] = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len, reference=reference)["kld"]
+    return out, mem
 
 
 def evaluate_lm_eval(model, tok, cfg: RunConfig) -> dict:
@@ -409,7 +415,6 @@ def run(cfg: RunConfig | dict) -> dict:
         torch.set_num_threads(int(cfg.threads))
     qcfg = cfg.quant
     tok = preflight(cfg, out)
-    eval_len, _ = _lengths(cfg)
     t0 = time.time()
     rank = int(os.environ.get("RANK", 0))
     method = {"rotation": rotation_label(cfg.rotation), "weights": qcfg.method if qcfg.weight.enabled else "none",
@@ -426,11 +431,8 @@ def run(cfg: RunConfig | dict) -> dict:
     if model is None or rank != 0:  # QAT trained on every process; evaluation and the row are the main process's
         return {}
 
-    with PeakMemory(device) as mem:
-        metrics = evaluate(model, tok, cfg.eval, cfg.data.root, cfg.progress, eval_len)
-    if cfg.eval.kld:
-        metrics["kld"] = kld_to_fp(model, tok, cfg, device)
-    if cfg.eval.memory:
+    metrics, mem = evaluate_run(model, tok, cfg, device)
+    if mem is not None:
         metrics["peak_mem_bytes"] = mem.peak_bytes
         metrics["peak_mem_delta_bytes"] = mem.peak_delta_bytes
     if cfg.eval.size:

@@ -80,6 +80,21 @@ def _pad_k(x: torch.Tensor, k_pad: int) -> torch.Tensor:
     return x if x.shape[-1] == k_pad else F.pad(x, (0, k_pad - x.shape[-1]))
 
 
+def holds_int4(spec: QuantSpec) -> bool:
+    """Whether the int4 form (two codes a byte, per-channel or grouped scales) can hold weights of `spec`."""
+    return spec.bits <= 4 and spec.granularity in ("channel", "group")
+
+
+def holds_int8(spec: QuantSpec) -> bool:
+    """Whether the int8 form (int8 codes, one scale per output channel, no zero point) can hold weights of `spec`."""
+    return 4 < spec.bits <= 8 and spec.granularity == "channel" and spec.symmetric
+
+
+def int4_offset(spec: QuantSpec) -> int:
+    """off in the int4 form's unsigned codes u = code + off in [0, 15], centred on 8 (`_int4_form`)."""
+    return 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
+
+
 def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend: str = "cpu") -> str:
     """The kernel a weight spec runs on (table above); on the CPU activation specs work with every kernel."""
     if backend not in ("cpu", "triton"):
@@ -92,8 +107,7 @@ def choose_kernel(w_spec: QuantSpec, act_spec: QuantSpec | None = None, backend:
             return "triton_int4"
         a8 = act_spec is not None and act_spec.enabled and act_spec.bits <= 8 and act_spec.granularity == "token"
         return "triton_int8" if cpu_kernel == "int8" and a8 else "dequant"
-    int4 = w_spec.bits <= 4 and w_spec.granularity in ("channel", "group")
-    int8 = 4 < w_spec.bits <= 8 and w_spec.granularity == "channel" and w_spec.symmetric
+    int4, int8 = holds_int4(w_spec), holds_int8(w_spec)
     if native.supports_act(act_spec) and (int4 or int8) and native.available():
         if int4 and (w_spec.granularity == "channel" or w_spec.group_size % 8 == 0):
             return "cpu_w4a8"
@@ -122,7 +136,7 @@ def _codes_scale_zero(ql: QuantLinear):
 def _int4_form(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec):
     """The unsigned int4 form every int4 kernel uses: u = code + off in [0, 15], centred on 8 so that the
     float zero z = (8 - zero - off)·scale stays small, and w = (u - 8)·scale + z per group."""
-    off = 8 if spec.symmetric else 8 - 2 ** (spec.bits - 1)
+    off = int4_offset(spec)
     return codes + off, (8 - zero - off) * scale
 
 

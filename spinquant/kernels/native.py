@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.load import cache_root
 from ..quant.spec import QuantSpec
 from .cpu import pack_nibbles_raw, unpack_nibbles_raw
 
@@ -67,7 +68,7 @@ def build(extra_flags: tuple[str, ...] = (), cache: str | os.PathLike | None = N
         raise NativeBuildError("no C compiler found (set $CC, or install gcc)")
     src = SOURCE.read_text()
     key = hashlib.sha256("\0".join([src, cc, *FLAGS, *extra_flags, _cpu_id()]).encode()).hexdigest()[:16]
-    root = Path(cache or os.environ.get("SPINQUANT_CACHE") or Path.home() / ".cache" / "spinquant") / "kernels"
+    root = (Path(cache) if cache else cache_root()) / "kernels"
     lib = root / f"lowbit-{key}.so"
     if lib.exists():
         return lib

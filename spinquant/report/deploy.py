@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .tables import ADAPTED, ADAPTED_NOTE
+
 FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4}
 QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4,
                    "quarot-r124+gptq": 4, "qat-full": 5}
@@ -38,7 +40,7 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
     for r in mrows:
         ours = r["ppl_framework"]
         saw = "gptq" in r["quantizer"] or r["quantizer"].startswith(("qat", "spinquant"))  # read WikiText-2 train
-        mark = "‡" if fp is not None and saw and r["ppl_runtime"] < fp else ""
+        mark = ADAPTED if fp is not None and saw and r["ppl_runtime"] < fp else ""
         adapted |= bool(mark)
         rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
         name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
@@ -50,7 +52,6 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
         lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
                       "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
     if adapted:
-        from .tables import ADAPTED_NOTE
         lines += ["", ADAPTED_NOTE]
     revs = sorted({r["git_rev"] for r in mrows})
     lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
