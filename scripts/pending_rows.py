@@ -20,9 +20,13 @@ sys.path.insert(0, str(ROOT))
 from spinquant.results import run_id  # noqa: E402
 from spinquant.sweeps import sweep_jobs  # noqa: E402
 
+# smollm2-135m's reduced protocol on 2 CPU cores (its full test sets cost ~40 min per row, GPTQ's 128 calibration
+# sequences ~16 min): the first 16 windows of 512 tokens of WikiText-2 and of the held-out domain (python-docs), KL
+# divergence to FP on the same windows, no memory pass, 32 calibration sequences of 512 tokens (GPTQ: 128 x 2048)
+SMOLLM2 = ["eval.max_windows=16", "eval.datasets=[wikitext2,python-docs]", "eval.memory=false", "data.calib_samples=32"]
 # table -> model -> the extra overrides its committed rows were run with (the sweep file's header says which)
-TABLES = {"foundation": {"ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
-          "rotation": {"ref-llama": [], "stories260k": []}, "qat": {"ref-llama": []},
+TABLES = {"foundation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
+          "rotation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": []}, "qat": {"ref-llama": []},
           "spinquant_study": {"stories260k": []}}
 WHY = ("Jobs of a committed table's sweep that have no committed row yet (new configurations such as W4A8-mixed, or "
        "rows removed to be regenerated), by table and model; `spinquant sweep +experiment=<table> results_dir="

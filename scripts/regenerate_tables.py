@@ -3,6 +3,7 @@
     python scripts/regenerate_tables.py --results-dir /tmp/regen              # every table, one run after another
     python scripts/regenerate_tables.py --results-dir /tmp/regen --jobs 8     # 8 runs at a time (one thread each)
     python scripts/regenerate_tables.py --results-dir /tmp/regen --tables foundation rotation --dry-run
+    python scripts/regenerate_tables.py --results-dir /tmp/regen --tables rotation --exclude rotation=spinquant
 
 Each table is the sweep (or script) that produced `paper/results/<table>/`, expanded into its single runs (one
 row each) and run with one thread per run into `<results-dir>/<table>/`. Rows are written atomically and a run
@@ -109,6 +110,8 @@ def main():
     p.add_argument("--checkpoint-dir", type=Path, help="QAT checkpoints (default: <results-dir>/checkpoints)")
     p.add_argument("--tables", nargs="*", default=list(TABLES), choices=TABLES)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each (default 1)")
+    p.add_argument("--exclude", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="leave out the runs with any of these overrides (e.g. rotation=spinquant: the costly rows later)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args()
     cores = os.cpu_count() or 1
@@ -125,8 +128,10 @@ def main():
         for cmd in commands(table, results, checkpoints):
             for run, row in single_runs(cmd):
                 done = row is not None and row.exists()
-                print(f"[{table}] {shlex.join(run)}" + ("  (row exists)" if done else ""), flush=True)
-                if not done:
+                left_out = any(x in run for x in args.exclude)
+                print(f"[{table}] {shlex.join(run)}" + ("  (row exists)" if done else "  (--exclude)" if left_out else ""),
+                      flush=True)
+                if not done and not left_out:
                     todo.append((table, run, row))
     if args.dry_run or not todo:
         return
