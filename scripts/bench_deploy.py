@@ -6,13 +6,16 @@ programs measured inside ExecuTorch's runtime.
 
 Per model, in one process: our FP model written as an F32 GGUF; llama.cpp's own Q8_0 / Q4_0 / Q4_K_M of that
 file (llama_model_quantize, the `llama-quantize` a user runs); and ours (RTN, GPTQ, SpinQuant-offline + GPTQ,
-fixed-scale full QAT) quantized on the GGUF grids and exported bit-exactly. Each file's WikiText-2 perplexity is
-computed inside llama.cpp with our windows (spinquant.deploy.LlamaCppLM through eval.perplexity_of_ids); our rows
-also carry our fake-quant perplexity on the same windows. ExecuTorch (`--runtimes executorch`): our FP model as an
-FP32 XNNPACK program, and ours (RTN, GPTQ, QuaRot R1/R2/R4 + GPTQ, fixed-scale full QAT) at Meta's W4A8 recipe
-(quant=executorch_w4a8), each run in ExecuTorch's runtime with the same windows.
-Rows are written one by one (atomically); a rerun skips
-the rows that exist.
+fixed-scale full QAT) quantized on the GGUF grids and exported bit-exactly. Each file's perplexity on WikiText-2 and
+on the held-out domain (python-docs) is computed inside llama.cpp with our windows (spinquant.deploy.LlamaCppLM
+through eval.perplexity_of_ids), with the KL divergence of its logits from our FP model's and top-1 agreement on the
+same tokens; our rows also carry our fake-quant perplexity and KLD on the same windows. ExecuTorch (`--runtimes
+executorch`): our FP model as an FP32 XNNPACK program, and ours (RTN, GPTQ, QuaRot R1/R2/R4 + GPTQ, fixed-scale full
+QAT) at Meta's W4A8 recipe (quant=executorch_w4a8), each run in ExecuTorch's runtime with the same windows and
+measures. Rows are written one by one (atomically); a rerun skips the rows that exist.
+
+    python scripts/bench_deploy.py --model smollm2-135m --out paper/results/deploy --max-windows 16 --calib-samples 32
+
 """
 from __future__ import annotations
 
@@ -46,12 +49,18 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("results/deploy"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--datasets", nargs="+", default=["wikitext2", "python-docs"],
+                   help="texts to evaluate on (the first is the table's headline; default: WikiText-2 and the held-out "
+                        "domain)")
+    p.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default: the config's)")
+    p.add_argument("--no-kld", action="store_true", help="leave out the KL divergence to the FP model")
     p.add_argument("--only", nargs="*", default=None, help="quantizer-format labels to run (default: all)")
     p.add_argument("--runtimes", nargs="*", default=["llama.cpp", "executorch"], choices=["llama.cpp", "executorch"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rev = revision_for(args.out / "x.json")
     base = [f"model={args.model}", "progress=false", "wandb.mode=disabled", f"threads={args.threads}"]
+    base += [] if args.calib_samples is None else [f"data.calib_samples={args.calib_samples}"]
     # stories260k's MLP width 172 has no blocks of 32: GGUF keeps down_proj F16 (as llama.cpp does), ExecuTorch takes
     # it at int4 per channel (XNNPACK's qc4w)
     fallback = {"gguf": [], "et": []} if args.model != "stories260k" else \
@@ -59,8 +68,14 @@ def main(argv=None):
     fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))
     model, tok = pipeline.load_model(fp_cfg.model)
     seq_len, vocab = fp_cfg.model.seq_len, model.config.vocab_size
-    ids = tokenize_dataset(tok, "wikitext2", add_bos=True)
-    common = {"git_rev": rev, "dataset": "wikitext2", "torch": torch.__version__, "seed": 0}
+    texts = {ds: tokenize_dataset(tok, ds, add_bos=True) for ds in args.datasets}
+    reference = None if args.no_kld else model  # the runtimes' logits are compared with our FP model's
+    common = {"git_rev": rev, "torch": torch.__version__, "seed": 0, "calib_samples": args.calib_samples}
+
+    def ours_on(m, ref=reference):
+        """Our framework's (fake-quant) perplexity and KLD on the same windows, per dataset."""
+        return {ds: perplexity_of_ids(m, ids, seq_len, max_windows=args.max_windows, progress=False, reference=ref)
+                for ds, ids in texts.items()}
 
     def out_path(quantizer, fmt):
         return args.out / f"{args.model}-{quantizer}-{fmt}.json"
@@ -69,25 +84,24 @@ def main(argv=None):
         return (args.only is None or f"{quantizer}-{fmt}" in args.only) and not out_path(quantizer, fmt).exists()
 
     if "executorch" in args.runtimes:
-        et_rows(args, base + fallback["et"], model, tok, ids, seq_len, vocab, common, out_path, wanted,
-                export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
+        et_rows(args, base + fallback["et"], model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path,
+                wanted, export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
     if "llama.cpp" not in args.runtimes:
         return
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         fp_file = export_gguf(model, d / "fp32.gguf", resolve_path(fp_cfg.model.path), name=args.model, fp="F32")
         if wanted("none", "F32"):
-            fp = perplexity_of_ids(model, ids, seq_len, max_windows=args.max_windows, progress=False)
-            row = deploy_row(args.model, "F32", "none", fp_file, ids, seq_len, vocab, args.threads, args.max_windows,
-                             fp, common)
+            row = deploy_row(args.model, "F32", "none", fp_file, texts, seq_len, vocab, args.threads, args.max_windows,
+                             ours_on(model, None), common, reference)
             write_deploy_row(row, out_path("none", "F32"))
             print(f"[done] FP F32: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
         for fmt in LLAMA_CPP:
             if not wanted("llama.cpp", fmt):
                 continue
             f = quantize_gguf(fp_file, d / f"llama-{fmt}.gguf", fmt, args.threads)
-            row = deploy_row(args.model, fmt, "llama.cpp", f, ids, seq_len, vocab, args.threads, args.max_windows,
-                             None, common)
+            row = deploy_row(args.model, fmt, "llama.cpp", f, texts, seq_len, vocab, args.threads, args.max_windows,
+                             None, common, reference)
             write_deploy_row(row, out_path("llama.cpp", fmt))
             print(f"[done] llama.cpp {fmt}: {row['ppl_runtime']:.3f}")
         for quantizer, fmt, overrides in OURS:
@@ -97,32 +111,31 @@ def main(argv=None):
             cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *fallback["gguf"], *overrides),
                                                                       resolve=True))
             qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
-            ours = perplexity_of_ids(qmodel, ids, seq_len, max_windows=args.max_windows, progress=False)
+            quantize_s = time.time() - t
+            ours = ours_on(qmodel)
             f = export_gguf(qmodel, d / f"ours-{quantizer}-{fmt}.gguf", resolve_path(cfg.model.path), name=args.model)
-            row = deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
-                             ours, {**common, "overrides": overrides, "quantize_s": time.time() - t,
-                                    **pipeline.rotation_train_metrics(qmodel)})
+            row = deploy_row(args.model, fmt, quantizer, f, texts, seq_len, vocab, args.threads, args.max_windows,
+                             ours, {**common, "overrides": overrides, "quantize_s": quantize_s,
+                                    **pipeline.rotation_train_metrics(qmodel)}, reference)
             write_deploy_row(row, out_path(quantizer, fmt))
             print(f"[done] {quantizer} {fmt}: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
             os.remove(f)
 
 
-def et_rows(args, base, model, tok, ids, seq_len, vocab, common, out_path, wanted, export_executorch, et_deploy_row,
-            fmt, ours_et):
+def et_rows(args, base, model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted,
+            export_executorch, et_deploy_row, fmt, ours_et):
     """The ExecuTorch rows: FP32 program of our FP model, then ours at W4A8 (one .pte each, measured, removed)."""
     import copy
 
     from omegaconf import OmegaConf
 
     from spinquant import cli, pipeline
-    from spinquant.eval.perplexity import perplexity_of_ids
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         if wanted("none", "FP32"):
-            fp = perplexity_of_ids(model, ids, seq_len, max_windows=args.max_windows, progress=False)
             f = export_executorch(copy.deepcopy(model), d / "fp32.pte", max_seq_len=seq_len)
-            row = et_deploy_row(args.model, "FP32", "none", f, ids, seq_len, vocab, args.threads, args.max_windows,
-                                fp, common)
+            row = et_deploy_row(args.model, "FP32", "none", f, texts, seq_len, vocab, args.threads, args.max_windows,
+                                ours_on(model, None), common, reference)
             write_row(row, out_path("none", "FP32"))
         for quantizer, overrides in ours_et:
             if not wanted(quantizer, fmt):
@@ -130,11 +143,12 @@ def et_rows(args, base, model, tok, ids, seq_len, vocab, common, out_path, wante
             t = time.time()
             cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
             qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
-            ours = perplexity_of_ids(qmodel, ids, seq_len, max_windows=args.max_windows, progress=False)
+            quantize_s = time.time() - t
+            ours = ours_on(qmodel)
             f = export_executorch(qmodel, d / f"ours-{quantizer}.pte", max_seq_len=seq_len)
-            row = et_deploy_row(args.model, fmt, quantizer, f, ids, seq_len, vocab, args.threads, args.max_windows,
-                                ours, {**common, "overrides": overrides, "quantize_s": time.time() - t,
-                                    **pipeline.rotation_train_metrics(qmodel)})
+            row = et_deploy_row(args.model, fmt, quantizer, f, texts, seq_len, vocab, args.threads, args.max_windows,
+                                ours, {**common, "overrides": overrides, "quantize_s": quantize_s,
+                                       **pipeline.rotation_train_metrics(qmodel)}, reference)
             write_row(row, out_path(quantizer, fmt))
             os.remove(f)
 

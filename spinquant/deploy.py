@@ -144,37 +144,58 @@ OURS_ET = [("rtn", ["quant=executorch_w4a8"]),
            ("qat-full", ["quant=executorch_w4a8", "qat=full", "qat.scales=fixed", "qat.train.steps=100"])]
 
 
-def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, ids, seq_len: int, vocab: int, threads: int,
-               max_windows: int | None, ppl_framework=None, extra: dict | None = None) -> dict:
-    """Measure one GGUF file in llama.cpp: perplexity on `ids` with our windows, file size, prefill/decode speed."""
+def measure(lm, texts: dict, seq_len: int, max_windows: int | None, reference=None, ours: dict | None = None,
+            desc: str = "runtime") -> dict:
+    """One file inside its runtime (`lm`, a logits callable) on each text of `texts` {dataset: ids [1, n]}, with our
+    windows: perplexity, per-window NLLs and, against `reference` (our FP model), KL divergence and top-1 agreement.
+    `ours` {dataset: PerplexityResult}: the same model in our framework (fake-quant) on the same windows, beside it.
+    Returns {dataset: entry} as the deploy rows store it under "per_dataset"."""
     from .eval.perplexity import perplexity_of_ids
+    out = {}
+    for ds, ids in texts.items():
+        r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
+                              desc=f"{desc} {ds}", reference=reference)
+        o = (ours or {}).get(ds)
+        out[ds] = {"ppl_runtime": r.ppl, "ppl_framework": None if o is None else o.ppl, "windows": r.windows,
+                   "tokens_scored": r.tokens_scored, "runtime_window_nll": r.window_nll,
+                   "framework_window_nll": None if o is None else o.window_nll,
+                   "kld_runtime": None if r.kld is None else r.kld.to_dict(),
+                   "kld_framework": None if o is None or o.kld is None else o.kld.to_dict()}
+    return out
+
+
+def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, texts: dict, seq_len: int, vocab: int,
+               threads: int, max_windows: int | None, ours: dict | None = None, extra: dict | None = None,
+               reference=None) -> dict:
+    """Measure one GGUF file in llama.cpp on `texts` {dataset: ids} with our windows (see `measure`), its size and
+    prefill/decode speed."""
     lm = LlamaCppLM(gguf_path, n_ctx=seq_len, n_threads=threads)
     try:
-        r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
-                              desc=f"llama.cpp {fmt}")
+        per = measure(lm, texts, seq_len, max_windows, reference, ours, f"llama.cpp {fmt}")
     finally:
         lm.close()
     speed = llama_cpp_speed(gguf_path, threads, vocab, prefill=min(512, seq_len), decode=64)
-    return _row(model_name, "llama.cpp", fmt, quantizer, gguf_path, r, seq_len, ppl_framework, speed, threads, extra)
+    return _row(model_name, "llama.cpp", fmt, quantizer, gguf_path, per, seq_len, speed, threads, extra)
 
 
-def _row(model_name, runtime, fmt, quantizer, path, r, seq_len, ppl_framework, speed, threads, extra) -> dict:
-    """One deploy-table row: the runtime's perplexity `r` beside ours (`ppl_framework`, same windows), size, speed."""
-    row = {"model": model_name, "runtime": runtime, "format": fmt, "quantizer": quantizer,
-           "ppl_runtime": r.ppl, "ppl_framework": None if ppl_framework is None else ppl_framework.ppl,
-           "windows": r.windows, "seq_len": seq_len, "tokens_scored": r.tokens_scored,
-           "file_bytes": Path(path).stat().st_size, **speed, "threads": threads,
-           "runtime_window_nll": r.window_nll,
-           "framework_window_nll": None if ppl_framework is None else ppl_framework.window_nll}
+def _row(model_name, runtime, fmt, quantizer, path, per, seq_len, speed, threads, extra) -> dict:
+    """One deploy-table row: per dataset the runtime's perplexity and KLD beside ours (same windows), size, speed.
+    The first dataset's numbers are also at the top level (`dataset`, `ppl_runtime`, ...: the rows' original form)."""
+    first = next(iter(per))
+    top = {k: per[first][k] for k in ("ppl_runtime", "ppl_framework", "windows", "tokens_scored",
+                                      "runtime_window_nll", "framework_window_nll")}
+    row = {"model": model_name, "runtime": runtime, "format": fmt, "quantizer": quantizer, "dataset": first, **top,
+           "seq_len": seq_len, "file_bytes": Path(path).stat().st_size, **speed, "threads": threads,
+           "per_dataset": per}
     return {**row, **(extra or {})}
 
 
-def et_deploy_row(model_name: str, fmt: str, quantizer: str, pte_path, ids, seq_len: int, vocab: int, threads: int,
-                  max_windows: int | None, ppl_framework=None, extra: dict | None = None) -> dict:
-    """Measure one .pte in ExecuTorch's runtime: perplexity on `ids` with our windows, file size, prefill/decode."""
-    from .eval.perplexity import perplexity_of_ids
+def et_deploy_row(model_name: str, fmt: str, quantizer: str, pte_path, texts: dict, seq_len: int, vocab: int,
+                  threads: int, max_windows: int | None, ours: dict | None = None, extra: dict | None = None,
+                  reference=None) -> dict:
+    """Measure one .pte in ExecuTorch's runtime on `texts` {dataset: ids} with our windows (see `measure`), its size
+    and prefill/decode speed."""
     lm = ExecuTorchLM(pte_path, n_threads=threads)
-    r = perplexity_of_ids(lm, ids, seq_len, batch_size=1, max_windows=max_windows, progress=False,
-                          desc=f"executorch {fmt}")
+    per = measure(lm, texts, seq_len, max_windows, reference, ours, f"executorch {fmt}")
     speed = lm.speed(vocab, prefill=min(512, seq_len - 64), decode=64)
-    return _row(model_name, "executorch", fmt, quantizer, pte_path, r, seq_len, ppl_framework, speed, threads, extra)
+    return _row(model_name, "executorch", fmt, quantizer, pte_path, per, seq_len, speed, threads, extra)

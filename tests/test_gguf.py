@@ -267,3 +267,35 @@ def test_kl_divergence_inside_llama_cpp_agrees_with_its_own_formula_and_with_our
     assert in_cpp.mean == pytest.approx(ours.mean().item(), rel=1e-9) and in_cpp.tokens == 1022
     framework = perplexity_of_ids(q, ids, 512, max_windows=2, progress=False, reference=fp).kld
     assert 0 < framework.mean < in_cpp.mean < 1.1 * framework.mean
+
+
+def test_deploy_row_measures_every_text_inside_llama_cpp_with_kld_to_our_fp_model(tmp_path):
+    """A deploy row holds, per text (WikiText-2 and the held-out domain), the file's perplexity and its KLD to our FP
+    model computed inside llama.cpp on the same windows as the framework's own numbers; the headline text's numbers
+    are also at the top level."""
+    require("llama_cpp")
+    from spinquant.data import tokenize_dataset
+    from spinquant.deploy import LlamaCppLM, deploy_row
+    from spinquant.eval.perplexity import perplexity_of_ids
+    from spinquant.models import load
+    fp, tok = load("ref-llama")
+    q, _ = load("ref-llama")
+    quantize_(q, QuantConfig(scheme="GGUF-Q4_0"), progress=False)
+    path = export_gguf(q, tmp_path / "q.gguf", resolve_path("ref-llama"))
+    texts = {ds: tokenize_dataset(tok, ds, add_bos=True) for ds in ("wikitext2", "python-docs")}
+    ours = {ds: perplexity_of_ids(q, ids, 512, max_windows=1, progress=False, reference=fp) for ds, ids in texts.items()}
+    row = deploy_row("ref-llama", "Q4_0", "rtn", path, texts, 512, fp.config.vocab_size, 1, 1, ours, reference=fp)
+    lm = LlamaCppLM(path, n_ctx=512)
+    try:
+        direct = {ds: perplexity_of_ids(lm, ids, 512, batch_size=1, max_windows=1, progress=False, reference=fp)
+                  for ds, ids in texts.items()}
+    finally:
+        lm.close()
+    assert list(row["per_dataset"]) == ["wikitext2", "python-docs"] and row["dataset"] == "wikitext2"
+    for ds, entry in row["per_dataset"].items():
+        assert entry["ppl_runtime"] == pytest.approx(direct[ds].ppl, rel=1e-9)
+        assert entry["kld_runtime"]["mean"] == pytest.approx(direct[ds].kld.mean, rel=1e-9)
+        assert entry["kld_framework"]["mean"] == ours[ds].kld.mean and entry["ppl_framework"] == ours[ds].ppl
+        assert 0 < entry["kld_runtime"]["mean"] < 1.2 * entry["kld_framework"]["mean"]
+    assert direct["wikitext2"].ppl != pytest.approx(direct["python-docs"].ppl, rel=1e-3)
+    assert row["ppl_runtime"] == row["per_dataset"]["wikitext2"]["ppl_runtime"] and row["windows"] == 1

@@ -266,3 +266,23 @@ def test_deploy_rows_below_the_fp_file_are_marked():
                           row("gptq", "Q4_0", 101.0)])
     assert "| 45.00‡ |" in text and "| 99.90 |" in text and "| 101.00 |" in text and ADAPTED_NOTE in text
     assert ADAPTED_NOTE not in render_deploy([row("none", "F32", 100.0), row("rtn", "Q4_0", 101.0)])
+
+
+def test_deploy_table_shows_the_held_out_text_and_kld_inside_the_runtime():
+    """Rows with per-dataset measures: the headline text (`dataset`) first whatever the stored key order, a PPL column
+    for the held-out text, and the runtime's KLD / top-1 per text ('–' for rows without them)."""
+    from spinquant.report.deploy import render_deploy
+
+    def row(q, fmt, ppl, held, kld):
+        per = {"python-docs": {"ppl_runtime": held, "kld_runtime": kld and {"mean": 2 * kld, "top1": 0.5}},
+               "wikitext2": {"ppl_runtime": ppl, "kld_runtime": kld and {"mean": kld, "top1": 0.75}}}
+        return {"model": "m", "runtime": "llama.cpp", "format": fmt, "quantizer": q, "dataset": "wikitext2",
+                "ppl_runtime": ppl, "ppl_framework": None, "windows": 4, "seq_len": 512, "file_bytes": 1e6,
+                "decode_tok_s": 1.0, "prefill_tok_s": 1.0, "git_rev": "abc", "threads": 1, "per_dataset": per}
+    text = render_deploy([row("none", "F32", 30.0, 14.0, 0.0), row("llama.cpp", "Q4_0", 33.0, 15.5, 0.125),
+                          {**row("rtn", "Q4_0", 34.0, 16.0, None)}])
+    head = next(line for line in text.splitlines() if line.startswith("| Quantizer"))
+    assert head.index("PPL wikitext2 llama.cpp") < head.index("PPL python-docs llama.cpp") \
+        < head.index("KLD / top-1 wikitext2 llama.cpp") < head.index("KLD / top-1 python-docs llama.cpp")
+    assert "| 33.00 | – | – | 15.50 | 0.1250 / 75.0% | 0.2500 / 50.0% |" in text
+    assert "| 34.00 | – | – | 16.00 | – | – |" in text

@@ -27,17 +27,32 @@ def render_deploy(rows: list[dict]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def _per_dataset(row: dict) -> dict:
+    """{dataset: measures} of a row, its headline dataset (`dataset`, also at the top level) first; rows written
+    before the held-out domain hold only that one."""
+    first = row.get("dataset", "wikitext2")
+    per = row.get("per_dataset") or {first: row}
+    return {first: per[first], **{d: v for d, v in per.items() if d != first}}
+
+
 def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
     mrows = sorted(mrows, key=lambda r: (FORMAT_ORDER.get(r["format"], 9), QUANTIZER_ORDER.get(r["quantizer"], 9)))
     w = mrows[0]
-    lines = [f"**{model}, {runtime}** — WikiText-2 perplexity inside {runtime} ({w['windows']} windows of {w['seq_len']} "
-             f"tokens, our protocol) and ours (fake-quant, same windows); {runtime} speed on {w['threads']} "
-             f"thread(s).{NOTES.get(runtime, '')}", "",
-             f"| Quantizer | Format | File (MB) | PPL {runtime} | PPL ours | {runtime} vs ours | Prefill tok/s | "
-             "Decode tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    first = next(iter(_per_dataset(w)))
+    others = list(dict.fromkeys(d for r in mrows for d in _per_dataset(r) if d != first))
+    kld_ds = [d for d in [first, *others] if any((_per_dataset(r).get(d) or {}).get("kld_runtime") for r in mrows)]
+    lines = [f"**{model}, {runtime}** — perplexity inside {runtime} ({w['windows']} windows of {w['seq_len']} tokens "
+             f"per text, our protocol) and ours (fake-quant, same windows)"
+             + (", KL divergence of the runtime's next-token distribution from our FP model's" if kld_ds else "")
+             + f"; {runtime} speed on {w['threads']} thread(s).{NOTES.get(runtime, '')}", "",
+             f"| Quantizer | Format | File (MB) | PPL {first} {runtime} | PPL {first} ours | {runtime} vs ours | "
+             + "".join(f"PPL {d} {runtime} | " for d in others)
+             + "".join(f"KLD / top-1 {d} {runtime} | " for d in kld_ds) + "Prefill tok/s | Decode tok/s |",
+             "|---|---|" + "---:|" * (6 + len(others) + len(kld_ds))]
     fp = next((r["ppl_runtime"] for r in mrows if r["quantizer"] == "none"), None)
     adapted = False
     for r in mrows:
+        per = _per_dataset(r)
         ours = r["ppl_framework"]
         saw = "gptq" in r["quantizer"] or r["quantizer"].startswith(("qat", "spinquant"))  # read WikiText-2 train
         mark = ADAPTED if fp is not None and saw and r["ppl_runtime"] < fp else ""
@@ -45,14 +60,23 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
         rel = f"{100 * (r['ppl_runtime'] / ours - 1):+.2f}%" if ours else "–"
         name = {"none": "FP (ours, unquantized)", "llama.cpp": "llama.cpp (llama-quantize)"}.get(r["quantizer"],
                                                                                              r["quantizer"])
-        lines.append(f"| {name} | {r['format']} | {r['file_bytes'] / 1e6:.2f} | {r['ppl_runtime']:.2f}{mark} | "
-                     f"{'–' if ours is None else f'{ours:.2f}'} | {rel} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.0f} |")
+        cells = [name, r["format"], f"{r['file_bytes'] / 1e6:.2f}", f"{r['ppl_runtime']:.2f}{mark}",
+                 "–" if ours is None else f"{ours:.2f}", rel]
+        cells += [f"{per[d]['ppl_runtime']:.2f}" if d in per else "–" for d in others]
+        for d in kld_ds:
+            k = (per.get(d) or {}).get("kld_runtime")
+            cells.append(f"{k['mean']:.4f} / {100 * k['top1']:.1f}%" if k else "–")
+        cells += [f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     if any(r["quantizer"].startswith("qat") for r in mrows):
         lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
                       "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
     if adapted:
         lines += ["", ADAPTED_NOTE]
+    calib = sorted({r["calib_samples"] for r in mrows if r.get("calib_samples")})
+    if calib:
+        lines += ["", f"GPTQ calibrated on {' / '.join(map(str, calib))} WikiText-2 train sequences of {w['seq_len']} "
+                      "tokens (reduced protocol)."]
     revs = sorted({r["git_rev"] for r in mrows})
     lines += ["", f"Rows from commit{'s' if len(revs) > 1 else ''} {', '.join(f'`{v}`' for v in revs)}."]
     return "\n".join(lines)
