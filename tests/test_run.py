@@ -103,7 +103,7 @@ def test_committed_table_and_readme_are_rendered_from_the_committed_rows():
     text = make_tables.render_layout(rows, "schemes")
     revs = sorted({r["git_rev"][:12] for r in rows})
     last = text.strip().splitlines()[-1]  # a table names the commits its rows come from
-    assert last.startswith("Rows from ") and all(f"`{v}`" in last for v in revs)
+    assert last.startswith("Rows (per model: commit, rows) from ") and all(f"`{v}`" in last for v in revs)
     assert (ROOT / "paper" / "foundation_table.md").read_text() == text
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- BEGIN foundation_table -->\n", 1)[1].split("<!-- END foundation_table -->", 1)[0]

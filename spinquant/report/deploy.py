@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tables import ADAPTED, ADAPTED_NOTE
+from .tables import ADAPTED, ADAPTED_NOTE, model_note, models_of
 
 FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4}
 QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4,
@@ -21,9 +21,11 @@ def read_deploy_rows(folder: Path) -> list[dict]:
 
 def render_deploy(rows: list[dict]) -> str:
     out = []
-    for model in sorted({r["model"] for r in rows}):
-        for runtime in sorted({r["runtime"] for r in rows if r["model"] == model}, key=lambda k: RUNTIME_ORDER.get(k, 9)):
-            out.append(_render_one(model, runtime, [r for r in rows if r["model"] == model and r["runtime"] == runtime]))
+    for model in models_of(rows):
+        runtimes = sorted({r["runtime"] for r in rows if r["model"] == model}, key=lambda k: RUNTIME_ORDER.get(k, 9))
+        for i, runtime in enumerate(runtimes):
+            text = _render_one(model, runtime, [r for r in rows if r["model"] == model and r["runtime"] == runtime])
+            out.append(text + ("\n" + "\n".join(model_note(model)) if i == len(runtimes) - 1 and model_note(model) else ""))
     return "\n\n".join(out) + "\n"
 
 

@@ -20,6 +20,23 @@ from ..eval.paired import paired_diff, same_windows
 from ..results import read_rows
 
 DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
+MODEL_ORDER = ["smollm2-135m", "ref-llama", "stories260k"]  # the real pretrained model first, then the two toys
+MODEL_NOTES = {"smollm2-135m": (
+    "smollm2-135m (SmolLM2-135M-Instruct) is distributed as a Q4_1 GGUF: its linear weights lie on llama.cpp's Q4_1 "
+    "grid (asymmetric blocks of 32, fp16 scale and min), so requantizing onto that same grid without a rotation would be "
+    "artificially easy; the schemes here use other grids (symmetric g32, per-channel, g128, rotations, activation and "
+    "KV quantization).")}
+
+
+def models_of(rows: list[dict]) -> list[str]:
+    """The models of `rows` in table order: MODEL_ORDER first, any other model after them by name."""
+    return sorted({r["model"] for r in rows}, key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else
+                                                               len(MODEL_ORDER), m))
+
+
+def model_note(model: str) -> list[str]:
+    """The lines a model's table ends with (what a reader must know about the model), possibly none."""
+    return ["", MODEL_NOTES[model]] if model in MODEL_NOTES else []
 
 
 def _method(row) -> str:
@@ -102,10 +119,30 @@ def _adapted(value: float, fp_value: float | None, row: dict) -> str:
     return ADAPTED if fp_value is not None and value < fp_value and saw_calibration_text(row["method"]) else ""
 
 
+def kld_se(k: dict) -> float | None:
+    """Standard error of a mean KLD from its per-window sums (windows as the independent units, each weighted by
+    its tokens as the mean is), None with fewer than two windows."""
+    sums, n = k.get("window_kld") or [], len(k.get("window_kld") or [])
+    if n < 2:
+        return None
+    per = k["tokens"] / n  # windows of one length: the perplexity protocol's non-overlapping windows
+    means = [w / per for w in sums]
+    mu = sum(means) / n
+    return (sum((m - mu) ** 2 for m in means) / (n - 1) / n) ** 0.5
+
+
 def _kld_cells(row, datasets: list[str]) -> list[str]:
-    """Mean KL divergence to FP and same-top-1 share per dataset ('–' for rows evaluated before eval.kld)."""
+    """Mean KL divergence to FP (± its SE over windows) and same-top-1 share per dataset ('–' for rows evaluated
+    before eval.kld)."""
     k = row["metrics"].get("kld") or {}
-    return [f"{k[d]['mean']:.4f} / {100 * k[d]['top1']:.1f}%" if d in k else "–" for d in datasets]
+    out = []
+    for d in datasets:
+        if d not in k:
+            out.append("–")
+            continue
+        se = kld_se(k[d])
+        out.append(f"{k[d]['mean']:.4f}" + (f" ± {se:.4f}" if se is not None else "") + f" / {100 * k[d]['top1']:.1f}%")
+    return out
 
 
 def _dataset_label(name: str) -> str:
@@ -120,7 +157,7 @@ def _subset(row) -> int | None:
 
 def render(rows: list[dict]) -> str:
     out = []
-    for model in sorted({r["model"] for r in rows}):
+    for model in models_of(rows):
         mrows = sorted([r for r in rows if r["model"] == model], key=_sort_key)
         datasets = [d for d in DATASET_ORDER if any(d in r["metrics"]["ppl"] for r in mrows)]
         datasets += sorted({d for r in mrows for d in r["metrics"]["ppl"]} - set(datasets))
@@ -136,7 +173,9 @@ def render(rows: list[dict]) -> str:
         head += ["Size (MB)", "× FP size"]
         trained = any("qat_train" in r["metrics"] for r in mrows)
         if trained:  # QAT rows: what the training cost
-            head += ["Train tokens", "Trainable params", "Wall s"]
+            head += ["Train tokens", "Trainable params"]
+        timed = any("wall_s" in r["metrics"] for r in mrows)
+        head += ["Wall s"] if timed else []
         rule = "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"
         lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", rule]
         adapted = False
@@ -158,7 +197,9 @@ def render(rows: list[dict]) -> str:
             if trained:
                 qt = r["metrics"].get("qat_train") or {}
                 cells += [f"{qt['train_tokens'] / 1e6:.2f}M" if qt else "–",
-                          f"{qt['trainable_params'] / 1e6:.2f}M" if qt else "–", f"{r['metrics'].get('wall_s', 0):.0f}"]
+                          f"{qt['trainable_params'] / 1e6:.2f}M" if qt else "–"]
+            if timed:
+                cells.append(f"{r['metrics']['wall_s']:.0f}" if "wall_s" in r["metrics"] else "–")
             lines.append("| " + " | ".join(cells) + " |")
         kinds = {r["quant"]["group_fallback"] for r in mrows if _fallback(r)}
         if kinds == {"channel"}:
@@ -185,7 +226,16 @@ def render(rows: list[dict]) -> str:
             lines += ["", ADAPTED_NOTE]
         if kld_ds:
             lines += ["", "KLD / top-1: mean KL divergence of the next-token distribution from the FP model's on the "
-                          "same windows, and the share of tokens whose most likely next token agrees (`eval.kld`)."]
+                          "same windows (± its standard error over windows), and the share of tokens whose most likely "
+                          "next token agrees (`eval.kld`)."]
+        if timed:
+            lines += ["", "Wall s: the whole run (load, rotation, quantization or training, evaluation) with the CPU "
+                          "threads its row records (`threads`)."]
+        calib = {(r.get("config") or {}).get("data", {}).get("calib_samples") for r in mrows if saw_calibration_text(r["method"])}
+        if calib - {None, 128}:
+            lines += ["", f"Calibration: {' / '.join(str(c) for c in sorted(calib - {None}))} WikiText-2 train sequences of "
+                          "the model's length (`data.calib_samples`; default 128) for the rows that calibrate."]
+        lines += model_note(model)
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -200,44 +250,70 @@ def _wakv(row) -> str:
 
 
 def render_rotation(rows: list[dict], dataset: str = "wikitext2") -> str:
-    """Methods x schemes pivot of `dataset` perplexity; rotation seconds (SpinQuant: training) per cell."""
+    """Methods x schemes pivot of `dataset` perplexity (and KL divergence to FP where the rows have it), then the same
+    pivot for every other dataset the rows were evaluated on; rotation seconds (SpinQuant: training) per cell."""
     out = []
-    for model in sorted({r["model"] for r in rows}):
-        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
-        fp = [r for r in mrows if _wakv(r) == "W16A16KV16" and r["method"]["rotation"] == "none"]
-        q = [r for r in mrows if _wakv(r) != "W16A16KV16"]
-        cols = sorted({_wakv(r) for r in q}, key=lambda c: [-int(x) for x in c[1:].replace("A", " ").replace("KV", " ").split()])
-        cells: dict[tuple[str, str], dict] = {}
-        for r in q:
-            key = (r["method"]["rotation"], r["method"]["weights"])
-            if (key, _wakv(r)) in cells:
-                raise SystemExit(f"two rows for {model} {key} {_wakv(r)}: {cells[(key, _wakv(r))]['run_id']} and "
-                                 f"{r['run_id']}; keep one results folder per table")
-            cells[(key, _wakv(r))] = r
-        methods = sorted({k for k, _ in cells}, key=lambda k: (list(ROTATION_NAMES).index(k[0]) if k[0] in ROTATION_NAMES
-                                                                 else 9, METHOD_RANK.get(k[1], 9), k))
-        head = ["Method"] + cols + ["Rotation s (per column)"]
-        lines = [f"**{model}** — {dataset} perplexity", "", "| " + " | ".join(head) + " |",
-                 "|---|" + "|".join(["---:"] * len(cols)) + "|---:|"]
-        fp_v = fp[0]["metrics"]["ppl"][dataset] if fp else None
-        if fp:
-            lines.append("| FP | " + " | ".join(f"{fp_v:.2f}" for _ in cols) + " | – |")
-        adapted = False
-        for k in methods:
-            name = ROTATION_NAMES.get(k[0], k[0] + "-") + k[1].upper()
-            ppl = []
-            for c in cols:
-                r = cells.get((k, c))
-                v = r["metrics"]["ppl"][dataset] if r is not None else None
-                ppl.append("–" if v is None else f"{v:.2f}" + (_adapted(v, fp_v, r) if dataset == "wikitext2" else ""))
-            adapted |= any(p.endswith(ADAPTED) for p in ppl)
-            secs = [cells[(k, c)]["metrics"].get("rotation_s") for c in cols if (k, c) in cells]
-            rot = " / ".join(f"{s:.0f}" for s in secs) if k[0] != "none" and secs else "–"
-            lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot} |")
-        if adapted:
-            lines += ["", ADAPTED_NOTE]
-        out.append("\n".join(lines))
+    for model in models_of(rows):
+        mine = [r for r in rows if r["model"] == model]
+        others = [d for d in DATASET_ORDER if d != dataset and any(d in r["metrics"]["ppl"] for r in mine)]
+        blocks = [_rotation_pivot(model, mine, d) for d in [dataset, *others]]
+        out.append("\n\n".join([b for b in blocks if b] + model_note(model)[1:]))
     return "\n\n".join(out) + "\n"
+
+
+def _rotation_pivot(model: str, mine: list[dict], dataset: str) -> str:
+    mrows = [r for r in mine if dataset in r["metrics"]["ppl"]]
+    if not mrows:
+        return ""
+    fp = [r for r in mrows if _wakv(r) == "W16A16KV16" and r["method"]["rotation"] == "none"]
+    q = [r for r in mrows if _wakv(r) != "W16A16KV16"]
+    cols = sorted({_wakv(r) for r in q}, key=lambda c: [-int(x) for x in c[1:].replace("A", " ").replace("KV", " ").split()])
+    cells: dict[tuple[str, str], dict] = {}
+    for r in q:
+        key = (r["method"]["rotation"], r["method"]["weights"])
+        if (key, _wakv(r)) in cells:
+            raise SystemExit(f"two rows for {model} {key} {_wakv(r)}: {cells[(key, _wakv(r))]['run_id']} and "
+                             f"{r['run_id']}; keep one results folder per table")
+        cells[(key, _wakv(r))] = r
+    methods = sorted({k for k, _ in cells}, key=lambda k: (list(ROTATION_NAMES).index(k[0]) if k[0] in ROTATION_NAMES
+                                                             else 9, METHOD_RANK.get(k[1], 9), k))
+    with_kld = any(dataset in (r["metrics"].get("kld") or {}) for r in q)
+    timed = all("wall_s" in r["metrics"] for r in q)
+    head = ["Method"] + cols + ["Rotation s (per column)"] + (["Wall s (per column)"] if timed else [])
+    what = f"{dataset} perplexity" + (" / KL divergence to FP" if with_kld else "")
+    subset = sorted({_subset(r) for r in mrows if _subset(r)})
+    lines = [f"**{model}** — {what}" + (f" (first {' / '.join(map(str, subset))} windows of each text, "
+                                         "`eval.max_windows`)" if subset else ""), "", "| " + " | ".join(head) + " |",
+             "|---|" + "|".join(["---:"] * len(cols)) + "|---:|" + ("---:|" if timed else "")]
+    fp_v = fp[0]["metrics"]["ppl"][dataset] if fp else None
+    if fp:
+        fp_wall = f" | {fp[0]['metrics']['wall_s']:.0f}" if timed and "wall_s" in fp[0]["metrics"] else " | –" if timed else ""
+        lines.append("| FP | " + " | ".join(f"{fp_v:.2f}" for _ in cols) + " | –" + fp_wall + " |")
+    adapted = False
+    for k in methods:
+        name = ROTATION_NAMES.get(k[0], k[0] + "-") + k[1].upper()
+        ppl = []
+        for c in cols:
+            r = cells.get((k, c))
+            v = r["metrics"]["ppl"][dataset] if r is not None else None
+            if v is None:
+                ppl.append("–")
+                continue
+            mark = _adapted(v, fp_v, r) if dataset == "wikitext2" else ""
+            kld = (r["metrics"].get("kld") or {}).get(dataset)
+            ppl.append(f"{v:.2f}{mark}" + (f" / {kld['mean']:.3f}" if kld else " / –" if with_kld else ""))
+            adapted |= bool(mark)
+        secs = [cells[(k, c)]["metrics"].get("rotation_s") for c in cols if (k, c) in cells]
+        rot = " / ".join(f"{s:.0f}" for s in secs) if k[0] != "none" and secs else "–"
+        wall = " | " + " / ".join(f"{cells[(k, c)]['metrics']['wall_s']:.0f}" for c in cols if (k, c) in cells) \
+            if timed else ""
+        lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot}{wall} |")
+    if adapted:
+        lines += ["", ADAPTED_NOTE]
+    if timed:
+        lines += ["", "Wall s: each run whole (load, rotation, quantization, evaluation) with the CPU threads its row "
+                      "records (`threads`)."]
+    return "\n".join(lines)
 
 
 QAT_METHODS = [  # (rotation, weights, qat) -> label, in table order
@@ -265,7 +341,7 @@ def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
     """Methods x schemes pivot of `dataset` perplexity with the share of the RTN→FP gap each row recovers,
     then the training cost of every trained row (tokens, trainable parameters, time, throughput)."""
     out = []
-    for model in sorted({r["model"] for r in rows}):
+    for model in models_of(rows):
         mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
         fp = next((r for r in mrows if _method_key(r) == ("none", "none", "none")), None)
         q = [r for r in mrows if r["spec"].get("w_bits", 16) < 16]
@@ -419,7 +495,7 @@ def render_study(rows: list[dict], dataset: str = "wikitext2") -> str:
     def setting(r):
         return tuple(r["metrics"]["rotation_train"][k] for k in ("lr", "steps", "batch_size"))
     out = []
-    for model in sorted({r["model"] for r in rows}):
+    for model in models_of(rows):
         lines = [f"**{model}** — SpinQuant at {', '.join(sorted({r['scheme'] for r in rows if r['model'] == model}))}: "
                  f"held-back objective (cross-entropy of the training-time quantized model) and {dataset} perplexity",
                  "", "| Weights | lr | Steps | Batch | Seed | Sequences | Held-out CE before | after | Δ | PPL " + dataset +
@@ -452,14 +528,17 @@ LAYOUTS = {"schemes": "render", "rotation": "render_rotation", "qat": "render_qa
 
 
 def provenance(rows: list[dict]) -> str:
-    """The commits the rows come from, most rows first: what a table says about its own provenance."""
-    revs: dict[str, int] = {}
-    for r in rows:
-        revs[str(r.get("git_rev"))] = revs.get(str(r.get("git_rev")), 0) + 1
-    parts = [f"`{rev}` ({n})" for rev, n in sorted(revs.items(), key=lambda kv: (-kv[1], kv[0]))]
-    one = len(revs) == 1
-    return f"Rows from {'commit' if one else f'{len(revs)} commits'} " + ", ".join(parts) + \
-        ("." if one else " (rows per commit): to be regenerated at one commit.") + "\n"
+    """The commits the rows come from, per model, most rows first: what a table says about its own provenance."""
+    parts, mixed = [], False
+    for model in models_of(rows):
+        revs: dict[str, int] = {}
+        for r in rows:
+            if r["model"] == model:
+                revs[str(r.get("git_rev"))] = revs.get(str(r.get("git_rev")), 0) + 1
+        mixed |= len(revs) > 1
+        parts.append(f"{model} " + ", ".join(f"`{rev}` ({n})" for rev, n in sorted(revs.items(), key=lambda kv: (-kv[1], kv[0]))))
+    return "Rows (per model: commit, rows) from " + "; ".join(parts) + \
+        (": a model whose rows span commits is to be regenerated at one commit." if mixed else ".") + "\n"
 
 
 def render_layout(rows: list[dict], layout: str, dataset: str = "wikitext2") -> str:
