@@ -40,6 +40,7 @@ def main(argv=None):
     from spinquant.deploy import ET_FORMAT, LLAMA_CPP, OURS, OURS_ET, deploy_row, et_deploy_row, quantize_gguf
     from spinquant.et_export import export_executorch
     from spinquant.eval.perplexity import perplexity_of_ids
+    from spinquant.eval.reference import CachedLogits
     from spinquant.gguf_export import export_gguf
     from spinquant.models.load import resolve_path
     from spinquant.results import revision_for, write_deploy_row
@@ -69,7 +70,9 @@ def main(argv=None):
     model, tok = pipeline.load_model(fp_cfg.model)
     seq_len, vocab = fp_cfg.model.seq_len, model.config.vocab_size
     texts = {ds: tokenize_dataset(tok, ds, add_bos=True) for ds in args.datasets}
-    reference = None if args.no_kld else model  # the runtimes' logits are compared with our FP model's
+    # every file is compared with our FP model's logits on the same windows: computed once, kept on disk for the run
+    logits_dir = tempfile.TemporaryDirectory(prefix="spinquant-fp-logits-")
+    reference = None if args.no_kld else CachedLogits(model, logits_dir.name)
     common = {"git_rev": rev, "torch": torch.__version__, "seed": 0, "calib_samples": args.calib_samples}
 
     def ours_on(m, ref=reference):

@@ -210,3 +210,22 @@ def test_kld_of_a_quantized_model_on_the_perplexity_windows():
     import numpy as np
     assert kld.p99 == pytest.approx(float(np.quantile(np.array(toks), 0.99)), rel=1e-6)
     assert perplexity_of_ids(fp, ids, 64, progress=False, reference=fp).kld.mean == 0.0  # FP against itself
+
+
+def test_cached_reference_logits_give_the_same_kld_and_run_the_model_once_per_window(tmp_path):
+    """KLD against CachedLogits(fp) equals KLD against fp itself (bit for bit: float32 logits stored as they are),
+    and a second file scored on the same windows reads the FP logits back instead of running the model."""
+    from spinquant.eval.perplexity import perplexity_of_ids
+    from spinquant.eval.reference import CachedLogits
+    fp, q1, q2 = (make_tiny("llama", seed=4) for _ in range(3))
+    quantize_(q1, QuantConfig(scheme="W4A8"), progress=False)
+    quantize_(q2, QuantConfig(scheme="W8A8"), progress=False)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    calls = []
+    counted = CachedLogits(lambda x: calls.append(x.shape[0]) or fp(x, use_cache=False).logits, tmp_path / "ref")
+    for q in (q1, q2):
+        want = perplexity_of_ids(q, ids, 64, batch_size=2, progress=False, reference=fp).kld
+        got = perplexity_of_ids(q, ids, 64, batch_size=2, progress=False, reference=counted).kld
+        assert got.window_kld == want.window_kld and got.mean == want.mean and got.top1 == want.top1
+    assert sum(calls) == 3 and counted.computed == 3 and counted.read == 3   # 3 windows of 64 in 200 tokens
+    assert len(list((tmp_path / "ref").glob("*.npy"))) == 3 and not list((tmp_path / "ref").glob(".*"))
