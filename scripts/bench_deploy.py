@@ -56,7 +56,8 @@ def main(argv=None):
     p.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default: the config's)")
     p.add_argument("--no-kld", action="store_true", help="leave out the KL divergence to the FP model")
     p.add_argument("--only", nargs="*", default=None, help="quantizer-format labels to run (default: all)")
-    p.add_argument("--runtimes", nargs="*", default=["llama.cpp", "executorch"], choices=["llama.cpp", "executorch"])
+    p.add_argument("--runtimes", nargs="*", default=["llama.cpp", "executorch", "transformers"],
+                   choices=["llama.cpp", "executorch", "transformers"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rev = revision_for(args.out / "x.json")
@@ -89,6 +90,8 @@ def main(argv=None):
     if "executorch" in args.runtimes:
         et_rows(args, base + fallback["et"], model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path,
                 wanted, export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
+    if "transformers" in args.runtimes:
+        ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted)
     if "llama.cpp" not in args.runtimes:
         return
     with tempfile.TemporaryDirectory() as d:
@@ -154,6 +157,30 @@ def et_rows(args, base, model, tok, texts, reference, ours_on, seq_len, vocab, c
                                        **pipeline.rotation_train_metrics(qmodel)}, reference)
             write_row(row, out_path(quantizer, fmt))
             os.remove(f)
+
+
+def ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted):
+    """compressed-tensors checkpoints of ours (RTN / GPTQ W4A16-g128, W8A8), reloaded in transformers and measured."""
+    from omegaconf import OmegaConf
+
+    from spinquant import cli, pipeline
+    from spinquant.ct_export import export_compressed_tensors
+    from spinquant.deploy import OURS_CT, transformers_deploy_row
+    with tempfile.TemporaryDirectory() as d:
+        for quantizer, fmt, overrides in OURS_CT:
+            if not wanted(quantizer, fmt):
+                continue
+            t = time.time()
+            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
+            quantize_s = time.time() - t
+            ours = ours_on(qmodel)
+            folder = export_compressed_tensors(qmodel, Path(d) / f"{quantizer}-{fmt}", tok)
+            del qmodel
+            row = transformers_deploy_row(args.model, fmt, quantizer, folder, texts, seq_len, vocab, args.threads,
+                                          args.max_windows, ours, {**common, "overrides": overrides,
+                                                                   "quantize_s": quantize_s}, reference)
+            write_row(row, out_path(quantizer, fmt))
 
 
 def write_row(row, path):

@@ -164,6 +164,49 @@ def measure(lm, texts: dict, seq_len: int, max_windows: int | None, reference=No
     return out
 
 
+# compressed-tensors checkpoints reloaded in transformers (what a transformers / vLLM user loads): (quantizer,
+# format, overrides); the format holds weight-only symmetric int4 and W8A8 (spinquant.ct_export)
+OURS_CT = [("rtn", "CT-W4A16-g128", ["quant=w4a16_g128"]),
+           ("gptq", "CT-W4A16-g128", ["quant=w4a16_g128_gptq"]),
+           ("rtn", "CT-W8A8", ["quant=w8a8"])]
+
+
+@torch.no_grad()
+def transformers_speed(model, vocab: int, prefill: int = 512, decode: int = 64, seed: int = 0) -> dict:
+    """Prefill (one forward of `prefill` tokens) and decode (`decode` single tokens with the KV cache) throughput of a
+    transformers model, tok/s, best of three after a warm-up (as `llama_cpp_speed`)."""
+    ids = torch.randint(0, vocab, (1, prefill + decode), generator=torch.Generator().manual_seed(seed))
+    model(ids[:, :16])
+    best_p = best_d = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        past = model(ids[:, :prefill], use_cache=True).past_key_values
+        best_p = min(best_p, time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in range(prefill, prefill + decode):
+            past = model(ids[:, i:i + 1], past_key_values=past, use_cache=True).past_key_values
+        best_d = min(best_d, time.perf_counter() - t)
+    return {"prefill_tok_s": prefill / best_p, "decode_tok_s": decode / best_d}
+
+
+def transformers_deploy_row(model_name: str, fmt: str, quantizer: str, folder, texts: dict, seq_len: int, vocab: int,
+                            threads: int, max_windows: int | None, ours: dict | None = None, extra: dict | None = None,
+                            reference=None) -> dict:
+    """Measure one compressed-tensors checkpoint reloaded by transformers (`from_pretrained`, as a user loads it) on
+    `texts` {dataset: ids} with our windows (see `measure`), its size and prefill/decode speed."""
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    per = measure(lm, texts, seq_len, max_windows, reference, ours, f"transformers {fmt}")
+    speed = transformers_speed(lm, vocab, prefill=min(512, seq_len - 64), decode=64)
+    return _row(model_name, "transformers", fmt, quantizer, folder, per, seq_len, speed, threads, extra)
+
+
+def _size(path) -> int:
+    """Bytes of a file, or of every file in a folder (a checkpoint)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def deploy_row(model_name: str, fmt: str, quantizer: str, gguf_path, texts: dict, seq_len: int, vocab: int,
                threads: int, max_windows: int | None, ours: dict | None = None, extra: dict | None = None,
                reference=None) -> dict:
@@ -185,7 +228,7 @@ def _row(model_name, runtime, fmt, quantizer, path, per, seq_len, speed, threads
     top = {k: per[first][k] for k in ("ppl_runtime", "ppl_framework", "windows", "tokens_scored",
                                       "runtime_window_nll", "framework_window_nll")}
     row = {"model": model_name, "runtime": runtime, "format": fmt, "quantizer": quantizer, "dataset": first, **top,
-           "seq_len": seq_len, "file_bytes": Path(path).stat().st_size, **speed, "threads": threads,
+           "seq_len": seq_len, "file_bytes": _size(path), **speed, "threads": threads,
            "per_dataset": per}
     return {**row, **(extra or {})}
 

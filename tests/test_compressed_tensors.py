@@ -97,3 +97,26 @@ def test_cli_export_refuses_from_config_then_writes(tmp_path, monkeypatch):
     (group,) = qc["config_groups"].values()
     assert qc["format"] == "pack-quantized" and group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 128
     assert len(group["targets"]) == 6 * 7 and isinstance(_reload(tmp_path / "c").model.layers[0].mlp.up_proj, torch.nn.Linear)
+
+
+def test_deploy_row_of_a_checkpoint_reloaded_in_transformers(tmp_path):
+    """The transformers deploy row measures the reloaded checkpoint (not our model): per text its perplexity and KLD
+    to the FP model equal a direct evaluation of the reloaded model; the size is the whole checkpoint folder."""
+    from spinquant.deploy import transformers_deploy_row
+    from spinquant.eval.perplexity import perplexity_of_ids
+    fp, model = make_tiny(layers=2, seed=5), make_tiny(layers=2, seed=5)
+    quantize_(model, QuantConfig(scheme="W8A8"), progress=False)
+    folder = export_compressed_tensors(model, tmp_path / "ckpt")
+    texts = {"a": torch.randint(0, 128, (1, 260), generator=torch.Generator().manual_seed(0)),
+             "b": torch.randint(0, 128, (1, 260), generator=torch.Generator().manual_seed(1))}
+    row = transformers_deploy_row("tiny", "CT-W8A8", "rtn", folder, texts, 128, 128, 1, None, reference=fp)
+    back = _reload(folder)
+    for ds, ids in texts.items():
+        want = perplexity_of_ids(back, ids, 128, batch_size=1, progress=False, reference=fp)
+        got = row["per_dataset"][ds]
+        assert got["ppl_runtime"] == pytest.approx(want.ppl, rel=1e-9) and got["windows"] == 2
+        assert got["kld_runtime"]["window_kld"] == pytest.approx(want.kld.window_kld, rel=1e-9)
+        assert got["kld_runtime"]["mean"] > 0 and got["ppl_framework"] is None
+    assert row["per_dataset"]["a"]["ppl_runtime"] != row["per_dataset"]["b"]["ppl_runtime"]
+    assert row["file_bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert row["runtime"] == "transformers" and row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0

@@ -7,12 +7,16 @@ from pathlib import Path
 
 from .tables import ADAPTED, ADAPTED_NOTE, model_note, models_of
 
-FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4}
+FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4, "CT-W8A8": 5,
+                "CT-W4A16-g128": 6}
 QUANTIZER_ORDER = {"none": 0, "llama.cpp": 1, "rtn": 2, "gptq": 3, "spinquant-offline+gptq": 4,
                    "quarot-r124+gptq": 4, "qat-full": 5}
 RUNTIME_ORDER = {"llama.cpp": 0, "executorch": 1, "transformers": 2}
 NOTES = {"llama.cpp": "", "executorch": " XNNPACK delegate; prefill is 448 tokens (the program's static cache holds the "
-                                      "eval length, 512) and decode 64."}
+                                      "eval length, 512) and decode 64.",
+         "transformers": " compressed-tensors checkpoints reloaded by `AutoModelForCausalLM.from_pretrained` (the "
+                         "compressed-tensors package decompresses them: the speed is transformers' dense CPU path); "
+                         "prefill 448 tokens, decode 64 with the KV cache."}
 
 
 def read_deploy_rows(folder: Path) -> list[dict]:
