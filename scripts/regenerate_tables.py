@@ -111,7 +111,8 @@ def main():
     p.add_argument("--tables", nargs="*", default=list(TABLES), choices=TABLES)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each (default 1)")
     p.add_argument("--exclude", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="leave out the runs with any of these overrides (e.g. rotation=spinquant: the costly rows later)")
+                   help="leave out the runs with any of these overrides (e.g. rotation=spinquant: the costly rows later; "
+                        "'rotation=quarot quant=w4a16_gptq', quoted: the runs with all of them)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args()
     cores = os.cpu_count() or 1
@@ -128,7 +129,7 @@ def main():
         for cmd in commands(table, results, checkpoints):
             for run, row in single_runs(cmd):
                 done = row is not None and row.exists()
-                left_out = any(x in run for x in args.exclude)
+                left_out = any(all(t in run for t in x.split()) for x in args.exclude)
                 print(f"[{table}] {shlex.join(run)}" + ("  (row exists)" if done else "  (--exclude)" if left_out else ""),
                       flush=True)
                 if not done and not left_out:
