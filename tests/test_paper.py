@@ -295,3 +295,33 @@ def test_deploy_table_shows_the_held_out_text_and_kld_inside_the_runtime():
         < head.index("KLD / top-1 wikitext2 llama.cpp") < head.index("KLD / top-1 python-docs llama.cpp")
     assert "| 33.00 | – | – | 15.50 | 0.1250 / 75.0% | 0.2500 / 50.0% |" in text
     assert "| 34.00 | – | – | 16.00 | – | – |" in text
+
+
+def test_kld_cells_carry_their_standard_error_and_the_rotation_table_pivots_every_text():
+    """A KLD cell is 'mean ± SE / top-1' with the SE of the per-window means (statistics.stdev / sqrt(n)); the
+    rotation table gets one pivot per evaluated text, cells 'ppl / KLD' where the rows carry KLD."""
+    import statistics
+
+    from spinquant.report import tables as make_tables
+    sums = [51.1, 60.7, 49.0, 75.3]  # KLD summed over each window of 511 tokens
+    k = {"mean": sum(sums) / (4 * 511), "top1": 0.8, "tokens": 4 * 511, "window_kld": sums}
+    want = statistics.stdev([s / 511 for s in sums]) / 2
+    assert make_tables.kld_se(k) == pytest.approx(want, rel=1e-12)
+    assert make_tables.kld_se({**k, "window_kld": sums[:1], "tokens": 511}) is None
+
+    def row(wakv, ppl, rot="none", kld=None):
+        w, a, kv = wakv
+        m = {"ppl": {"wikitext2": ppl, "python-docs": ppl / 3}, "rotation_s": 2.0, "wall_s": 30.0}
+        if kld is not None:
+            m["kld"] = {"wikitext2": {**k, "mean": kld}, "python-docs": {**k, "mean": kld / 2}}
+        return {"model": "smollm2-135m", "scheme": "x", "method": {"rotation": rot, "weights": "rtn", "qat": "none"},
+                "spec": {"w_bits": w, "a_bits": a, "kv_bits": kv}, "metrics": m}
+    cells = make_tables._kld_cells(row((4, 8, 8), 40.0, kld=0.25), ["python-docs", "wikitext2", "ptb"])
+    assert cells == [f"0.1250 ± {want:.4f} / 80.0%", f"0.2500 ± {want:.4f} / 80.0%", "–"]
+    text = make_tables.render_rotation([row((16, 16, 16), 30.0), row((4, 8, 8), 40.0, kld=0.25),
+                                        row((4, 8, 8), 36.0, rot="quarot", kld=0.125)])
+    blocks = text.split("**smollm2-135m** — ")[1:]
+    assert [b.split("\n")[0] for b in blocks] == ["wikitext2 perplexity / KL divergence to FP",
+                                                  "python-docs perplexity / KL divergence to FP"]
+    assert "| RTN | 40.00 / 0.250 | – | 30 |" in blocks[0] and "| QuaRot-RTN | 36.00 / 0.125 | 2 | 30 |" in blocks[0]
+    assert "| RTN | 13.33 / 0.125 |" in blocks[1] and make_tables.MODEL_NOTES["smollm2-135m"] in text
