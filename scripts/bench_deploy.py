@@ -36,13 +36,16 @@ def main(argv=None):
     from omegaconf import OmegaConf
 
     from spinquant import cli, pipeline
+    from spinquant.ct_export import check_config as ct_check
     from spinquant.data import tokenize_dataset
-    from spinquant.deploy import ET_FORMAT, LLAMA_CPP, OURS, OURS_ET, deploy_row, et_deploy_row, quantize_gguf
+    from spinquant.deploy import ET_FORMAT, LLAMA_CPP, OURS, OURS_CT, OURS_ET, deploy_row, et_deploy_row, quantize_gguf
+    from spinquant.et_export import check_config as et_check
     from spinquant.et_export import export_executorch
     from spinquant.eval.perplexity import perplexity_of_ids
     from spinquant.eval.reference import CachedLogits
+    from spinquant.gguf_export import check_config as gguf_check
     from spinquant.gguf_export import export_gguf
-    from spinquant.models.load import resolve_path
+    from spinquant.models.load import load_config, resolve_path
     from spinquant.results import revision_for, write_deploy_row
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +71,23 @@ def main(argv=None):
     fallback = {"gguf": [], "et": []} if args.model != "stories260k" else \
         {"gguf": ["quant.group_fallback=none"], "et": ["quant.group_fallback=channel"]}
     fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))
+    mconf = load_config(fp_cfg.model.path)
+    ct_group = next((g for g in (128, 64, 32) if mconf.hidden_size % g == 0), 32)  # vLLM's Marlin takes 128/64/32
+    fallback["ct"] = [] if mconf.intermediate_size % ct_group == 0 else ["quant.group_fallback=channel"]
+    ours_ct = [(q, fmt.replace("g128", f"g{ct_group}"), [*o, f"++quant.weight.group_size={ct_group}"] if "g128" in fmt
+                else o) for q, fmt, o in OURS_CT]
+    # every selected file's config, checked before anything is loaded or quantized (group sizes against the model's
+    # widths, datasets, the format's refusals): a bad combination fails now, not after an hour of other rows
+    jobs = {"executorch": [(q, ET_FORMAT, [*fallback["et"], *o]) for q, o in OURS_ET],
+            "transformers": [(q, f, [*fallback["ct"], *o]) for q, f, o in ours_ct],
+            "llama.cpp": [(q, f, [*fallback["gguf"], *o]) for q, f, o in OURS]}
+    checks = {"executorch": et_check, "transformers": ct_check, "llama.cpp": gguf_check}
+    for runtime in args.runtimes:
+        for quantizer, fmt, overrides in jobs[runtime]:
+            if args.only is None or f"{quantizer}-{fmt}" in args.only:
+                cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+                checks[runtime](cfg.quant, cfg.rotation, cfg.qat)
+                pipeline.preflight(cfg, None)
     model, tok = pipeline.load_model(fp_cfg.model)
     seq_len, vocab = fp_cfg.model.seq_len, model.config.vocab_size
     texts = {ds: tokenize_dataset(tok, ds, add_bos=True) for ds in args.datasets}
@@ -91,7 +111,8 @@ def main(argv=None):
         et_rows(args, base + fallback["et"], model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path,
                 wanted, export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
     if "transformers" in args.runtimes:
-        ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted)
+        ct_rows(args, base + fallback["ct"], tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted,
+                ours_ct)
     if "llama.cpp" not in args.runtimes:
         return
     with tempfile.TemporaryDirectory() as d:
@@ -159,15 +180,16 @@ def et_rows(args, base, model, tok, texts, reference, ours_on, seq_len, vocab, c
             os.remove(f)
 
 
-def ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted):
-    """compressed-tensors checkpoints of ours (RTN / GPTQ W4A16-g128, W8A8), reloaded in transformers and measured."""
+def ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted, ours_ct):
+    """compressed-tensors checkpoints of ours (RTN / GPTQ W4A16 grouped, W8A8), reloaded in transformers and
+    measured."""
     from omegaconf import OmegaConf
 
     from spinquant import cli, pipeline
     from spinquant.ct_export import export_compressed_tensors
-    from spinquant.deploy import OURS_CT, transformers_deploy_row
+    from spinquant.deploy import transformers_deploy_row
     with tempfile.TemporaryDirectory() as d:
-        for quantizer, fmt, overrides in OURS_CT:
+        for quantizer, fmt, overrides in ours_ct:
             if not wanted(quantizer, fmt):
                 continue
             t = time.time()

@@ -1,6 +1,8 @@
 """GGUF export: our codes and scales written into llama.cpp's Q4_0 / Q8_0 blocks bit for bit (read back and
 dequantized by the `gguf` package, an independent implementation), refusals before any file exists, and (when
 llama-cpp-python is installed) llama.cpp's logits against ours."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -299,3 +301,25 @@ def test_deploy_row_measures_every_text_inside_llama_cpp_with_kld_to_our_fp_mode
         assert 0 < entry["kld_runtime"]["mean"] < 1.2 * entry["kld_framework"]["mean"]
     assert direct["wikitext2"].ppl != pytest.approx(direct["python-docs"].ppl, rel=1e-3)
     assert row["ppl_runtime"] == row["per_dataset"]["wikitext2"]["ppl_runtime"] and row["windows"] == 1
+
+
+def test_bench_deploy_checks_every_selected_file_before_loading_the_model(tmp_path, monkeypatch):
+    """A deploy job the format cannot hold (here a g128 config as a GGUF file) is refused before the model loads, not
+    after the rows before it have run; a model whose widths 128 does not divide gets compressed-tensors rows at the
+    largest group size that does (smollm2-135m: hidden 576 -> g64)."""
+    import sys
+
+    from spinquant import deploy, pipeline
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_deploy
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    monkeypatch.setattr(deploy, "OURS", [*deploy.OURS, ("rtn", "Q4_0x", ["quant=w4a16_g128"])])
+    with pytest.raises(GGUFExportError, match="not a GGUF block format"):
+        bench_deploy.main(["--model", "ref-llama", "--out", str(tmp_path), "--runtimes", "llama.cpp"])
+    with pytest.raises(AssertionError, match="loaded before"):  # every smollm2 job passes its checks (g64 for CT)
+        bench_deploy.main(["--model", "smollm2-135m", "--out", str(tmp_path), "--runtimes", "transformers",
+                           "--only", "rtn-CT-W4A16-g64"])
+    assert list(tmp_path.iterdir()) == []
