@@ -282,8 +282,11 @@ def _rotation_pivot(model: str, mine: list[dict], dataset: str) -> str:
     head = ["Method"] + cols + ["Rotation s (per column)"] + (["Wall s (per column)"] if timed else [])
     what = f"{dataset} perplexity" + (" / KL divergence to FP" if with_kld else "")
     subset = sorted({_subset(r) for r in mrows if _subset(r)})
-    lines = [f"**{model}** — {what}" + (f" (first {' / '.join(map(str, subset))} windows of each text, "
-                                         "`eval.max_windows`)" if subset else ""), "", "| " + " | ".join(head) + " |",
+    calib = sorted({c for r in mrows if saw_calibration_text(r["method"])
+                    for c in [(r.get("config") or {}).get("data", {}).get("calib_samples")] if c not in (None, 128)})
+    notes = ([f"first {' / '.join(map(str, subset))} windows of each text, `eval.max_windows`"] if subset else []) + \
+        ([f"GPTQ calibrated on {' / '.join(map(str, calib))} sequences, `data.calib_samples`"] if calib else [])
+    lines = [f"**{model}** — {what}" + (f" ({'; '.join(notes)})" if notes else ""), "", "| " + " | ".join(head) + " |",
              "|---|" + "|".join(["---:"] * len(cols)) + "|---:|" + ("---:|" if timed else "")]
     fp_v = fp[0]["metrics"]["ppl"][dataset] if fp else None
     if fp:
