@@ -24,7 +24,7 @@ MODEL_ORDER = ["smollm2-135m", "ref-llama", "stories260k"]  # the real pretraine
 MODEL_NOTES = {"smollm2-135m": (
     "smollm2-135m (SmolLM2-135M-Instruct) is distributed as a Q4_1 GGUF: its linear weights lie on llama.cpp's Q4_1 "
     "grid (asymmetric blocks of 32, fp16 scale and min), so requantizing onto that same grid without a rotation would be "
-    "artificially easy; the schemes here use other grids (symmetric g32, per-channel, g128, rotations, activation and "
+    "artificially easy; the schemes here use other grids (symmetric g32, per-channel, g64, rotations, activation and "
     "KV quantization).")}
 
 
