@@ -20,7 +20,9 @@ measures. Rows are written one by one (atomically); a rerun skips the rows that 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None):
     from omegaconf import OmegaConf
 
-    from spinquant import cli, pipeline
+    from spinquant import cli, deploy, pipeline
     from spinquant.ct_export import check_config as ct_check
+    from spinquant.ct_export import export_compressed_tensors
     from spinquant.data import tokenize_dataset
-    from spinquant.deploy import ET_FORMAT, LLAMA_CPP, OURS, OURS_CT, OURS_ET, deploy_row, et_deploy_row, quantize_gguf
     from spinquant.et_export import check_config as et_check
     from spinquant.et_export import export_executorch
     from spinquant.eval.perplexity import perplexity_of_ids
@@ -46,7 +48,7 @@ def main(argv=None):
     from spinquant.gguf_export import check_config as gguf_check
     from spinquant.gguf_export import export_gguf
     from spinquant.models.load import load_config, resolve_path
-    from spinquant.results import revision_for, write_deploy_row
+    from spinquant.results import revision_for
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ref-llama")
@@ -70,22 +72,29 @@ def main(argv=None):
     # it at int4 per channel (XNNPACK's qc4w)
     fallback = {"gguf": [], "et": []} if args.model != "stories260k" else \
         {"gguf": ["quant.group_fallback=none"], "et": ["quant.group_fallback=channel"]}
-    fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))
+    fp_cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base), resolve=True))  # our FP model
     mconf = load_config(fp_cfg.model.path)
     ct_group = next((g for g in (128, 64, 32) if mconf.hidden_size % g == 0), 32)  # vLLM's Marlin takes 128/64/32
     fallback["ct"] = [] if mconf.intermediate_size % ct_group == 0 else ["quant.group_fallback=channel"]
     ours_ct = [(q, fmt.replace("g128", f"g{ct_group}"), [*o, f"++quant.weight.group_size={ct_group}"] if "g128" in fmt
-                else o) for q, fmt, o in OURS_CT]
+                else o) for q, fmt, o in deploy.OURS_CT]
+    jobs = {"executorch": [(q, deploy.ET_FORMAT, o) for q, o in deploy.OURS_ET], "transformers": ours_ct,
+            "llama.cpp": deploy.OURS}
+    runtime_fallback = {"executorch": fallback["et"], "transformers": fallback["ct"], "llama.cpp": fallback["gguf"]}
+
+    def compose(*overrides):
+        return pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+
+    def selected(quantizer, fmt):
+        return args.only is None or f"{quantizer}-{fmt}" in args.only
+
     # every selected file's config, checked before anything is loaded or quantized (group sizes against the model's
     # widths, datasets, the format's refusals): a bad combination fails now, not after an hour of other rows
-    jobs = {"executorch": [(q, ET_FORMAT, [*fallback["et"], *o]) for q, o in OURS_ET],
-            "transformers": [(q, f, [*fallback["ct"], *o]) for q, f, o in ours_ct],
-            "llama.cpp": [(q, f, [*fallback["gguf"], *o]) for q, f, o in OURS]}
     checks = {"executorch": et_check, "transformers": ct_check, "llama.cpp": gguf_check}
     for runtime in args.runtimes:
         for quantizer, fmt, overrides in jobs[runtime]:
-            if args.only is None or f"{quantizer}-{fmt}" in args.only:
-                cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
+            if selected(quantizer, fmt):
+                cfg = compose(*runtime_fallback[runtime], *overrides)
                 checks[runtime](cfg.quant, cfg.rotation, cfg.qat)
                 pipeline.preflight(cfg, None)
     model, tok = pipeline.load_model(fp_cfg.model)
@@ -105,104 +114,53 @@ def main(argv=None):
         return args.out / f"{args.model}-{quantizer}-{fmt}.json"
 
     def wanted(quantizer, fmt):
-        return (args.only is None or f"{quantizer}-{fmt}" in args.only) and not out_path(quantizer, fmt).exists()
+        return selected(quantizer, fmt) and not out_path(quantizer, fmt).exists()
 
-    if "executorch" in args.runtimes:
-        et_rows(args, base + fallback["et"], model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path,
-                wanted, export_executorch, et_deploy_row, ET_FORMAT, OURS_ET)
-    if "transformers" in args.runtimes:
-        ct_rows(args, base + fallback["ct"], tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted,
-                ours_ct)
-    if "llama.cpp" not in args.runtimes:
-        return
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        fp_file = export_gguf(model, d / "fp32.gguf", resolve_path(fp_cfg.model.path), name=args.model, fp="F32")
-        if wanted("none", "F32"):
-            row = deploy_row(args.model, "F32", "none", fp_file, texts, seq_len, vocab, args.threads, args.max_windows,
-                             ours_on(model, None), common, reference)
-            write_deploy_row(row, out_path("none", "F32"))
-            print(f"[done] FP F32: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
-        for fmt in LLAMA_CPP:
-            if not wanted("llama.cpp", fmt):
-                continue
-            f = quantize_gguf(fp_file, d / f"llama-{fmt}.gguf", fmt, args.threads)
-            row = deploy_row(args.model, fmt, "llama.cpp", f, texts, seq_len, vocab, args.threads, args.max_windows,
-                             None, common, reference)
-            write_deploy_row(row, out_path("llama.cpp", fmt))
-            print(f"[done] llama.cpp {fmt}: {row['ppl_runtime']:.3f}")
-        for quantizer, fmt, overrides in OURS:
+    def measure_files(runtime, export, row_fn, fp_fmt=None, fp_file=None):
+        """One runtime's rows: our FP model's file (`fp_file`, or exported from a copy) when `fp_fmt`, then each of
+        ours quantized, exported, measured in the runtime beside our fake-quant numbers, written, removed."""
+        def measured(quantizer, fmt, path, ours, extra):
+            write_row(row_fn(args.model, fmt, quantizer, path, texts, seq_len, vocab, args.threads, args.max_windows,
+                             ours, extra, reference), out_path(quantizer, fmt))
+
+        if fp_fmt and wanted("none", fp_fmt):
+            measured("none", fp_fmt, fp_file or export(copy.deepcopy(model), "fp32"), ours_on(model, None), common)
+        for quantizer, fmt, overrides in jobs[runtime]:
             if not wanted(quantizer, fmt):
                 continue
             t = time.time()
-            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *fallback["gguf"], *overrides),
-                                                                      resolve=True))
-            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
-            quantize_s = time.time() - t
+            qmodel = pipeline.build_quantized(compose(*runtime_fallback[runtime], *overrides), tok,
+                                              rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
+            extra = {**common, "overrides": overrides, "quantize_s": time.time() - t,
+                     **pipeline.rotation_train_metrics(qmodel)}
             ours = ours_on(qmodel)
-            f = export_gguf(qmodel, d / f"ours-{quantizer}-{fmt}.gguf", resolve_path(cfg.model.path), name=args.model)
-            row = deploy_row(args.model, fmt, quantizer, f, texts, seq_len, vocab, args.threads, args.max_windows,
-                             ours, {**common, "overrides": overrides, "quantize_s": quantize_s,
-                                    **pipeline.rotation_train_metrics(qmodel)}, reference)
-            write_deploy_row(row, out_path(quantizer, fmt))
-            print(f"[done] {quantizer} {fmt}: llama.cpp {row['ppl_runtime']:.3f} / ours {row['ppl_framework']:.3f}")
-            os.remove(f)
-
-
-def et_rows(args, base, model, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted,
-            export_executorch, et_deploy_row, fmt, ours_et):
-    """The ExecuTorch rows: FP32 program of our FP model, then ours at W4A8 (one .pte each, measured, removed)."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from spinquant import cli, pipeline
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        if wanted("none", "FP32"):
-            f = export_executorch(copy.deepcopy(model), d / "fp32.pte", max_seq_len=seq_len)
-            row = et_deploy_row(args.model, "FP32", "none", f, texts, seq_len, vocab, args.threads, args.max_windows,
-                                ours_on(model, None), common, reference)
-            write_row(row, out_path("none", "FP32"))
-        for quantizer, overrides in ours_et:
-            if not wanted(quantizer, fmt):
-                continue
-            t = time.time()
-            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
-            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
-            quantize_s = time.time() - t
-            ours = ours_on(qmodel)
-            f = export_executorch(qmodel, d / f"ours-{quantizer}.pte", max_seq_len=seq_len)
-            row = et_deploy_row(args.model, fmt, quantizer, f, texts, seq_len, vocab, args.threads, args.max_windows,
-                                ours, {**common, "overrides": overrides, "quantize_s": quantize_s,
-                                       **pipeline.rotation_train_metrics(qmodel)}, reference)
-            write_row(row, out_path(quantizer, fmt))
-            os.remove(f)
-
-
-def ct_rows(args, base, tok, texts, reference, ours_on, seq_len, vocab, common, out_path, wanted, ours_ct):
-    """compressed-tensors checkpoints of ours (RTN / GPTQ W4A16 grouped, W8A8), reloaded in transformers and
-    measured."""
-    from omegaconf import OmegaConf
-
-    from spinquant import cli, pipeline
-    from spinquant.ct_export import export_compressed_tensors
-    from spinquant.deploy import transformers_deploy_row
-    with tempfile.TemporaryDirectory() as d:
-        for quantizer, fmt, overrides in ours_ct:
-            if not wanted(quantizer, fmt):
-                continue
-            t = time.time()
-            cfg = pipeline.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*base, *overrides), resolve=True))
-            qmodel = pipeline.build_quantized(cfg, tok, rid=f"deploy-{args.model}-{quantizer}-{fmt}")[0]
-            quantize_s = time.time() - t
-            ours = ours_on(qmodel)
-            folder = export_compressed_tensors(qmodel, Path(d) / f"{quantizer}-{fmt}", tok)
+            path = export(qmodel, f"ours-{quantizer}-{fmt}")
             del qmodel
-            row = transformers_deploy_row(args.model, fmt, quantizer, folder, texts, seq_len, vocab, args.threads,
-                                          args.max_windows, ours, {**common, "overrides": overrides,
-                                                                   "quantize_s": quantize_s}, reference)
-            write_row(row, out_path(quantizer, fmt))
+            measured(quantizer, fmt, path, ours, extra)
+            if path.is_dir():  # a compressed-tensors checkpoint
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        if "executorch" in args.runtimes:
+            measure_files("executorch", lambda m, name: export_executorch(m, d / f"{name}.pte", max_seq_len=seq_len),
+                          deploy.et_deploy_row, fp_fmt="FP32")
+        if "transformers" in args.runtimes:
+            measure_files("transformers", lambda m, name: export_compressed_tensors(m, d / name, tok),
+                          deploy.transformers_deploy_row)
+        if "llama.cpp" not in args.runtimes:
+            return
+        model_path = resolve_path(fp_cfg.model.path)
+        fp_file = export_gguf(model, d / "fp32.gguf", model_path, name=args.model, fp="F32")
+        for fmt in deploy.LLAMA_CPP:  # llama.cpp's own quantizations of our FP file, the baseline a llama.cpp user picks
+            if wanted("llama.cpp", fmt):
+                f = deploy.quantize_gguf(fp_file, d / f"llama-{fmt}.gguf", fmt, args.threads)
+                write_row(deploy.deploy_row(args.model, fmt, "llama.cpp", f, texts, seq_len, vocab, args.threads,
+                                     args.max_windows, None, common, reference), out_path("llama.cpp", fmt))
+        measure_files("llama.cpp", lambda m, name: export_gguf(m, d / f"{name}.gguf", model_path, name=args.model),
+                      deploy.deploy_row, fp_fmt="F32", fp_file=fp_file)
 
 
 def write_row(row, path):
