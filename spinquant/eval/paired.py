@@ -26,6 +26,16 @@ class PairedDiff:
         return abs(self.delta_nll) <= 2 * self.se_nll
 
 
+def window_se(sums: list[float], tokens: int) -> float:
+    """Standard error of a per-token mean Σsums / tokens, windows as the independent units: √n · sd(sums) / tokens
+    (sd with n − 1; inf for one window). `sums`: a per-window quantity summed over each window's tokens."""
+    n = len(sums)
+    if n < 2:
+        return math.inf
+    mean = math.fsum(sums) / n
+    return math.sqrt(n) * math.sqrt(math.fsum((x - mean) ** 2 for x in sums) / (n - 1)) / tokens
+
+
 def same_windows(a: dict, b: dict) -> bool:
     """Whether two results (a row's ppl_detail[ds]) scored the same windows, so that they pair window by window."""
     return (a.get("window_tokens") == b.get("window_tokens")
@@ -42,8 +52,6 @@ def paired_diff(a: dict, b: dict) -> PairedDiff:
                          f"{b['windows']} of {b['seq_len']} (stride {b['stride']})")
     n, tokens = len(wa), sum(a["window_tokens"])
     d = [x - y for x, y in zip(wa, wb)]
-    mean = math.fsum(d) / n
-    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else math.inf
-    delta, se = math.fsum(d) / tokens, math.sqrt(n) * sd / tokens
+    delta, se = math.fsum(d) / tokens, window_se(d, tokens)
     ppl_a = math.exp(math.fsum(wa) / tokens)
     return PairedDiff(delta, se, ppl_a - math.exp(math.fsum(wb) / tokens), ppl_a * se, n)

@@ -16,7 +16,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..eval.paired import paired_diff, same_windows
+from ..eval.paired import paired_diff, same_windows, window_se
 from ..results import read_rows
 
 DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
@@ -120,15 +120,18 @@ def _adapted(value: float, fp_value: float | None, row: dict) -> str:
 
 
 def kld_se(k: dict) -> float | None:
-    """Standard error of a mean KLD from its per-window sums (windows as the independent units, each weighted by
-    its tokens as the mean is), None with fewer than two windows."""
-    sums, n = k.get("window_kld") or [], len(k.get("window_kld") or [])
-    if n < 2:
-        return None
-    per = k["tokens"] / n  # windows of one length: the perplexity protocol's non-overlapping windows
-    means = [w / per for w in sums]
-    mu = sum(means) / n
-    return (sum((m - mu) ** 2 for m in means) / (n - 1) / n) ** 0.5
+    """Standard error of a mean KLD from its per-window sums (windows as the independent units, as for the paired
+    perplexity SE: spinquant.eval.paired.window_se), None with fewer than two windows."""
+    sums = k.get("window_kld") or []
+    return window_se(sums, k["tokens"]) if len(sums) >= 2 else None
+
+
+def _calib_samples(rows: list[dict]) -> list[int]:
+    """The calibration sizes (`data.calib_samples`) of the rows that read calibration text, when any of them is not
+    the default 128 (else none: a table at the default says nothing)."""
+    sizes = {c for r in rows if saw_calibration_text(r["method"])
+             for c in [((r.get("config") or {}).get("data") or {}).get("calib_samples")] if c is not None}
+    return sorted(sizes) if sizes - {128} else []
 
 
 def _kld_cells(row, datasets: list[str]) -> list[str]:
@@ -231,9 +234,9 @@ def render(rows: list[dict]) -> str:
         if timed:
             lines += ["", "Wall s: the whole run (load, rotation, quantization or training, evaluation) with the CPU "
                           "threads its row records (`threads`)."]
-        calib = {(r.get("config") or {}).get("data", {}).get("calib_samples") for r in mrows if saw_calibration_text(r["method"])}
-        if calib - {None, 128}:
-            lines += ["", f"Calibration: {' / '.join(str(c) for c in sorted(calib - {None}))} WikiText-2 train sequences of "
+        calib = _calib_samples(mrows)
+        if calib:
+            lines += ["", f"Calibration: {' / '.join(map(str, calib))} WikiText-2 train sequences of "
                           "the model's length (`data.calib_samples`; default 128) for the rows that calibrate."]
         lines += model_note(model)
         out.append("\n".join(lines))
@@ -282,8 +285,7 @@ def _rotation_pivot(model: str, mine: list[dict], dataset: str) -> str:
     head = ["Method"] + cols + ["Rotation s (per column)"] + (["Wall s (per column)"] if timed else [])
     what = f"{dataset} perplexity" + (" / KL divergence to FP" if with_kld else "")
     subset = sorted({_subset(r) for r in mrows if _subset(r)})
-    calib = sorted({c for r in mrows if saw_calibration_text(r["method"])
-                    for c in [(r.get("config") or {}).get("data", {}).get("calib_samples")] if c not in (None, 128)})
+    calib = _calib_samples(mrows)
     notes = ([f"first {' / '.join(map(str, subset))} windows of each text, `eval.max_windows`"] if subset else []) + \
         ([f"GPTQ calibrated on {' / '.join(map(str, calib))} sequences, `data.calib_samples`"] if calib else [])
     lines = [f"**{model}** — {what}" + (f" ({'; '.join(notes)})" if notes else ""), "", "| " + " | ".join(head) + " |",
