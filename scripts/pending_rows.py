@@ -24,9 +24,15 @@ from spinquant.sweeps import sweep_jobs  # noqa: E402
 # sequences ~16 min): the first 16 windows of 512 tokens of WikiText-2 and of the held-out domain (python-docs), KL
 # divergence to FP on the same windows, no memory pass, 32 calibration sequences of 512 tokens (GPTQ: 128 x 2048)
 SMOLLM2 = ["eval.max_windows=16", "eval.datasets=[wikitext2,python-docs]", "eval.memory=false", "data.calib_samples=32"]
+# SpinQuant's official 100 steps of 8 cost ~2 h per smollm2 row here: its rows use the labelled reduced recipe
+# (rotation/spinquant_reduced.yaml); QAT trains 8 steps of 4 sequences (16K tokens; one step ~60 s) at W4A8 and W4A4KV4
+SMOLLM2_ROTATIONS = "rotation=none,quarot,quarot_offline,spinquant_reduced"
+SMOLLM2_QAT = ["quant=w16a16,w4a8,w4a8_gptq,w4a4kv4,w4a4kv4_gptq", "rotation=none,spinquant_reduced",
+               "qat.train.steps=8", "qat.train.batch_size=4"]
 # table -> model -> the extra overrides its committed rows were run with (the sweep file's header says which)
 TABLES = {"foundation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
-          "rotation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": []}, "qat": {"ref-llama": []},
+          "rotation": {"smollm2-135m": [*SMOLLM2, SMOLLM2_ROTATIONS], "ref-llama": [], "stories260k": []},
+          "qat": {"smollm2-135m": [*SMOLLM2, *SMOLLM2_QAT], "ref-llama": []},
           "spinquant_study": {"stories260k": []}}
 WHY = ("Jobs of a committed table's sweep that have no committed row yet (new configurations such as W4A8-mixed, or "
        "rows removed to be regenerated), by table and model; `spinquant sweep +experiment=<table> results_dir="

@@ -315,10 +315,31 @@ def _rotation_pivot(model: str, mine: list[dict], dataset: str) -> str:
         lines.append(f"| {name} | " + " | ".join(ppl) + f" | {rot}{wall} |")
     if adapted:
         lines += ["", ADAPTED_NOTE]
+    if dataset == "wikitext2":
+        lines += _spinquant_recipe(cells, cols)
     if timed:
         lines += ["", "Wall s: each run whole (load, rotation, quantization, evaluation) with the CPU threads its row "
                       "records (`threads`)."]
     return "\n".join(lines)
+
+
+def _spinquant_recipe(cells: dict, cols: list[str]) -> list[str]:
+    """A note naming the recipe the learned rotations trained with (steps x global batch x length, against the official
+    100 x 8) and what it did to the held-back objective, per method and column."""
+    learned = {key: r["metrics"]["rotation_train"] for key, r in cells.items() if "rotation_train" in r["metrics"]
+               and "steps" in r["metrics"]["rotation_train"]}
+    if not learned:
+        return []
+    recipes = sorted({(t["steps"], t["batch_size"], t["seq_len"]) for t in learned.values()})
+    text = "; ".join(f"{s} steps of {b} sequences of {n} tokens" + (" (the official recipe's steps and batch)"
+                     if (s, b) == (100, 8) else " (**reduced recipe**; the official: 100 steps of 8)")
+                     for s, b, n in recipes)
+    parts = []
+    for (k, c), t in sorted(learned.items(), key=lambda kc: (METHOD_RANK.get(kc[0][0][1], 9), cols.index(kc[0][1]))):
+        d = t["heldout_loss_after"] - t["heldout_loss_before"]
+        parts.append(f"{ROTATION_NAMES.get(k[0], k[0] + '-')}{k[1].upper()} {c} {d:+.3f}{se_text(t)}")
+    return ["", f"SpinQuant rotations learned in {text}; change of the objective on {learned[next(iter(learned))]['heldout']}"
+                f" held-back sequences: " + ", ".join(parts) + "."]
 
 
 QAT_METHODS = [  # (rotation, weights, qat) -> label, in table order
