@@ -325,3 +325,43 @@ def test_kld_cells_carry_their_standard_error_and_the_rotation_table_pivots_ever
                                                   "python-docs perplexity / KL divergence to FP"]
     assert "| RTN | 40.00 / 0.250 | – | 30 |" in blocks[0] and "| QuaRot-RTN | 36.00 / 0.125 | 2 | 30 |" in blocks[0]
     assert "| RTN | 13.33 / 0.125 |" in blocks[1] and make_tables.MODEL_NOTES["smollm2-135m"] in text
+
+
+def test_qat_table_pivots_every_text_with_kld_and_names_the_spinquant_recipe():
+    """The QAT table as the rotation table: one pivot per evaluated text, cells 'ppl / KLD (recovered shares)', the
+    FP+LoRA control marked where it lands below FP on the calibration text; the SpinQuant recipe named (reduced or
+    official) with the held-back change ± SE; the training cost once per model, small token counts in K."""
+    from spinquant.report import tables as make_tables
+
+    def row(key, w_bits, ppl, kld=None, train=None, rot_train=None):
+        m = {"ppl": {"wikitext2": ppl, "python-docs": ppl / 3}, "wall_s": 60.0}
+        if kld is not None:
+            m["kld"] = {"wikitext2": {"mean": kld, "top1": 0.8}, "python-docs": {"mean": kld / 2, "top1": 0.9}}
+        if train:
+            m["qat_train"] = {"train_tokens": 16384, "trainable_params": 4.9e6, "train_s": 400.0}
+        if rot_train:
+            m["rotation_train"] = rot_train
+        return {"model": "smollm2-135m", "scheme": "W4A8" if w_bits < 16 else "W16A16",
+                "method": dict(zip(("rotation", "weights", "qat"), key)),
+                "spec": {"w_bits": w_bits, "a_bits": 8 if w_bits < 16 else 16, "kv_bits": 16, "w_group": 32},
+                "metrics": m, "run_id": str(key)}
+    recipe = {"steps": 8, "batch_size": 4, "seq_len": 512, "heldout": 8, "heldout_loss_before": 4.0,
+              "heldout_loss_after": 3.9, "heldout_delta_se": 0.01}
+    rows = [row(("none", "none", "none"), 16, 30.0), row(("none", "none", "lora"), 16, 29.0, kld=0.05, train=True),
+            row(("none", "rtn", "none"), 4, 40.0, kld=0.4), row(("none", "rtn", "lora"), 4, 35.0, kld=0.2, train=True),
+            row(("spinquant", "rtn", "lora"), 4, 33.0, kld=0.1, train=True, rot_train=recipe)]
+    text = make_tables.render_qat(rows)
+    blocks = text.split("**smollm2-135m** — ")[1:]
+    assert [b.split(" (")[0] for b in blocks] == ["wikitext2 perplexity / KL divergence to FP",
+                                                  "python-docs perplexity / KL divergence to FP"]
+    assert "| FP + LoRA (control) | 29.00‡ / 0.050 |" in blocks[0] and "| FP + LoRA (control) | 9.67 / 0.025 |" in blocks[1]
+    assert "| QAT+LoRA | 35.00 / 0.200 (45% / 50% FP) |" in blocks[0]  # (40-35)/(40-29), (40-35)/(40-30)
+    assert "| QAT+LoRA | 11.67 / 0.100 (45% / 50% FP) |" in blocks[1]
+    assert "| PTQ RTN | 40.00 / 0.400 |" in blocks[0]
+    assert ("8 steps of 4 sequences of 512 tokens (**reduced recipe**; the official: 100 steps of 8)" in blocks[0]
+            and "SpinQuant-RTN W4A8 -0.100 ± 0.0100" in blocks[0] and "reduced recipe" not in blocks[1])
+    assert text.count("| Scheme | Method | Train tokens") == 1 and "| W4A8 | QAT+LoRA | 16K | 4.90M | 400 |" in text
+    official = make_tables.render_qat([*rows[:4], row(("spinquant", "rtn", "lora"), 4, 33.0, kld=0.1, train=True,
+                                                      rot_train={**recipe, "steps": 100, "batch_size": 8})])
+    assert "100 steps of 8 sequences of 512 tokens (the official recipe's steps and batch)" in official
+    assert "reduced recipe" not in official

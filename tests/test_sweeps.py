@@ -197,3 +197,19 @@ def test_command_line_overrides_replace_the_experiments_sweep_params_as_hydra_do
     assert not is_sweep("[wikitext2,ptb]") and is_sweep("a,b") and not is_sweep("0.5")
     with pytest.raises(ValueError, match="sweep functions"):
         is_sweep("range(1,4)")
+
+
+def test_the_reduced_spinquant_recipe_is_the_official_one_with_fewer_steps_and_both_skip_no_fp_row():
+    """rotation=spinquant_reduced changes only steps, batch and samples (every sample seen once, as the official
+    800 = 100 x 8), so its rows differ from the official recipe's in the cost alone; the rotation and QAT sweeps skip
+    its FP / non-LoRA combinations as they skip SpinQuant's."""
+    official = OmegaConf.to_container(_compose(["rotation=spinquant"]).rotation)
+    reduced = OmegaConf.to_container(_compose(["rotation=spinquant_reduced"]).rotation)
+    assert {k for k in official if official[k] != reduced[k]} == {"steps", "batch_size", "samples"}
+    assert reduced["samples"] == reduced["steps"] * reduced["batch_size"] < official["samples"]
+    assert official["samples"] == official["steps"] * official["batch_size"]
+    for table, n_spin in (("rotation", 6), ("qat", 4)):
+        jobs, _ = sweep_jobs(ROOT / "configs", table, "model=smollm2-135m", "rotation=none,spinquant_reduced")
+        spin = [c for c, _ in jobs if c["rotation"] == "spinquant_reduced"]
+        assert len(spin) == n_spin and all(c["quant"] != "w16a16" for c in spin)
+        assert table != "qat" or all(c["qat"] == "lora" for c in spin)

@@ -331,7 +331,7 @@ def _spinquant_recipe(cells: dict, cols: list[str]) -> list[str]:
     if not learned:
         return []
     recipes = sorted({(t["steps"], t["batch_size"], t["seq_len"]) for t in learned.values()})
-    text = "; ".join(f"{s} steps of {b} sequences of {n} tokens" + (" (the official recipe's steps and batch)"
+    text = "; ".join(f"{s} step{'s' * (s != 1)} of {b} sequences of {n} tokens" + (" (the official recipe's steps and batch)"
                      if (s, b) == (100, 8) else " (**reduced recipe**; the official: 100 steps of 8)")
                      for s, b, n in recipes)
     parts = []
@@ -364,86 +364,128 @@ def _qat_scheme(row) -> str:
 
 
 def render_qat(rows: list[dict], dataset: str = "wikitext2") -> str:
-    """Methods x schemes pivot of `dataset` perplexity with the share of the RTN→FP gap each row recovers,
-    then the training cost of every trained row (tokens, trainable parameters, time, throughput)."""
+    """Methods x schemes pivot of `dataset` perplexity (and KL divergence to FP where the rows have it) with the share
+    of the RTN→FP gap each row recovers, the same pivot for every other evaluated text, then the training cost of
+    every trained row (tokens, trainable parameters, time, throughput)."""
     out = []
     for model in models_of(rows):
-        mrows = [r for r in rows if r["model"] == model and dataset in r["metrics"]["ppl"]]
-        fp = next((r for r in mrows if _method_key(r) == ("none", "none", "none")), None)
-        q = [r for r in mrows if r["spec"].get("w_bits", 16) < 16]
-        cols = sorted({_qat_scheme(r) for r in q}, key=lambda c: (QAT_SCHEME_ORDER.index(c) if c in QAT_SCHEME_ORDER
-                                                                  else len(QAT_SCHEME_ORDER), c))
-        cells = {}
-        for r in q:
-            k = (_method_key(r), _qat_scheme(r))
-            if k in cells:
-                raise SystemExit(f"two rows for {model} {k}: {cells[k]['run_id']} and {r['run_id']}")
-            cells[k] = r
-        def ppl(r):
-            return r["metrics"]["ppl"][dataset]
-
-        control = next((r for r in mrows if _method_key(r) == ("none", "none", "lora")), None)
-        # the same LoRA training without quantization is what fine-tuning alone reaches: QAT is measured against it
-        ref_name = "FP + LoRA control" if control else "FP"
-        lines = [f"**{model}** — {dataset} perplexity (in brackets: share of the gap from RTN to the {ref_name} that QAT "
-                 f"recovers" + (", then the share of the RTN→FP gap" if control else "") +
-                 f", where the RTN→FP gap is over {100 * MIN_GAP:g}% of FP; < FP: below the FP model)", "",
-                 "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
-        if fp:
-            lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
-        def mark(r):
-            return _adapted(ppl(r), ppl(fp), r) if fp and dataset == "wikitext2" else ""
-
-        if control:
-            lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}{mark(control)}" for _ in cols)
-                         + " |")
-        for mk, label in QAT_METHODS[1:]:
-            if not any((mk, c) in cells for c in cols):
-                continue
-            row = []
-            for c in cols:
-                r, rtn = cells.get((mk, c)), cells.get((("none", "rtn", "none"), c))
-                if r is None:
-                    row.append("–")
-                    continue
-                cell = f"{ppl(r):.2f}{mark(r)}"
-                if mk[2] != "none" and fp and rtn:
-                    gap = ppl(rtn) - ppl(fp)
-                    if gap > MIN_GAP * ppl(fp):
-                        vs_fp = f"{100 * (ppl(rtn) - ppl(r)) / gap:.0f}%"
-                        cell += (f" ({100 * (ppl(rtn) - ppl(r)) / (ppl(rtn) - ppl(control)):.0f}% / {vs_fp} FP)" if control
-                                 else f" ({vs_fp})")
-                    elif ppl(r) < ppl(fp):
-                        cell += " (< FP)"
-                row.append(cell)
-            lines.append(f"| {label} | " + " | ".join(row) + " |")
-        if any(mark(r) for r in [*q, *([control] if control else [])]):
-            lines += ["", ADAPTED_NOTE]
-        trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
-                         key=lambda r: (cols.index(_qat_scheme(r)) if _qat_scheme(r) in cols else -1, str(_method_key(r))))
-        if trained:
-            labels = dict(QAT_METHODS)
-            lines += ["", "| Scheme | Method | Train tokens | Trainable params | Train s | Train tok/s | Wall s | "
-                      f"PPL {dataset} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-            resumed = 0
-            for r in trained:
-                t = r["metrics"]["qat_train"]
-                name = labels.get(_method_key(r)) or ("FP + LoRA fine-tune" if r["method"]["qat"] == "lora" else
-                                              "FP fine-tune" if r["method"]["qat"] == "full" else str(_method_key(r)))
-                if r["spec"].get("w_bits", 16) >= 16:
-                    name += " (control)"
-                timed = _qat_train_s(t)
-                speed = f"{timed:.0f} | {t['train_tokens'] / timed:.0f}" if timed else "– | –"
-                wall = "–" if t.get("resumed_from") else f"{r['metrics']['wall_s']:.0f}"
-                resumed += bool(t.get("resumed_from"))
-                lines.append(f"| {_qat_scheme(r)} | {name} | {t['train_tokens'] / 1e6:.2f}M | "
-                             f"{t['trainable_params'] / 1e6:.2f}M | {speed} | {wall} | {ppl(r):.2f} |")
-            if resumed:
-                lines += ["", f"{resumed} run(s) resumed from a checkpoint: Wall s (and Train s where the checkpoint "
-                          "did not record the earlier processes' time) would cover only the last process, so it is "
-                          "left out (–)."]
-        out.append("\n".join(lines))
+        mine = [r for r in rows if r["model"] == model]
+        others = [d for d in DATASET_ORDER if d != dataset and any(d in r["metrics"]["ppl"] for r in mine)]
+        blocks = [_qat_pivot(model, mine, d) for d in [dataset, *others]]
+        out.append("\n\n".join([b for b in blocks if b] + _qat_training(mine, dataset) + model_note(model)[1:]))
     return "\n\n".join(out) + "\n"
+
+
+def _qat_cells(mrows: list[dict]) -> tuple[list[str], dict]:
+    """The quantized columns (scheme names, table order) and {(method key, column): row} of one model's rows."""
+    q = [r for r in mrows if r["spec"].get("w_bits", 16) < 16]
+    cols = sorted({_qat_scheme(r) for r in q}, key=lambda c: (QAT_SCHEME_ORDER.index(c) if c in QAT_SCHEME_ORDER
+                                                              else len(QAT_SCHEME_ORDER), c))
+    cells = {}
+    for r in q:
+        k = (_method_key(r), _qat_scheme(r))
+        if k in cells:
+            raise SystemExit(f"two rows for {r['model']} {k}: {cells[k]['run_id']} and {r['run_id']}")
+        cells[k] = r
+    return cols, cells
+
+
+def _qat_pivot(model: str, mine: list[dict], dataset: str) -> str:
+    mrows = [r for r in mine if dataset in r["metrics"]["ppl"]]
+    if not mrows:
+        return ""
+    fp = next((r for r in mrows if _method_key(r) == ("none", "none", "none")), None)
+    cols, cells = _qat_cells(mrows)
+
+    def ppl(r):
+        return r["metrics"]["ppl"][dataset]
+
+    def kld(r):
+        k = (r["metrics"].get("kld") or {}).get(dataset)
+        return f" / {k['mean']:.3f}" if k else " / –" if with_kld else ""
+
+    with_kld = any(dataset in (r["metrics"].get("kld") or {}) for r in mrows if r is not fp)
+    control = next((r for r in mrows if _method_key(r) == ("none", "none", "lora")), None)
+    # the same LoRA training without quantization is what fine-tuning alone reaches: QAT is measured against it
+    ref_name = "FP + LoRA control" if control else "FP"
+    subset = sorted({_subset(r) for r in mrows if _subset(r)})
+    what = f"{dataset} perplexity" + (" / KL divergence to FP" if with_kld else "")
+    lines = [f"**{model}** — {what} (" + (f"first {' / '.join(map(str, subset))} windows, `eval.max_windows`; "
+                                           if subset else "") +
+             f"in brackets: share of the {'perplexity ' if with_kld else ''}gap from RTN to the {ref_name} that QAT "
+             "recovers" + (", then the share of the RTN→FP gap" if control else "") +
+             f", where the RTN→FP gap is over {100 * MIN_GAP:g}% of FP; < FP: below the FP model)", "",
+             "| Method | " + " | ".join(cols) + " |", "|---|" + "|".join(["---:"] * len(cols)) + "|"]
+    if fp:
+        lines.append("| FP | " + " | ".join(f"{ppl(fp):.2f}" for _ in cols) + " |")
+
+    def mark(r):
+        return _adapted(ppl(r), ppl(fp), r) if fp and dataset == "wikitext2" else ""
+
+    if control:
+        lines.append("| FP + LoRA (control) | " + " | ".join(f"{ppl(control):.2f}{mark(control)}{kld(control)}"
+                                                            for _ in cols) + " |")
+    for mk, label in QAT_METHODS[1:]:
+        if not any((mk, c) in cells for c in cols):
+            continue
+        row = []
+        for c in cols:
+            r, rtn = cells.get((mk, c)), cells.get((("none", "rtn", "none"), c))
+            if r is None:
+                row.append("–")
+                continue
+            cell = f"{ppl(r):.2f}{mark(r)}{kld(r)}"
+            if mk[2] != "none" and fp and rtn:
+                gap = ppl(rtn) - ppl(fp)
+                if gap > MIN_GAP * ppl(fp):
+                    vs_fp = f"{100 * (ppl(rtn) - ppl(r)) / gap:.0f}%"
+                    cell += (f" ({100 * (ppl(rtn) - ppl(r)) / (ppl(rtn) - ppl(control)):.0f}% / {vs_fp} FP)" if control
+                             else f" ({vs_fp})")
+                elif ppl(r) < ppl(fp):
+                    cell += " (< FP)"
+            row.append(cell)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    if any(mark(r) for r in [*cells.values(), *([control] if control else [])]):
+        lines += ["", ADAPTED_NOTE]
+    if dataset == "wikitext2":
+        lines += _spinquant_recipe(cells, cols)
+    return "\n".join(lines)
+
+
+def _qat_training(mine: list[dict], dataset: str) -> list[str]:
+    """The training cost of every trained row: tokens, trainable parameters, time, throughput."""
+    mrows = [r for r in mine if dataset in r["metrics"]["ppl"]]
+    cols, _ = _qat_cells(mrows)
+    trained = sorted([r for r in mrows if "qat_train" in r["metrics"]],
+                     key=lambda r: (cols.index(_qat_scheme(r)) if _qat_scheme(r) in cols else -1, str(_method_key(r))))
+    if not trained:
+        return []
+    labels = dict(QAT_METHODS)
+    lines = ["| Scheme | Method | Train tokens | Trainable params | Train s | Train tok/s | Wall s | "
+             f"PPL {dataset} |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    resumed = 0
+    for r in trained:
+        t = r["metrics"]["qat_train"]
+        name = labels.get(_method_key(r)) or ("FP + LoRA fine-tune" if r["method"]["qat"] == "lora" else
+                                              "FP fine-tune" if r["method"]["qat"] == "full" else str(_method_key(r)))
+        if r["spec"].get("w_bits", 16) >= 16:
+            name += " (control)"
+        timed = _qat_train_s(t)
+        speed = f"{timed:.0f} | {t['train_tokens'] / timed:.0f}" if timed else "– | –"
+        wall = "–" if t.get("resumed_from") else f"{r['metrics']['wall_s']:.0f}"
+        resumed += bool(t.get("resumed_from"))
+        lines.append(f"| {_qat_scheme(r)} | {name} | {_count(t['train_tokens'])} | "
+                     f"{t['trainable_params'] / 1e6:.2f}M | {speed} | {wall} | {r['metrics']['ppl'][dataset]:.2f} |")
+    if resumed:
+        lines += ["", f"{resumed} run(s) resumed from a checkpoint: Wall s (and Train s where the checkpoint "
+                  "did not record the earlier processes' time) would cover only the last process, so it is "
+                  "left out (–)."]
+    return ["\n".join(lines)]
+
+
+def _count(n: int) -> str:
+    """A token count as 0.41M, or 16K below 0.1M (where two decimals of millions would read 0.02M)."""
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.0f}K"
 
 
 def _qat_train_s(t: dict) -> float | None:
