@@ -14,7 +14,11 @@ executorch`): our FP model as an FP32 XNNPACK program, and ours (RTN, GPTQ, QuaR
 QAT) at Meta's W4A8 recipe (quant=executorch_w4a8), each run in ExecuTorch's runtime with the same windows and
 measures. Rows are written one by one (atomically); a rerun skips the rows that exist.
 
-    python scripts/bench_deploy.py --model smollm2-135m --out paper/results/deploy --max-windows 16 --calib-samples 32
+    python scripts/bench_deploy.py --model smollm2-135m --out paper/results/deploy --max-windows 16 --calib-samples 32 \
+        --reduced
+
+`--reduced`: the labelled recipes of a 2-core machine, as the smollm2-135m tables use them (SpinQuant: the steps,
+batch and samples of rotation=spinquant_reduced; QAT: scripts/pending_rows.py's QAT_REDUCED); rows record them.
 
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def main(argv=None):
@@ -61,6 +66,8 @@ def main(argv=None):
     p.add_argument("--calib-samples", type=int, default=None, help="GPTQ calibration sequences (default: the config's)")
     p.add_argument("--no-kld", action="store_true", help="leave out the KL divergence to the FP model")
     p.add_argument("--only", nargs="*", default=None, help="quantizer-format labels to run (default: all)")
+    p.add_argument("--reduced", action="store_true",
+                   help="SpinQuant and QAT rows with the reduced recipes of the smollm2-135m tables (see above)")
     p.add_argument("--runtimes", nargs="*", default=["llama.cpp", "executorch", "transformers"],
                    choices=["llama.cpp", "executorch", "transformers"])
     args = p.parse_args(argv)
@@ -80,6 +87,8 @@ def main(argv=None):
                 else o) for q, fmt, o in deploy.OURS_CT]
     jobs = {"executorch": [(q, deploy.ET_FORMAT, o) for q, o in deploy.OURS_ET], "transformers": ours_ct,
             "llama.cpp": deploy.OURS}
+    if args.reduced:
+        jobs = {rt: [(q, fmt, reduced_recipe(o)) for q, fmt, o in js] for rt, js in jobs.items()}
     runtime_fallback = {"executorch": fallback["et"], "transformers": fallback["ct"], "llama.cpp": fallback["gguf"]}
 
     def compose(*overrides):
@@ -161,6 +170,20 @@ def main(argv=None):
                                      args.max_windows, None, common, reference), out_path("llama.cpp", fmt))
         measure_files("llama.cpp", lambda m, name: export_gguf(m, d / f"{name}.gguf", model_path, name=args.model),
                       deploy.deploy_row, fp_fmt="F32", fp_file=fp_file)
+
+
+def reduced_recipe(overrides: list[str]) -> list[str]:
+    """A row's overrides with SpinQuant and QAT at the reduced recipes (--reduced); other rows unchanged."""
+    from pending_rows import QAT_REDUCED
+
+    from spinquant import cli
+    out = list(overrides)
+    if any(o.startswith("rotation=spinquant") for o in out):
+        r = cli.compose("rotation=spinquant_reduced").rotation
+        out += [f"rotation.{k}={r[k]}" for k in ("steps", "batch_size", "samples")]
+    if any(o.startswith("qat=") and o != "qat=none" for o in out):
+        out = [o for o in out if not o.startswith(("qat.train.steps=", "qat.train.batch_size="))] + QAT_REDUCED
+    return out
 
 
 def write_row(row, path):

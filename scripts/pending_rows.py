@@ -27,8 +27,8 @@ SMOLLM2 = ["eval.max_windows=16", "eval.datasets=[wikitext2,python-docs]", "eval
 # SpinQuant's official 100 steps of 8 cost ~2 h per smollm2 row here: its rows use the labelled reduced recipe
 # (rotation/spinquant_reduced.yaml); QAT trains 8 steps of 4 sequences (16K tokens; one step ~60 s) at W4A8 and W4A4KV4
 SMOLLM2_ROTATIONS = "rotation=none,quarot,quarot_offline,spinquant_reduced"
-SMOLLM2_QAT = ["quant=w16a16,w4a8,w4a8_gptq,w4a4kv4,w4a4kv4_gptq", "rotation=none,spinquant_reduced",
-               "qat.train.steps=8", "qat.train.batch_size=4"]
+QAT_REDUCED = ["qat.train.steps=8", "qat.train.batch_size=4"]  # also bench_deploy.py --reduced
+SMOLLM2_QAT = ["quant=w16a16,w4a8,w4a8_gptq,w4a4kv4,w4a4kv4_gptq", "rotation=none,spinquant_reduced", *QAT_REDUCED]
 # table -> model -> the extra overrides its committed rows were run with (the sweep file's header says which)
 TABLES = {"foundation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
           "rotation": {"smollm2-135m": [*SMOLLM2, SMOLLM2_ROTATIONS], "ref-llama": [], "stories260k": []},

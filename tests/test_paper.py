@@ -277,6 +277,41 @@ def test_deploy_rows_below_the_fp_file_are_marked():
     assert ADAPTED_NOTE not in render_deploy([row("none", "F32", 100.0), row("rtn", "Q4_0", 101.0)])
 
 
+def test_deploy_rows_name_their_training_recipe_and_bench_deploy_reduced_sets_it():
+    """`bench_deploy --reduced` gives the SpinQuant rows rotation=spinquant_reduced's steps, batch and samples and the
+    QAT rows QAT_REDUCED, other rows unchanged; the deploy table names each recipe from what the rows record."""
+    import sys
+
+    from spinquant import cli, deploy
+    from spinquant.report.deploy import render_deploy
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_deploy
+    from pending_rows import QAT_REDUCED
+    r = cli.compose("rotation=spinquant_reduced").rotation
+    for q, _, o in deploy.OURS:
+        new = bench_deploy.reduced_recipe(o)
+        if q.startswith("spinquant"):
+            assert new == [*o, f"rotation.steps={r.steps}", f"rotation.batch_size={r.batch_size}",
+                           f"rotation.samples={r.samples}"]
+        elif q.startswith("qat"):
+            assert new[-len(QAT_REDUCED):] == QAT_REDUCED and "qat.train.steps=100" not in new
+        else:
+            assert new == o
+
+    def row(q, overrides=(), rot=None):
+        return {"model": "m", "runtime": "llama.cpp", "format": "Q4_0", "quantizer": q, "ppl_runtime": 30.0,
+                "ppl_framework": 30.0, "windows": 4, "seq_len": 512, "file_bytes": 1e6, "decode_tok_s": 1.0,
+                "prefill_tok_s": 1.0, "git_rev": "abc", "threads": 1, "overrides": list(overrides),
+                **({"rotation_train": rot} if rot else {})}
+    text = render_deploy([row("qat-full", ["qat=full", "qat.train.steps=8", "qat.train.batch_size=4"]),
+                          row("spinquant-offline+gptq", rot={"steps": 8, "batch_size": 4})])
+    assert "training on WikiText-2 train (8 steps of 4 sequences)" in text
+    assert "rotations learned in 8 steps of 4 sequences (**reduced recipe**" in text
+    text = render_deploy([row("qat-full", ["qat=full", "qat.train.steps=100"]),
+                          row("spinquant-offline+gptq", rot={"steps": 100, "batch_size": 8})])
+    assert "(100 steps)" in text and "100 steps of 8 sequences." in text and "reduced" not in text
+
+
 def test_deploy_table_shows_the_held_out_text_and_kld_inside_the_runtime():
     """Rows with per-dataset measures: the headline text (`dataset`) first whatever the stored key order, a PPL column
     for the held-out text, and the runtime's KLD / top-1 per text ('–' for rows without them)."""

@@ -23,6 +23,13 @@ def read_deploy_rows(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
 
 
+
+def _qat_recipe(row) -> str:
+    """'100 steps' or '8 steps of 4 sequences': a QAT row's training length, from the overrides it records."""
+    o = dict(x.split("=", 1) for x in row.get("overrides") or [] if "=" in x)
+    steps = o.get("qat.train.steps", "100")
+    return f"{steps} steps" + (f" of {o['qat.train.batch_size']} sequences" if "qat.train.batch_size" in o else "")
+
 def render_deploy(rows: list[dict]) -> str:
     out = []
     for model in models_of(rows):
@@ -74,9 +81,15 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
             cells.append(f"{k['mean']:.4f} / {100 * k['top1']:.1f}%" if k else "–")
         cells += [f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r["quantizer"].startswith("qat") for r in mrows):
-        lines += ["", "qat-*: quantization-aware training on WikiText-2 train (100 steps), i.e. also fine-tuning on "
-                      "the evaluation's domain: not comparable with the post-training rows as a quantizer."]
+    qat = sorted({_qat_recipe(r) for r in mrows if r["quantizer"].startswith("qat")})
+    if qat:
+        lines += ["", f"qat-*: quantization-aware training on WikiText-2 train ({' / '.join(qat)}), i.e. also "
+                      "fine-tuning on the evaluation's domain: not comparable with the post-training rows as a quantizer."]
+    learned = sorted({(t["steps"], t["batch_size"]) for r in mrows for t in [r.get("rotation_train") or {}] if "steps" in t})
+    if learned:
+        lines += ["", "spinquant-*: rotations learned in " + " / ".join(
+            f"{s} steps of {b} sequences" + ("" if (s, b) == (100, 8) else " (**reduced recipe**; the official: 100 of 8)")
+            for s, b in learned) + "."]
     if adapted:
         lines += ["", ADAPTED_NOTE]
     calib = sorted({r["calib_samples"] for r in mrows if r.get("calib_samples")})
