@@ -33,7 +33,10 @@ SMOLLM2_QAT = ["quant=w16a16,w4a8,w4a8_gptq,w4a4kv4,w4a4kv4_gptq", "rotation=non
 TABLES = {"foundation": {"smollm2-135m": SMOLLM2, "ref-llama": [], "stories260k": ["quant.group_fallback=channel"]},
           "rotation": {"smollm2-135m": [*SMOLLM2, SMOLLM2_ROTATIONS], "ref-llama": [], "stories260k": []},
           "qat": {"smollm2-135m": [*SMOLLM2, *SMOLLM2_QAT], "ref-llama": []},
-          "spinquant_study": {"stories260k": []}}
+          "spinquant_study": {"stories260k": []},
+          # lm-eval's document-level rolling loglikelihood reads whole WikiText-2 articles (~3.6K tokens each): 8 of
+          # the 62 on smollm2-135m
+          "lm_eval": {"smollm2-135m": [*SMOLLM2, "eval.lm_eval.limit=8"], "ref-llama": []}}
 WHY = ("Jobs of a committed table's sweep that have no committed row yet (new configurations such as W4A8-mixed, or "
        "rows removed to be regenerated), by table and model; `spinquant sweep +experiment=<table> results_dir="
        "paper/results` from a clean checkout computes exactly these.")

@@ -52,8 +52,6 @@ def commands(table: str, results: Path, checkpoints: Path) -> list[list[str]]:
     if table == "spinquant_study":  # on ref-llama only the setting the stories260K grid chose
         out.append(RUN + ["-m", "+experiment=spinquant_study", "model=ref-llama", "rotation=spinquant", "rotation.lr=0.5",
                           "rotation.steps=100", "rotation.batch_size=8", *common])
-    if table == "lm_eval":
-        out.append(RUN + ["-m", "+experiment=lm_eval", *common])
     if out:
         return out
     if table == "deploy":

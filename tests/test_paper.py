@@ -122,6 +122,10 @@ def test_rows_below_fp_after_reading_the_calibration_text_are_marked_and_kld_has
     assert cells["W8A16"][6:8] == ["0.0123 / 90.0%", "0.0246 / 80.0%"] and cells["W4A16"][6] == "–"
     assert make_tables.ADAPTED_NOTE in text and "KLD / top-1 wikitext2" in text
     assert make_tables.ADAPTED_NOTE not in make_tables.render([fp, rtn])
+    limited = {**rtn, "metrics": {**rtn["metrics"], "lm_eval": {"t": {"word_perplexity": 50.0}}},
+               "config": {"eval": {"lm_eval": {"limit": 8}}}}
+    assert "first 8 documents or examples of each (`eval.lm_eval.limit`)" in make_tables.render([fp, limited])
+    assert "eval.lm_eval.limit" not in text
     rot = make_tables.render_rotation([fp, row("W4A16", 4, 98.0, rot="spinquant"), row("W4A16", 4, 98.5, rot="quarot"),
                                        row("W4A16", 4, 103.0)])
     assert "| SpinQuant-RTN | 98.00‡ |" in rot and "| QuaRot-RTN | 98.50 |" in rot and "| RTN | 103.00 |" in rot

@@ -225,6 +225,12 @@ def render(rows: list[dict]) -> str:
         if subsets:
             lines += ["", f"† evaluated on only the first {' / '.join(map(str, subsets))} windows of each dataset "
                           f"(`eval.max_windows`), not the whole test set: not comparable with full-set numbers."]
+        limits = sorted({lim for r in mrows if r["metrics"].get("lm_eval")
+                         for lim in [(((r.get("config") or {}).get("eval") or {}).get("lm_eval") or {}).get("limit")]
+                         if lim is not None})
+        if limits:
+            lines += ["", f"lm-eval tasks on only the first {' / '.join(map(str, limits))} documents or examples of each "
+                          "(`eval.lm_eval.limit`): not comparable with whole-task numbers."]
         if adapted:
             lines += ["", ADAPTED_NOTE]
         if kld_ds:
