@@ -133,6 +133,14 @@ def write_file(path, writer: str, recognise: Callable[[Path], bool] | None = Non
             os.remove(tmp)
 
 
+def write_text(path, text: str, what: str = "generated document") -> Path:
+    """Replace the text file `path` atomically (tables, LaTeX, README splices: documents regenerated from the rows,
+    so replacing them is their purpose); a failure leaves the old file whole and no temporary behind."""
+    with write_file(path, "spinquant", overwrite=True, what=what) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def write_dir(path, writer: str, overwrite: bool = False, what: str = "output folder") -> Iterator[Path]:
     """Yield a temporary folder beside `path`; when the block succeeds its files become the output (see the module

@@ -318,7 +318,7 @@ def test_committed_qat_table_is_rendered_from_the_committed_rows():
     readme = (ROOT / "README.md").read_text()
     assert readme.split("<!-- BEGIN qat_table -->\n", 1)[1].split("<!-- END qat_table -->", 1)[0] == text
     ppl = {(r["scheme"], r["method"]["rotation"], r["method"]["qat"], r["method"]["weights"]): r["metrics"]["ppl"]["wikitext2"]
-           for r in rows}
+           for r in rows if r["model"] == "ref-llama"}  # the acceptance was set on the reference model's 100-step recipe
     fp, rtn, lora = ppl[("W16A16", "none", "none", "none")], ppl[("W4A4KV4", "none", "none", "rtn")], \
         ppl[("W4A4KV4", "none", "lora", "rtn")]
     assert (rtn - lora) / (rtn - fp) >= 0.70  # the acceptance: QAT+LoRA recovers >= 70 % of the RTN gap

@@ -204,3 +204,26 @@ def test_an_unwritable_export_target_is_named_as_such_not_as_a_results_folder():
     from spinquant import cli
     with pytest.raises(OutputPathError, match=r"cannot write GGUF file /proc/m.gguf: /proc is not writable"):
         cli.main(["export", "/proc/m.gguf", "--format", "gguf", "model=stories260k", "quant=gguf_q4_0"])
+
+
+def test_generated_tables_replace_their_file_atomically(tmp_path, monkeypatch):
+    """`spinquant tables --out/--latex/--splice` and `spinquant paper` write through writes.write_text: the new text
+    replaces the old whole; a failure before the rename leaves the old text and no temporary; a folder is refused."""
+    from spinquant import writes
+    from spinquant.report import tables
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- BEGIN t -->\nold\n<!-- END t -->\ntail\n")
+    tables.splice(doc, "t", "new\n")
+    assert doc.read_text() == "intro\n<!-- BEGIN t -->\nnew\n<!-- END t -->\ntail\n"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(writes.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        tables.splice(doc, "t", "newer\n")
+    assert doc.read_text() == "intro\n<!-- BEGIN t -->\nnew\n<!-- END t -->\ntail\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+    monkeypatch.undo()
+    (tmp_path / "table.md").mkdir()
+    with pytest.raises(writes.OutputPathError, match="existing folder"):
+        writes.write_text(tmp_path / "table.md", "x")

@@ -15,6 +15,7 @@ from ..data import calibration_batch
 from ..eval.activations import activation_stats
 from ..models import load
 from ..results import revision_for
+from ..writes import write_text
 
 
 def markdown(model_name: str, stats: list[dict], git_rev: str | None = None) -> str:
@@ -44,9 +45,8 @@ def main():
     text = markdown(args.model, stats, rev)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
-                                        "seed": args.seed, "git_rev": rev, "stats": stats}, indent=2))
+        write_text(args.out, json.dumps({"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
+                                         "seed": args.seed, "git_rev": rev, "stats": stats}, indent=2), "statistics (--out)")
     if args.md:
-        args.md.write_text(text)
+        write_text(args.md, text, "statistics table (--md)")
 

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..writes import write_text
 from .tables import splice
 
 
@@ -114,7 +115,7 @@ def main(argv=None):
     text = render(*(json.loads(f.read_text()) if f else None for f in (args.e2e, args.kernels)))
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_text(args.out, text, "benchmark table (--out)")
     for target in args.splice:
         splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..results import conflicting_rows, read_rows
+from ..writes import write_text
 from . import activation_stats, deploy
 from . import bench as bench_table
 from . import plots as plot_pareto
@@ -36,8 +37,7 @@ def build(out: Path, src: Path) -> list[Path]:
     written = []
 
     def write(rel: str, text: str):
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_text(text)
+        write_text(out / rel, text)
         written.append(Path(rel))
 
     # read (and validate) every row before writing anything: a malformed row stops the build with its file

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..eval.paired import paired_diff, same_windows, window_se
 from ..results import read_rows
+from ..writes import write_text
 
 DATASET_ORDER = ["wikitext2", "wikitext2-tok", "python-docs", "ptb"]
 MODEL_ORDER = ["smollm2-135m", "ref-llama", "stories260k"]  # the real pretrained model first, then the two toys
@@ -640,11 +641,9 @@ def main(argv=None):
         raise SystemExit(f"no results rows under {args.paths}")
     text = render_layout(rows, args.layout, args.dataset)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_text(args.out, text, "table (--out)")
     if args.latex:
-        args.latex.parent.mkdir(parents=True, exist_ok=True)
-        args.latex.write_text(to_latex(text))
+        write_text(args.latex, to_latex(text), "LaTeX table (--latex)")
     for target in args.splice:
         splice(Path(target.rsplit(":", 1)[0]), target.rsplit(":", 1)[1], text)
     print(text)
@@ -657,5 +656,5 @@ def splice(path: Path, marker: str, text: str) -> None:
     if begin not in doc or end not in doc:
         raise SystemExit(f"{path} has no {begin} ... {end} block to splice the table into")
     head, rest = doc.split(begin, 1)
-    path.write_text(head + begin + "\n" + text + end + rest.split(end, 1)[1])
+    write_text(path, head + begin + "\n" + text + end + rest.split(end, 1)[1])
 
