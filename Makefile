@@ -40,7 +40,7 @@ test-latest:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline .venv-latest/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check spinquant qat experiments scripts tests examples
+	$(BIN)/ruff check spinquant experiments scripts tests examples
 
 # Regenerate every table and figure in paper/ (and the tables spliced into README.md) from the committed rows.
 paper: $(STAMP)

@@ -27,9 +27,9 @@ MODES = ("finetune", "qat_full", "qat_lora")
 def worker(args) -> dict:
     import psutil
 
-    from qat import QATConfig, TrainConfig, prepare, train
     from spinquant.data import tokenize_dataset
     from spinquant.models import get_adapter, load
+    from spinquant.qat import QATConfig, TrainConfig, prepare, train
     from spinquant.quant import QuantConfig
     torch.manual_seed(0)
     model, tok = load(args.model)

@@ -22,7 +22,7 @@ from .kernels import PackedEmbedding, PackedLinear, pack
 from .kernels.linear import holds_int4, holds_int8, int4_offset, load_kernel
 from .models.adapter import get_adapter
 from .models.attention import use_spinquant_attention
-from .quant.apply import _set
+from .quant.apply import set_module
 from .quant.linear import KVQuantizer, QuantLinear
 from .quant.spec import QuantSpec
 from .rotation.online import OnlineHadamard
@@ -322,7 +322,7 @@ def _linear_from(tensors, name, d, where) -> PackedLinear:
     m = PackedLinear.from_export(t, K, N, w_spec, act_spec, load_kernel(kernel, w_spec, act_spec))
     m.input_transform = _hadamard_from(d.get("input_transform"))
     if d.get("adapter"):
-        from qat.lora import LoRA
+        from .qat.lora import LoRA
         ad = d["adapter"]
         lora = LoRA(ad["in"], ad["out"], ad["rank"], alpha=ad["scaling"] * ad["rank"], pool_group=ad["pool_group"])
         a_in = ad["in"] // ad["pool_group"] if ad["pool_group"] else ad["in"]
@@ -378,7 +378,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     check_meta(meta, model, path / META)
     for name, d in mods.items():  # linears first: a shared embedding reads the lm_head's table
         if d["kind"] == "linear":
-            _set(model, name, _linear_from(tensors, name, d, where))
+            set_module(model, name, _linear_from(tensors, name, d, where))
             _trim()
     for name, d in mods.items():
         if d["kind"] != "embedding":
@@ -392,7 +392,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         zero = None if spec.symmetric else _take(tensors, f"{name}.zero", (d["num"],), where)
         if codes.dtype != torch.int8:
             raise ExportFormatError(f"{where}: {name}.codes has dtype {codes.dtype}, expected int8")
-        _set(model, name, PackedEmbedding(codes, scale, zero, spec, dtype))
+        set_module(model, name, PackedEmbedding(codes, scale, zero, spec, dtype))
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in tensors
                and not _is_tied_copy(model, k)]
     if missing:
@@ -405,7 +405,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         if d["kind"] == "fp_linear":
             ql = QuantLinear.from_linear(model.get_submodule(name), None, _spec(d.get("act_spec")))
             ql.input_transform = _hadamard_from(d.get("input_transform"))
-            _set(model, name, ql)
+            set_module(model, name, ql)
     a = get_adapter(model)
     for i, layer in enumerate(a.decoder_layers(model)):
         d = meta["attention"].get(str(i), {})
@@ -517,7 +517,7 @@ def _rebuild_meta_buffers(model) -> None:
             if "Rotary" not in type(m).__name__:
                 bad = [n for n, b in m.named_buffers(recurse=False) if b.is_meta]
                 raise ExportFormatError(f"module {name!r} has buffers {bad} that are neither saved nor rebuildable")
-            _set(model, name, type(m)(config=model.config))
+            set_module(model, name, type(m)(config=model.config))
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ExportFormatError(f"parameters not found in the saved file: {left[:5]}")

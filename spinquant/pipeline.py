@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rotation, tracking
+from . import qat, rotation, tracking
 from .data import calibration_batch, dataset_path, tokenize_dataset
 from .eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk
 from .models import load
@@ -109,7 +109,6 @@ class QATRunConfig:
     train: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        import qat
         if self.name not in qat.METHODS:
             raise ValueError(f"unknown qat method {self.name!r}; available: {', '.join(qat.METHODS)}")
         from_fields(qat.TrainConfig, {**self.train, "seq_len": 1}, "qat.train")
@@ -497,7 +496,6 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     if cfg.qat.name == "none":
         quantize_(model, qcfg, calib, progress=cfg.progress)
     else:  # QAT starts from the (rotated) FP model: prepare -> train -> convert; checkpoints beside the row
-        import qat
         config = cfg.to_dict()
         tokens = tokenize_dataset(tok, cfg.qat.data, cfg.data.root, add_bos=False)[0]
         qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,

@@ -61,7 +61,7 @@ def test_saved_file_is_small_and_holds_4bit_codes(tmp_path):
 
 
 def test_lora_adapter_kept_beside_the_base_survives(tmp_path):
-    import qat
+    from spinquant import qat
     model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
     q = QuantConfig.from_dict({"scheme": "W4A8"})
     qat.prepare(model, q, qat.QATConfig(mode="lora", lora_rank=4))

@@ -116,7 +116,7 @@ def test_kernel_choice():
 
 
 def test_online_hadamard_and_adapter_run_in_the_packed_forward():
-    from qat.lora import LoRA
+    from spinquant.qat.lora import LoRA
     ql = _quant_linear(64, 128, W4G32, A8)
     ql.input_transform = OnlineHadamard(128)
     ql.adapter = LoRA(128, 64, rank=4, alpha=8.0)

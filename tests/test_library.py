@@ -146,6 +146,10 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                     str(dist), str(ROOT)], check=True, env=ENV, capture_output=True)
     wheel = next(dist.glob("spinquant-*.whl"))
+    import zipfile
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert "spinquant/qat/loop.py" in zipfile.ZipFile(wheel).namelist()
+    assert "qat" not in tops, tops  # QAT lives in spinquant.qat: the wheel claims no global `qat` import name
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     site = next(env_dir.glob("lib/python*/site-packages"))
@@ -210,3 +214,19 @@ def test_a_missing_runtime_fails_under_ci_and_skips_elsewhere(monkeypatch):
     with pytest.raises(pytest.skip.Exception):
         require("no_such_runtime_xyz")
     assert require("json").dumps([]) == "[]"
+
+
+def test_qat_uses_only_public_names_of_the_core():
+    """spinquant.qat imports the quantizer math and module swapping from spinquant.quant / models through public
+    names only (no `_private` helper), so the core can change its internals without breaking QAT."""
+    import ast
+    private = []
+    for f in (ROOT / "spinquant" / "qat").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 or (isinstance(node, ast.ImportFrom) and
+                                                                       (node.module or "").startswith("spinquant")):
+                private += [f"{f.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private
+    import spinquant.qat as qat
+    from spinquant import pipeline
+    assert pipeline.qat is qat and {"full", "lora"} <= set(qat.METHODS)

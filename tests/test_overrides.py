@@ -99,7 +99,7 @@ def test_gptq_honours_overrides():
 
 
 def test_qat_prepare_honours_overrides():
-    import qat
+    from spinquant import qat
     model = make_tiny(layers=2)
     qat.prepare(model, QuantConfig.from_dict({"scheme": "W4A8", "overrides": [DOWN8, SKIP0]}))
     fq = {n: m for n, m in model.named_modules() if isinstance(m, qat.FakeQuantLinear)}

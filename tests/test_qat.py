@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from qat.fake_quant import FakeQuantLinear, QATConfig, convert, prepare
-from qat.lora import LoRA
+from spinquant.qat.fake_quant import FakeQuantLinear, QATConfig, convert, prepare
+from spinquant.qat.lora import LoRA
 from spinquant.quant import QuantConfig, QuantSpec
 
 
@@ -159,8 +159,7 @@ def test_bad_qat_input_is_a_clear_error():
 
 
 def test_qat_refuses_a_spec_other_than_the_loaded_rotations(tmp_path):
-    import qat
-    from spinquant import rotation
+    from spinquant import qat, rotation
     cfg = {"name": "spinquant", "steps": 1, "batch_size": 1, "heldout": 1, "progress": False, "train_quant": "auto",
            "save": str(tmp_path / "r.pt")}
     rotation.apply(make_tiny("llama", hidden=48), cfg, torch.randint(0, 128, (2, 16)),

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import make_tiny, run_distributed
 
-from qat.fake_quant import QATConfig, prepare
-from qat.loop import TrainConfig, train
+from spinquant.qat.fake_quant import QATConfig, prepare
+from spinquant.qat.loop import TrainConfig, train
 from spinquant.quant import QuantConfig
 
 TOKENS = torch.randint(0, 128, (4000,), generator=torch.Generator().manual_seed(0))
@@ -28,7 +28,7 @@ def _trainable(model):
 
 
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, monkeypatch):
-    import qat.loop as qt
+    import spinquant.qat.loop as qt
     full, st_full = train(_model(), TOKENS, _cfg(out_dir=str(tmp_path / "a")))
     assert st_full["resumed_from"] == 0 and st_full["prior_train_s"] == 0.0
     real = qt.batch_for_step

@@ -186,7 +186,7 @@ def test_qat_lora_run_writes_its_training_stats_and_beats_nothing_silently(tmp_p
     full = run_mod.run_hydra(_cfg(tmp_path, *common, "qat=full"))
     assert full["metrics"]["qat_train"]["trainable_params"] > 100_000
     with pytest.raises(ValueError, match="unknown qat method"):
-        import qat
+        from spinquant import qat
         qat.run(None, {"name": "qlora"}, None, None)
 
 

@@ -10,7 +10,7 @@ import os
 import torch
 import torch.nn as nn
 
-from ..quant.apply import _set
+from ..quant.apply import set_module
 from ..quant.linear import QuantEmbedding, QuantLinear
 from . import layouts  # noqa: F401  (registers the packed layouts)
 from .kv_cache import PackedKVLayer, cache_nbytes, packed_kv_cache
@@ -45,9 +45,9 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
     from tqdm.auto import tqdm
     for name, m in tqdm(targets, desc="pack", disable=not progress):
         if isinstance(m, QuantEmbedding):
-            _set(model, name, PackedEmbedding.from_quant_embedding(m, dtype))
+            set_module(model, name, PackedEmbedding.from_quant_embedding(m, dtype))
         elif m.qweight is not None:
-            _set(model, name, PackedLinear.from_quant_linear(m, backend=backend))
+            set_module(model, name, PackedLinear.from_quant_linear(m, backend=backend))
     share_tied_table(model)
     model.packed_dtype = dtype
     return model

@@ -27,7 +27,7 @@ from .spec import QuantSpec
 SEQUENTIAL_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
-def _set(parent: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(parent: nn.Module, path: str, module: nn.Module) -> None:
     head, _, leaf = path.rpartition(".")
     setattr(parent.get_submodule(head) if head else parent, leaf, module)
 
@@ -63,7 +63,7 @@ def _check_widths(widths: dict[str, int], head_dim: int, hidden: int, config: Qu
         getattr(config, name).check_shape(hidden, name)
 
 
-def _check_shapes(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
+def check_shapes(model, adapter: FamilyAdapter, config: QuantConfig) -> None:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         widths = {role: lin.in_features for role, lin in adapter.layer_linears(layer).items()}
         _check_widths(widths, adapter.head_dim(model), model.config.hidden_size, config, f"layer {i} ")
@@ -146,7 +146,7 @@ def _quantize_weights_calibrated(model, adapter, config, calib, batch_size, prog
                 w_spec, act = specs[li][role]
                 qw = wq.fn(lin.weight.data.float(), w_spec, hessian=accs[role].hessian(),
                            **config.method_options) if w_spec.enabled else None
-                _set(layer, paths[role], QuantLinear.from_linear(lin, qw, act if act_on and act.enabled else None))
+                set_module(layer, paths[role], QuantLinear.from_linear(lin, qw, act if act_on and act.enabled else None))
         inputs = [(layer(hidden, **kw), kw) for hidden, kw in inputs]
 
 
@@ -197,7 +197,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
         raise TypeError(f"quantize_ takes a QuantConfig (e.g. QuantConfig(scheme='W4A8')), got {type(config).__name__}")
     adapter = get_adapter(model)
     check_not_quantized(model, adapter)
-    _check_shapes(model, adapter, config)
+    check_shapes(model, adapter, config)
     check_finite_weights(model, "quantization")
     specs = linear_specs(model, config, filter_fn)
     wq = get_weight_quantizer(config.method)
@@ -215,7 +215,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
                 lin = layer.get_submodule(path)
                 spec = specs[i][role][0]
                 qw = wq.fn(lin.weight.data.float(), spec, **config.method_options) if spec.enabled else None
-                _set(layer, path, QuantLinear.from_linear(lin, qw))
+                set_module(layer, path, QuantLinear.from_linear(lin, qw))
 
     for i, layer in enumerate(layers):  # activation and KV quantizers
         for role, path in adapter.linear_names().items():
@@ -224,12 +224,12 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
         attn = adapter.attention(layer)
         attn.kv_quantizer = KVQuantizer(config.kv, config.kv) if config.kv.enabled else None
 
-    _quantize_embeddings(model, adapter, config, filter_fn)
+    quantize_embeddings(model, adapter, config, filter_fn)
     model.quant_config = config
     return model
 
 
-def _quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig, filter_fn=None) -> None:
+def quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig, filter_fn=None) -> None:
     """Embedding / lm_head at 8-bit (or whatever the config says); unties them if only one is quantized."""
     if filter_fn is not None and config.lm_head.enabled and not filter_fn(adapter.head(model), adapter.lm_head):
         config = replace(config, lm_head=FP, lm_head_act=FP)
@@ -242,8 +242,8 @@ def _quantize_embeddings(model, adapter: FamilyAdapter, config: QuantConfig, fil
     if config.embed.enabled:
         emb = adapter.embedding(model)
         qw = rtn(emb.weight.data.float(), config.embed)
-        _set(model, adapter.embed, QuantEmbedding(qw, emb.padding_idx))
+        set_module(model, adapter.embed, QuantEmbedding(qw, emb.padding_idx))
     if config.lm_head.enabled:
         head = adapter.head(model)
         qw = rtn(head.weight.data.float(), config.lm_head)
-        _set(model, adapter.lm_head, QuantLinear.from_linear(head, qw, config.lm_head_act))
+        set_module(model, adapter.lm_head, QuantLinear.from_linear(head, qw, config.lm_head_act))

@@ -12,7 +12,7 @@ import torch
 from .spec import QuantSpec
 
 
-def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """[..., n] -> [..., n_groups, g] according to the granularity (tensor: one group of everything)."""
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
@@ -74,7 +74,7 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 80, mse_mi
     the one with the smallest sum |fq(x)-x|^mse_norm (ratio 1 is always a candidate, so never worse).
     """
     with torch.no_grad():
-        xg = _group_view(x, spec).float()
+        xg = group_view(x, spec).float()
         xmin, xmax = _minmax(xg, spec.clip_ratio)
         scale, zero = qparams_from_range(xmin, xmax, spec)
         if spec.clip_search == "mse":
@@ -93,14 +93,14 @@ def compute_qparams(x: torch.Tensor, spec: QuantSpec, mse_grid: int = 80, mse_mi
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes (int8 storage, values in [qmin, qmax]) with x's shape."""
-    xg = _group_view(x, spec).float()
+    xg = group_view(x, spec).float()
     q = torch.clamp(torch.round(xg / scale) + zero, spec.qmin, spec.qmax)
     return q.to(torch.int8 if spec.qmax <= 127 else torch.int16).reshape(x.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    qg = _group_view(q, spec).float()
+    qg = group_view(q, spec).float()
     return ((qg - zero) * scale).reshape(q.shape).to(dtype)
 
 
@@ -111,7 +111,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):
         scale, zero = compute_qparams(x.detach(), spec)
-        xg = _group_view(x, spec).float()
+        xg = group_view(x, spec).float()
         v = torch.round(xg / scale) + zero
         inside = (v >= spec.qmin) & (v <= spec.qmax)
         ctx.save_for_backward(inside.reshape(x.shape))

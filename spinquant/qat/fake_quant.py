@@ -10,15 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from spinquant.models.adapter import get_adapter
-from spinquant.models.attention import use_spinquant_attention
-from spinquant.quant.apply import _check_shapes, _quantize_embeddings, _set, linear_specs
-from spinquant.quant.linear import KVQuantizer, QuantLinear
-from spinquant.quant.quantizer import _group_view, compute_qparams, fake_quant_grouped, fake_quantize, quantize
-from spinquant.quant.registry import QuantizedWeight
-from spinquant.quant.schemes import QuantConfig
-from spinquant.quant.spec import QuantSpec
-
+from ..models.adapter import get_adapter
+from ..models.attention import use_spinquant_attention
+from ..quant.apply import check_shapes, linear_specs, quantize_embeddings, set_module
+from ..quant.linear import KVQuantizer, QuantLinear
+from ..quant.quantizer import compute_qparams, fake_quant_grouped, fake_quantize, group_view, quantize
+from ..quant.registry import QuantizedWeight
+from ..quant.schemes import QuantConfig
+from ..quant.spec import QuantSpec
 from .lora import LoRA
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -92,7 +91,7 @@ class FakeQuantLinear(nn.Module):
         s = self.scale
         if s.requires_grad:
             s = _grad_scale(s, 1.0 / math.sqrt(self.weight.numel() * self.w_spec.qmax))
-        wg = _group_view(self.weight, self.w_spec)
+        wg = group_view(self.weight, self.w_spec)
         return fake_quant_grouped(wg, s, self.zero, self.w_spec.qmin, self.w_spec.qmax).reshape(self.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +115,7 @@ def prepare(model: nn.Module, quant: QuantConfig, cfg: QATConfig | None = None) 
     """
     cfg = cfg or QATConfig()
     a = get_adapter(model)
-    _check_shapes(model, a, quant)
+    check_shapes(model, a, quant)
     use_spinquant_attention(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -133,9 +132,9 @@ def prepare(model: nn.Module, quant: QuantConfig, cfg: QATConfig | None = None) 
                     pool = w_spec.group_size if w_spec.granularity == "group" else lin.in_features
                 fq.lora = LoRA(lin.in_features, lin.out_features, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                pool, name=f"layer {i} {role}_proj").to(lin.weight.device)
-            _set(layer, path, fq.to(lin.weight.device))
+            set_module(layer, path, fq.to(lin.weight.device))
         a.attention(layer).kv_quantizer = KVQuantizer(quant.kv, quant.kv) if quant.kv.enabled else None
-    _quantize_embeddings(model, a, quant)
+    quantize_embeddings(model, a, quant)
     model.quant_config = quant
     model.qat_config = cfg
     return model
@@ -178,5 +177,5 @@ def convert(model: nn.Module, merge: bool = False) -> nn.Module:
             ql.adapter = adapter
             if adapter is not None:
                 adapter.requires_grad_(False)
-            _set(layer, path, ql)
+            set_module(layer, path, ql)
     return model

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from spinquant.eval.memory import PeakMemory
-from spinquant.tracking import wandb_settings
+from ..eval.memory import PeakMemory
+from ..tracking import wandb_settings
 
 
 @dataclass
