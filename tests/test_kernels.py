@@ -224,6 +224,35 @@ def test_rotated_key_cache_decode_equals_full_forward():
     assert _rel(got, want) < 1e-5
 
 
+def test_r3_is_applied_once_even_when_the_cache_hands_the_attention_a_copy(monkeypatch):
+    """The cache says explicitly that its K/V are rotated (its layer's `applies_attention_hooks`, read per call from
+    the cache the decoder layer passes), not through a mark on the key tensor: K/V copied between the cache and the
+    attention (the mark lost) still match the full forward, while a second R3 (what the mark alone allowed) does not.
+    Where the attention is not told of the cache (a transformers rename of its argument) a marked K/V is an error."""
+    from spinquant import rotation
+    from spinquant.kernels import kv_cache
+    from spinquant.models import attention
+    model = make_tiny("llama", hidden=64, intermediate=128, vocab=128)
+    rotation.apply(model, {"name": "quarot", "seed": 0})
+    ids = torch.randint(0, 128, (1, 20))
+    update = kv_cache._OwnedLayer.update
+
+    def copied(self, k, v, *a, **kw):  # what a transformers change copying K/V on the way would do
+        keys, values = update(self, k, v, *a, **kw)
+        return keys.clone(), values.clone()
+    monkeypatch.setattr(kv_cache._OwnedLayer, "update", copied)
+    got, want, _ = _decode_vs_full(model, ids, prefill=12)
+    assert _rel(got, want) < 1e-5
+    monkeypatch.setattr(kv_cache._OwnedLayer, "applies_attention_hooks", False)  # the attention rotates again
+    twice, _, _ = _decode_vs_full(model, ids, prefill=12)
+    assert _rel(twice, want) > 1e-2
+    monkeypatch.setattr(kv_cache._OwnedLayer, "update", update)
+    monkeypatch.setattr(kv_cache._OwnedLayer, "applies_attention_hooks", True)
+    monkeypatch.setattr(attention, "CACHE_ARGS", ("no_such_argument",))
+    with pytest.raises(RuntimeError, match="would undo R3"):
+        _decode_vs_full(model, ids, prefill=12)
+
+
 def test_activation_codes_follow_an_input_changed_in_place_under_inference_mode():
     """The reproduction of the stale-code bug: a packed linear called twice on one tensor changed in place between
     the calls (inference-mode tensors have no version counter) must see the new values. No codes are cached

@@ -15,11 +15,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..models.adapter import get_adapter
+from ..models.attention import KV_MARK
 from ..quant.quantizer import compute_qparams
 from ..quant.spec import QuantSpec
 from .cpu import pack_nibbles_raw, unpack_nibbles_raw
-
-DONE = "_spinquant_kv_done"  # attribute set on K/V tensors returned by a packed cache
 
 
 def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -70,6 +69,7 @@ class _OwnedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    applies_attention_hooks = True  # K/V leave `update` transformed (R3) and quantized: spinquant_attention skips both
 
     def __init__(self):
         super().__init__()
@@ -83,8 +83,8 @@ class _OwnedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self._store(key_states, value_states)
-        setattr(keys, DONE, True)
-        setattr(values, DONE, True)
+        setattr(keys, KV_MARK, True)
+        setattr(values, KV_MARK, True)
         self._len = keys.shape[-2]
         return keys, values
 
