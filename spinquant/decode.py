@@ -30,6 +30,7 @@ from .kernels.fuse import fuse_linears
 from .kernels.kv_cache import StaticKV, StaticPackedKV
 from .kernels.linear import apply_transform
 from .models.adapter import get_adapter
+from .models.state import state_of
 
 
 class _Layer:
@@ -112,7 +113,7 @@ class LeanDecoder:
                 raise ValueError(f"max_len {max_len} exceeds the model's sliding attention window ({window}); the lean "
                                  f"decoder attends to the whole cache")
             self.layers.append(_Layer(layer, a, fuse))
-        self.dtype = getattr(model, "packed_dtype", None) or next(p.dtype for p in model.parameters()
+        self.dtype = state_of(model).packed_dtype or next(p.dtype for p in model.parameters()
                                                                   if p.is_floating_point())
         # RoPE (cos, sin) of every position, as the model computes them (float32, then its dtype); sin with the
         # sign of rotate_half folded in, so that rotating is x·cos + roll(x)·sin

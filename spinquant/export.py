@@ -22,6 +22,7 @@ from .kernels import PackedEmbedding, PackedLinear, pack
 from .kernels.linear import holds_int4, holds_int8, int4_offset, load_kernel
 from .models.adapter import get_adapter
 from .models.attention import use_spinquant_attention
+from .models.state import state_of
 from .quant.apply import set_module
 from .quant.linear import KVQuantizer, QuantLinear
 from .quant.spec import QuantSpec
@@ -139,12 +140,13 @@ def _write(model: nn.Module, tmp: Path, tokenizer) -> None:
             continue
         seen[v.data_ptr()] = k
         tensors[k] = v.detach().contiguous()
-    qc = getattr(model, "quant_config", None)
+    st = state_of(model)
+    qc = st.quant
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "dtype": str(getattr(model, "packed_dtype", torch.bfloat16)).replace("torch.", ""),
+            "dtype": str(st.packed_dtype or torch.bfloat16).replace("torch.", ""),
             "model_config": model.config.to_dict(), "quant_config": qc.to_dict() if qc is not None else None,
             "modules": modules, "attention": attention,
-            "rotation": state.to_dict() if (state := getattr(model, "rotation_state", None)) is not None else None}
+            "rotation": st.rotation.to_dict() if st.rotation is not None else None}
     meta = json.loads(json.dumps(meta, default=str))  # as it will read back
     meta["checksums"] = {"tensors": {k: tensor_sha256(v) for k, v in tensors.items()}, "meta": meta_sha256(meta)}
     save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -415,14 +417,14 @@ def load(path: str | os.PathLike, device: str = "cpu"):
         if d.get("kv"):
             attn.kv_quantizer = KVQuantizer(QuantSpec.from_dict(d["kv"]["k"]), QuantSpec.from_dict(d["kv"]["v"]))
     use_spinquant_attention(model)
-    model.packed_dtype = dtype
-    model.spinquant_meta = meta
+    st = state_of(model)
+    st.packed_dtype = dtype
     if meta.get("rotation"):
         from .rotation import RotationState
-        model.rotation_state = RotationState(**meta["rotation"])
+        st.rotation = RotationState(**meta["rotation"])
     if meta.get("quant_config"):
         from .quant.schemes import QuantConfig
-        model.quant_config = QuantConfig.from_dict({k: v for k, v in meta["quant_config"].items()})
+        st.quant = QuantConfig.from_dict({k: v for k, v in meta["quant_config"].items()})
     if not meta_unchanged:
         raise ExportFormatError(f"{path / META} was changed after it was saved (its checksum does not match): an "
                                 f"edited spec, rotation or config would change the computation or silently fail to; "

@@ -29,6 +29,7 @@ from .data import calibration_batch, dataset_path, tokenize_dataset
 from .eval import PeakMemory, fp16_size_bits, perplexity, size_bits, size_on_disk
 from .models import load
 from .models.load import check_device, load_config, load_tokenizer
+from .models.state import state_of
 from .quant import QuantConfig, get_weight_quantizer, quantize_
 from .quant.apply import check_config_shapes
 from .results import revision_for, row_path, write_row
@@ -465,7 +466,8 @@ def rotation_label(rot) -> str:
 def rotation_train_metrics(model) -> dict:
     """{"rotation_train": stats} for a model whose rotation was learned (held-back objective before/after, losses),
     else {}: what a row records about the rotation training behind it."""
-    stats = model.rotation_state.stats
+    rot = state_of(model).rotation
+    stats = rot.stats if rot is not None else {}
     return {"rotation_train": stats} if stats else {}
 
 

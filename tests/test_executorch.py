@@ -97,7 +97,7 @@ def exported(request, tmp_path_factory):
         calib = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
         rotation.apply(model, {"name": "spinquant", "r3": False, "steps": 3, "batch_size": 2, "heldout": 2,
                                "progress": False}, calib, target=QuantConfig(scheme="ExecuTorch-W4A8"))
-        st = model.rotation_state.stats
+        st = model.spinquant.rotation.stats
         assert st["losses"][0] != st["losses"][-1]  # the rotations were learned, not left at the Hadamard
     quantize_(model, QuantConfig(scheme="ExecuTorch-W4A8"), progress=False)
     ref = copy.deepcopy(model)

@@ -50,6 +50,26 @@ def test_save_load_gives_identical_logits(tmp_path, scheme, tied, rotate, extra)
         assert loaded.get_input_embeddings().codes.data_ptr() == loaded.get_output_embeddings().int8_table().data_ptr()
 
 
+def test_what_spinquant_knows_about_a_model_is_one_typed_state_that_save_and_load_keep(tmp_path):
+    """Rotation, quantization and packing record in `model.spinquant` (a ModelState) and nowhere else on the model;
+    a packed checkpoint restores the same state; an unrelated `spinquant` attribute is refused, not overwritten."""
+    from spinquant.models.state import ModelState, state_of
+    plain = vars(make_tiny("llama", hidden=64, intermediate=192, vocab=160)).keys()
+    model = _packed_tiny("W4A8", rotate=True)
+    st = model.spinquant
+    assert isinstance(st, ModelState) and st.rotation.name == "quarot" and st.quant.label() == "W4A8"
+    assert st.packed_dtype == torch.bfloat16
+    assert set(vars(model)) - set(plain) == {"spinquant"}  # no other attribute hung on the model
+    export.save(model, tmp_path / "m")
+    loaded = export.load(tmp_path / "m")[0].spinquant
+    assert (loaded.rotation.to_dict(), loaded.quant, loaded.packed_dtype) == (st.rotation.to_dict(), st.quant,
+                                                                              st.packed_dtype)
+    other = make_tiny("llama", hidden=64, intermediate=192, vocab=160)
+    other.spinquant = "someone else's"
+    with pytest.raises(TypeError, match="not spinquant's ModelState"):
+        state_of(other)
+
+
 def test_saved_file_is_small_and_holds_4bit_codes(tmp_path):
     model = _packed_tiny("W4A8", extra=LM8)
     export.save(model, tmp_path / "m")

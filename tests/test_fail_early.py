@@ -50,7 +50,7 @@ def test_quantizing_a_quantized_model_is_refused():
     quantize_(model, QuantConfig(scheme="W4A8"), progress=False)
     with pytest.raises(ValueError, match=r"already quantized \(W4A8\)"):
         quantize_(model, QuantConfig(scheme="W8A8"), progress=False)
-    del model.quant_config  # even without the recorded config, quantized modules are recognised
+    model.spinquant.quant = None  # even without the recorded config, quantized modules are recognised
     with pytest.raises(ValueError, match="already quantized"):
         quantize_(model, QuantConfig(scheme="W8A8"), progress=False)
 
@@ -173,7 +173,7 @@ def test_rotating_twice_or_after_quantization_is_refused():
     rotation.apply(model, {"name": "quarot", "seed": 0})
     with pytest.raises(ValueError, match=r"already rotated \(quarot\)"):
         rotation.apply(model, {"name": "quarot", "seed": 1})
-    assert model.rotation_state.config["seed"] == 0  # the state still records the one rotation that happened
+    assert model.spinquant.rotation.config["seed"] == 0  # the state still records the one rotation that happened
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, want, atol=1e-4)  # FP function intact
     rotation.apply(make_tiny("llama"), {"name": "none"})

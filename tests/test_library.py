@@ -27,8 +27,8 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     ppl = float(re.search(r"'wikitext2': ([0-9.]+)", capsys.readouterr().out).group(1))
     assert 150 < ppl < 400  # ref-llama's FP is ~183 on the full set; W4A8 with FP layer 0 on 2 windows
     model, tok = sq.load_packed(tmp_path / "out/ref-llama-w4a8")
-    assert model.rotation_state.name == "quarot" and model.rotation_state.config["seed"] == 0
-    assert model.quant_config.overrides[0].modules == "*.down_proj"
+    assert model.spinquant.rotation.name == "quarot" and model.spinquant.rotation.config["seed"] == 0
+    assert model.spinquant.quant.overrides[0].modules == "*.down_proj"
     packed = {n: isinstance(m, sq.kernels.PackedLinear) for n, m in model.named_modules() if n.endswith("_proj")}
     assert not packed["model.layers.0.mlp.down_proj"] and packed["model.layers.1.mlp.down_proj"]
 
@@ -78,7 +78,7 @@ def test_registered_rotation_runs_from_its_typed_config():
         from tests.conftest import make_tiny
         model = make_tiny()
         sq.rotate(model, {"name": "identity_check", "factor": 2.0})
-        assert calls == [{"name": "identity_check", "factor": 2.0}] and model.rotation_state.name == "identity_check"
+        assert calls == [{"name": "identity_check", "factor": 2.0}] and model.spinquant.rotation.name == "identity_check"
         with pytest.raises(ValueError, match=r"unknown rotation\.factr"):
             sq.rotate(model, {"name": "identity_check", "factr": 2.0})
     finally:
@@ -132,7 +132,7 @@ def test_export_command_writes_a_packed_model_that_reloads(tmp_path):
     cli.main(["export", str(tmp_path / "m"), "model=stories260k", "quant=w4a8", "quant.group_fallback=channel",
               "progress=false"])
     model, tok = sq.load_packed(tmp_path / "m")
-    assert tok is not None and model.quant_config.label() == "W4A8"
+    assert tok is not None and model.spinquant.quant.label() == "W4A8"
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
     with pytest.raises(SystemExit, match="usage: spinquant export OUT"):

@@ -32,7 +32,7 @@ def test_overrides_change_exactly_the_named_modules():
         else:  # untouched: the same codes and specs as the uniform model
             assert m[name].qweight.spec == u[name].qweight.spec and m[name].act_spec == u[name].act_spec
             assert torch.equal(m[name].qweight.codes, u[name].qweight.codes)
-    assert mixed.quant_config.label() == "W4A8-mixed"
+    assert mixed.spinquant.quant.label() == "W4A8-mixed"
 
     # size accounting follows the modules: recompute the difference by hand from the layer shapes
     def qbits(lin, bits, group):
@@ -64,7 +64,7 @@ def test_overridden_modules_pack_to_their_own_kernels_and_reload(tmp_path):
     export.save(model, tmp_path / "m")
     back, _ = export.load(tmp_path / "m")
     assert kernel_summary(back) == kernel_summary(model)
-    assert back.quant_config == model.quant_config and back.quant_config.overrides[1].skip
+    assert back.spinquant.quant == model.spinquant.quant and back.spinquant.quant.overrides[1].skip
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, got, atol=1e-5)
 

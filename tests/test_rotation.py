@@ -126,7 +126,7 @@ def test_spinquant_learns_orthogonal_rotations_keeps_fp_function_and_reuses_them
     cfg = {"name": "spinquant", "steps": 10, "lr": 1.0, "seed": 0, "progress": False,
            "train_quant": {"scheme": "W4A4KV4"}, "save": str(tmp_path / "rot.pt")}
     rotation.apply(model, cfg, calib)
-    st = model.rotation_state.stats
+    st = model.spinquant.rotation.stats
     assert st["orthogonality_error"] < 1e-4 and len(st["losses"]) == 10
     out = _logits(model, ids)  # no quantization applied yet: the rotated model computes the same function
     assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
@@ -253,7 +253,7 @@ def test_spinquant_trains_a_bfloat16_model_and_keeps_its_function():
     cfg = {"name": "spinquant", "steps": 2, "batch_size": 2, "heldout": 2, "progress": False,
            "train_quant": {"scheme": "W4A4KV4"}}
     rotation.apply(model, cfg, torch.randint(0, 128, (4, 16)))
-    assert model.rotation_state.stats["orthogonality_error"] < 1e-4
+    assert model.spinquant.rotation.stats["orthogonality_error"] < 1e-4
     out = _logits(model, ids).float()
     assert model.model.layers[0].self_attn.q_proj.act_spec is None  # training-time quantizers removed
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()  # bf16 rounding only
@@ -311,7 +311,7 @@ def test_spinquant_training_lowers_its_held_back_objective_on_stories260k():
     cfg = {"name": "spinquant", "steps": 8, "batch_size": 4, "heldout": 4, "seed": 0, "progress": False,
            "train_quant": {"scheme": "W4A4KV4"}}
     rotation.apply(model, cfg, calib)
-    st = model.rotation_state.stats
+    st = model.spinquant.rotation.stats
     assert st["heldout_loss_after"] < st["heldout_loss_before"] - 0.01, st
     assert st["orthogonality_error"] < 1e-6 and st["samples"] == 32 and st["heldout"] == 4
     assert st["lrs"][0] == 1.5 and st["lrs"][-1] == pytest.approx(1.5 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
@@ -331,7 +331,7 @@ def test_spinquant_training_lowers_its_held_back_objective_on_ref_llama():
     cfg = {"name": "spinquant", "steps": 25, "batch_size": 8, "heldout": 8, "seed": 0, "progress": False,
            "train_quant": {"scheme": "W4A4KV4", "weight": {"bits": 16}}}
     rotation.apply(model, cfg, calib)
-    st = model.rotation_state.stats
+    st = model.spinquant.rotation.stats
     assert st["heldout_loss_after"] < st["heldout_loss_before"], st
     assert st["orthogonality_error"] < 1e-6
 

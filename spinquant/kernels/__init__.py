@@ -10,6 +10,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..models.state import state_of
 from ..quant.apply import set_module
 from ..quant.linear import QuantEmbedding, QuantLinear
 from . import layouts  # noqa: F401  (registers the packed layouts)
@@ -49,7 +50,7 @@ def pack(model: nn.Module, dtype: torch.dtype = torch.bfloat16, progress: bool =
         elif m.qweight is not None:
             set_module(model, name, PackedLinear.from_quant_linear(m, backend=backend))
     share_tied_table(model)
-    model.packed_dtype = dtype
+    state_of(model).packed_dtype = dtype
     return model
 
 

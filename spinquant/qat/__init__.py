@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+from ..models.state import state_of
 from .fake_quant import FakeQuantLinear, QATConfig, convert, prepare
 from .loop import TrainConfig, train
 from .lora import LoRA
@@ -15,7 +16,7 @@ __all__ = ["FakeQuantLinear", "LoRA", "QATConfig", "TrainConfig", "check_rotatio
 
 def check_rotation_spec(model, quant) -> None:
     """Refuse QAT at a spec other than the one a loaded SpinQuant rotation was learned for (act / KV bits)."""
-    state = getattr(model, "rotation_state", None)
+    state = state_of(model).rotation
     st = state.stats if state is not None else {}
     tq = st.get("train_quant")
     if not tq:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..models.adapter import get_adapter
 from ..models.attention import use_spinquant_attention
+from ..models.state import state_of
 from ..quant.apply import check_shapes, linear_specs, quantize_embeddings, set_module
 from ..quant.linear import KVQuantizer, QuantLinear
 from ..quant.quantizer import compute_qparams, fake_quant_grouped, fake_quantize, group_view, quantize
@@ -135,8 +136,7 @@ def prepare(model: nn.Module, quant: QuantConfig, cfg: QATConfig | None = None) 
             set_module(layer, path, fq.to(lin.weight.device))
         a.attention(layer).kv_quantizer = KVQuantizer(quant.kv, quant.kv) if quant.kv.enabled else None
     quantize_embeddings(model, a, quant)
-    model.quant_config = quant
-    model.qat_config = cfg
+    state_of(model).quant = quant
     return model
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..models.adapter import FamilyAdapter, get_adapter
 from ..models.attention import use_spinquant_attention
+from ..models.state import state_of
 from ..numerics import check_finite_weights
 from .gptq import HessianAccumulator
 from .linear import KVQuantizer, QuantEmbedding, QuantLinear
@@ -40,7 +41,7 @@ def _weight_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def check_not_quantized(model, adapter: FamilyAdapter) -> None:
     """Refuse a model that already carries quantized weights, activation / KV quantizers or a quant config."""
-    done = getattr(model, "quant_config", None)
+    done = state_of(model).quant
     if done is None:
         for layer in adapter.decoder_layers(model):
             lins = adapter.layer_linears(layer).values()
@@ -225,7 +226,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None 
         attn.kv_quantizer = KVQuantizer(config.kv, config.kv) if config.kv.enabled else None
 
     quantize_embeddings(model, adapter, config, filter_fn)
-    model.quant_config = config
+    state_of(model).quant = config
     return model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+from ..models.state import state_of
 from ..typed import from_fields
 from .quarot import quarot
 from .spinquant import learn_rotations
@@ -53,7 +54,7 @@ class SpinQuantConfig:
 
 @dataclass
 class RotationState:
-    """What rotated a model, recorded once on it (`model.rotation_state`), saved and reloaded with it."""
+    """What rotated a model, recorded once on it (`model.spinquant.rotation`), saved and reloaded with it."""
     name: str
     config: dict
     stats: dict = field(default_factory=dict)  # learned rotations: training statistics (losses, held-back loss, ...)
@@ -108,13 +109,13 @@ def apply(model, cfg, calib=None, target=None):
     `RotationState` on it. calib: token ids for learned rotations; target: the QuantConfig that will follow
     (SpinQuant trains against it when train_quant is 'auto')."""
     typed = rotation_config(cfg)
-    done = getattr(model, "rotation_state", None)
+    done = state_of(model).rotation
     if done is not None and done.name != "none":
         raise ValueError(f"model is already rotated ({done.name}); rotations are fused into the weights and a second "
                          f"one would be applied on top of the first (and leave the online R3/R4 of the first "
                          f"wrong): rotate a fresh FP model instead")
-    if getattr(model, "quant_config", None) is not None:
-        raise ValueError(f"model is already quantized ({model.quant_config.label()}); rotate the FP model first, "
+    if state_of(model).quant is not None:
+        raise ValueError(f"model is already quantized ({state_of(model).quant.label()}); rotate the FP model first, "
                          f"then quantize_ it")
     if typed.name != "none":
         from ..numerics import check_finite_weights
@@ -123,7 +124,7 @@ def apply(model, cfg, calib=None, target=None):
     if "seed" in d and d["seed"] is None:  # outside a run there is no run seed to inherit: the documented default
         d["seed"] = 0
     stats = ROTATIONS[typed.name].fn(model, d, calib, target) or {}
-    model.rotation_state = RotationState(typed.name, d, stats)
+    state_of(model).rotation = RotationState(typed.name, d, stats)
     return model
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.adapter import get_adapter
+from ..models.state import state_of
 from ..quant.apply import quantize_
 from ..quant.quantizer import fake_quantize
 from ..quant.schemes import QuantConfig
@@ -193,8 +194,7 @@ def _strip_quantizers(model) -> None:
         for lin in a.layer_linears(layer).values():
             lin.act_spec = None
         a.attention(layer).kv_quantizer = None
-    if hasattr(model, "quant_config"):
-        del model.quant_config
+    state_of(model).quant = None
 
 
 def _prepare(model, cfg: dict, fallback: str) -> None:
