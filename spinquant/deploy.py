@@ -93,8 +93,8 @@ class ExecuTorchLM:
     from the start and masked past the row)."""
 
     def __init__(self, path, n_threads: int = 1):
-        from .et_export import _executorch
-        _executorch()
+        from .et_export import executorch_api
+        executorch_api()
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
         from executorch.runtime import Runtime
         _unsafe_reset_threadpool(n_threads)  # XNNPACK's pool (executorch pinned in the lock; tested)

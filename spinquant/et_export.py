@@ -44,7 +44,7 @@ def _torchao():
     return MappingType, choose_qparams_affine, quantize_affine, dequantize_affine
 
 
-def _executorch():
+def executorch_api():
     try:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::fast_hadamard_transform)
         import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_byte)
@@ -150,7 +150,7 @@ class ExecuTorchHadamard(nn.Module):
         n = M.shape[0]
         self.fast = False
         if n & (n - 1) == 0:
-            _executorch()
+            executorch_api()
             probe = torch.ops.llama.fast_hadamard_transform(torch.eye(n))
             self.fast = bool(torch.allclose(probe, M, atol=1e-6))
         self.register_buffer("matrix", None if self.fast else M.contiguous())
@@ -212,7 +212,7 @@ class ExecuTorchEmbedding(nn.Module):
 
 def to_executorch_modules(model) -> nn.Module:
     """Replace, in place, every quantized linear / embedding of `model` by its exportable module; returns model."""
-    _executorch()
+    executorch_api()
     check_exportable(model)
     a = get_adapter(model)
     tied = a.tied_embeddings(model)
@@ -247,7 +247,7 @@ def export_executorch(model, path, max_seq_len: int, overwrite: bool = False) ->
     """Write `model` (after quantize_, fake-quant) as an ExecuTorch program `path` (.pte, XNNPACK) with a static KV
     cache of `max_seq_len` positions. Checks first; the file appears complete or not at all. `model` is consumed
     (its quantized modules are replaced by exportable ones, in float32)."""
-    XnnpackPartitioner, EdgeCompileConfig, to_edge_transform_and_lower = _executorch()
+    XnnpackPartitioner, EdgeCompileConfig, to_edge_transform_and_lower = executorch_api()
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
     path = check_file(path, WRITER, is_pte, overwrite, "ExecuTorch program")
     check_exportable(model)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rotation.hadamard import _kron_factors, base_matrix, sylvester
+from ..rotation.hadamard import base_matrix, kron_factors, sylvester
 
 MAX_P, MAX_M = 128, 256
 
@@ -54,7 +54,7 @@ def _hadamard_kernel(x_ptr, y_ptr, a_ptr, b_ptr, n, scale, M: tl.constexpr, MP: 
 @functools.lru_cache(maxsize=32)
 def _hadamard_factors(n: int):
     """(m, MP, P, PP, Aᵀ [MP, MP], H_P [PP, PP]) float32 with H_n = A ⊗ H_P, zero-padded to tl.dot's >= 16."""
-    *bases, p = _kron_factors(n)
+    *bases, p = kron_factors(n)
     P = min(p, MAX_P)
     m = n // P
     if m > MAX_M:

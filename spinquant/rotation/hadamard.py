@@ -312,7 +312,7 @@ def base_matrix(m: int) -> torch.Tensor:
     return H
 
 
-def _kron_factors(n: int) -> list[int]:
+def kron_factors(n: int) -> list[int]:
     """Factor orders of H_n in Kronecker order: H_n = H_{b1} ⊗ [H_{b2} ⊗] H_{2^k} (shared by hadamard and fwht)."""
     r = _check(n)
     return [*r[1:], r[0]]
@@ -320,7 +320,7 @@ def _kron_factors(n: int) -> list[int]:
 
 def hadamard(n: int, dtype=torch.float64) -> torch.Tensor:
     """Dense ±1 Hadamard matrix H_n = H_base (⊗ H_base2) ⊗ H_{2^k}, shape [n, n]."""
-    return functools.reduce(torch.kron, [base_matrix(f) for f in _kron_factors(n)]).to(dtype)
+    return functools.reduce(torch.kron, [base_matrix(f) for f in kron_factors(n)]).to(dtype)
 
 
 def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
@@ -339,7 +339,7 @@ def _fwht_pow2(x: torch.Tensor) -> torch.Tensor:
 def fwht(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """x [..., n] -> x @ H_n (divided by sqrt(n) if normalize: an orthogonal transform), O(n log n)."""
     n = x.shape[-1]
-    *bases, p = _kron_factors(n)
+    *bases, p = kron_factors(n)
     if not bases:
         y = _fwht_pow2(x)
     else:
