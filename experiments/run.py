@@ -2,7 +2,7 @@
 
     python experiments/run.py model=ref-llama quant=w4a8_gptq
     python experiments/run.py -m +experiment=demo            # a table's sweep (configs/experiment/<table>.yaml)
-    python experiments/run.py -m +experiment=demo hydra/launcher=joblib   # its runs in parallel processes
+    python experiments/run.py -m +experiment=demo hydra/launcher=parallel   # its runs in parallel processes (joblib)
 
 The work is `spinquant.pipeline.run` (load, rotate, quantize or QAT, evaluate, pack, write the row atomically; a
 rerun with the same resolved config is skipped); `sweep.skip` rules drop the combinations of a sweep that are not

@@ -1,4 +1,4 @@
-"""The results row: one JSON object per run (schema in shared/DESIGN.md), written atomically."""
+"""The results row: one JSON object per run (its required fields: REQUIRED_KEYS below), written atomically."""
 from __future__ import annotations
 
 import hashlib

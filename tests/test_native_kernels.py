@@ -19,8 +19,14 @@ from spinquant.quant.rtn import rtn
 from spinquant.rotation.online import OnlineHadamard
 from tests.conftest import skip_outside_ci
 
-pytestmark = pytest.mark.skipif(not native.builds(), reason="no C compiler: native kernels not built")
-# the machine's own build: the vector path where the CPU has AVX-512 VNNI (CI's machine does), else the loops
+
+@pytest.fixture(autouse=True)
+def _needs_the_build():
+    """The machine's own build (the vector path its CPU has; CI's has AVX-512 VNNI): skipped on a developer machine
+    without a working C compiler, a failure under CI."""
+    if not native.builds():
+        skip_outside_ci("no working C compiler: spinquant's native kernels are not built")
+
 
 A8 = QuantSpec(bits=8, symmetric=False, granularity="token", dynamic=True)
 A8S = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
@@ -161,15 +167,11 @@ def test_kernel_choice_follows_spinquant_native(monkeypatch, mode, simd, expecte
             return simd
     monkeypatch.setenv("SPINQUANT_NATIVE", mode)
     monkeypatch.setattr(native, "load", lambda *a: Lib())
-    native.available.cache_clear()
-    try:
-        assert choose_kernel(W4[0], A8) == expected and choose_kernel(W4[0], None) == "int4"
-    finally:
-        native.available.cache_clear()
+    assert choose_kernel(W4[0], A8) == expected and choose_kernel(W4[0], None) == "int4"
+    assert native.plain_kernels() == (mode != "0")  # the one switch, read in one place, for every native kernel
     monkeypatch.setenv("SPINQUANT_NATIVE", "sometimes")
     with pytest.raises(ValueError, match="SPINQUANT_NATIVE must be"):
         native.available()
-    native.available.cache_clear()
 
 
 def test_avx2_builds_take_the_native_kernels(monkeypatch):
@@ -236,10 +238,73 @@ def test_bad_calls_are_clear_errors_not_crashes(lib):
 
 
 def test_each_build_runs_the_vector_path_it_claims():
-    want = {"simd": None, "portable": 0, "avx2": 2}
-    for name in LIBS:
-        got = _lib(name).sq_simd()
-        assert got == want[name] or (want[name] is None and got in (0, 1, 2)), (name, got)
+    """The machine's build takes the best path its CPU flags allow (AVX-512 VNNI 1, AVX2 2, ARM sdot 3, else 0)."""
+    flags = set(native._cpu_id().split())
+    best = 1 if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else 2 if {"avx2", "fma"} <= flags else \
+        3 if "asimddp" in flags else 0
+    want = {"simd": best, "portable": 0, "avx2": 2}
+    assert {name: _lib(name).sq_simd() for name in LIBS} == {name: want[name] for name in LIBS}
+
+
+def test_kernels_follow_torch_set_num_threads():
+    """The kernels' OpenMP regions use torch's runtime: torch.set_num_threads sets their thread count."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert native.omp_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
+def _counting_run(monkeypatch):
+    calls = []
+    real = subprocess.run
+
+    def run(cmd, *a, **kw):
+        if "--version" not in cmd:
+            calls.append(cmd)
+        return real(cmd, *a, **kw)
+    monkeypatch.setattr(native.subprocess, "run", run)
+    return calls
+
+
+def test_a_failed_build_warns_once_and_is_not_retried(monkeypatch, tmp_path):
+    """gcc failing: one warning, then every later query (available, builds, plain_kernels: asked per forward by the
+    FWHT and attention kernels) answers from memory, without another compiler run."""
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "_FAILED", {})
+    monkeypatch.setattr(native, "cache_root", lambda: tmp_path)
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.delenv("SPINQUANT_NATIVE", raising=False)
+    monkeypatch.delenv("SPINQUANT_NATIVE_FLAGS", raising=False)
+    calls = _counting_run(monkeypatch)
+    with pytest.warns(UserWarning, match="unavailable, using torch's ops") as seen:
+        for _ in range(3):
+            assert not native.available() and not native.builds() and not native.plain_kernels()
+        with pytest.raises(native.NativeBuildError):
+            native.load()
+    assert len(seen) == 1 and len(calls) == 2  # one OpenMP attempt, one without, once
+
+
+def test_a_compiler_without_openmp_builds_under_its_own_key(monkeypatch, tmp_path):
+    """A compiler that fails with -fopenmp gives single-threaded kernels (with a warning) under their own cache key,
+    remembered so the OpenMP attempt is not repeated; an OpenMP-capable compiler later gets its own build, not those;
+    a different compiler version is a different build."""
+    cc = tmp_path / "cc-no-omp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    calls = _counting_run(monkeypatch)
+    with pytest.warns(UserWarning, match="single-threaded"):
+        plain = native.build(cache=tmp_path)
+    assert len(calls) == 2 and plain.exists()
+    assert native.build(cache=tmp_path) == plain and len(calls) == 2  # from the cache: no compiler run
+    monkeypatch.setenv("CC", "gcc")
+    with_omp = native.build(cache=tmp_path)
+    assert with_omp != plain and len(calls) == 3
+    monkeypatch.setattr(native, "_compiler_version", lambda cc: "gcc (a newer one) 99.0")
+    assert native.build(cache=tmp_path) not in (with_omp, plain)
 
 
 # ---- ARM builds, cross-compiled and run under qemu-user -------------------------------------------------------

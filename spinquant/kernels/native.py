@@ -8,7 +8,7 @@ time from the CPU's own features (`-march=native`): AVX-512 VNNI, else AVX2 (x86
 The CPU backend uses the kernels where a vector path is built (on AVX2 the W4A8 one only: torch's int8 ops are
 as fast as our AVX2 W8A8); the portable loops are slower than torch's ops (measured 1.3x slower on W4A8 decode
 here), so there `available()` is False unless `SPINQUANT_NATIVE=1`; `SPINQUANT_NATIVE=0` always turns them
-off, and a failed build falls back to torch's ops with a warning. ARM (sdot) is not written yet: portable loops.
+off, and a failed build falls back to torch's ops with a warning. ARMv8.2+ builds the sdot path (see the C file).
 
 int4 weights are tiled (`tile_int4`, undone by `untile_int4`): rows in tiles of 16, four consecutive k per
 int32 lane, so one AVX-512 VNNI instruction multiplies 16 rows x 4 k (see the C file); int8 weights stay
@@ -60,36 +60,68 @@ def _compiler() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cc: str) -> str:
+    """The first line of `cc --version` (part of the build key: an upgraded compiler rebuilds)."""
+    try:
+        r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return (r.stdout or r.stderr).splitlines()[0] if (r.stdout or r.stderr) else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def build(extra_flags: tuple[str, ...] = (), cache: str | os.PathLike | None = None) -> Path:
     """Compile csrc/lowbit.c (cached) and return the shared library's path; `extra_flags` e.g.
-    ("-DSQ_NO_SIMD",) builds the portable C loops (what the tests compare the vector path with)."""
+    ("-DSQ_NO_SIMD",) builds the portable C loops (what the tests compare the vector path with).
+
+    The cache key covers the source, the compiler and its version, every flag and the CPU. A compiler without
+    OpenMP gives single-threaded kernels, cached under their own key (with a warning), never under the OpenMP
+    build's; the failed OpenMP attempt is remembered beside them so it is not retried on every start."""
     cc = _compiler()
     if cc is None:
         raise NativeBuildError("no C compiler found (set $CC, or install gcc)")
     src = SOURCE.read_text()
-    key = hashlib.sha256("\0".join([src, cc, *FLAGS, *extra_flags, _cpu_id()]).encode()).hexdigest()[:16]
     root = (Path(cache) if cache else cache_root()) / "kernels"
-    lib = root / f"lowbit-{key}.so"
-    if lib.exists():
-        return lib
+
+    def lib_for(omp):
+        key = "\0".join([src, cc, _compiler_version(cc), *FLAGS, *omp, *extra_flags, _cpu_id()])
+        return root / f"lowbit-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+    with_omp, plain = lib_for(("-fopenmp",)), lib_for(())
+    if with_omp.exists():
+        return with_omp
+    no_omp = with_omp.with_suffix(".no-openmp")  # this compiler has been seen to fail with -fopenmp
+    if plain.exists() and no_omp.exists():
+        _warn_single_threaded(cc)
+        return plain
     root.mkdir(parents=True, exist_ok=True)
     errors = []
-    for omp in (("-fopenmp",), ()):  # a compiler without OpenMP still gives single-threaded kernels
+    for omp, lib in ((("-fopenmp",), with_omp), ((), plain)):
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             out = Path(tmp) / lib.name
             r = subprocess.run([cc, *FLAGS, *omp, *extra_flags, str(SOURCE), "-o", str(out), "-lm"],
                                capture_output=True, text=True)
             if r.returncode == 0:
                 os.replace(out, lib)  # atomic: concurrent builders each write a whole file
+                if not omp:
+                    no_omp.write_text(errors[0] + "\n")
+                    _warn_single_threaded(cc)
                 return lib
             errors.append(r.stderr.strip())
     raise NativeBuildError(f"compiling {SOURCE.name} with {cc} failed:\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_single_threaded(cc: str) -> None:
+    warnings.warn(f"{cc} cannot build spinquant's kernels with OpenMP: they run single-threaded "
+                  "(install libgomp / an OpenMP-capable compiler and clear the kernel cache)", stacklevel=3)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     act = [i, f, f, f, i, i, f]  # K, qmin, qmax, clip, symmetric, shift, hadamard divisor (0: none)
     lib.sq_simd.restype = i
+    lib.sq_threads.restype = i
     lib.sq_quant_act.argtypes = [p, i, i, *act[:1], i, *act[1:], p, p, p]
     lib.sq_quant_act.restype = i
     lib.sq_w4a8_linear.argtypes = [p, i, i, *act, p, p, p, p, i, i, i, p, i]
@@ -111,17 +143,39 @@ def default_flags() -> tuple[str, ...]:
     return tuple(os.environ.get("SPINQUANT_NATIVE_FLAGS", "").split())
 
 
-@functools.lru_cache(maxsize=None)
+_LOADED: dict[tuple[str, ...], ctypes.CDLL] = {}
+_FAILED: dict[tuple[str, ...], Exception] = {}  # a build that failed once in this process is not tried again
+
+
 def load(extra_flags: tuple[str, ...] | None = None) -> ctypes.CDLL:
     """The compiled kernels (built on first use; flags: `default_flags()` unless given); raises NativeBuildError
-    when they cannot be built."""
+    (or OSError) when they cannot be built or loaded, the same error again without a second compile."""
+    flags = default_flags() if extra_flags is None else tuple(extra_flags)
+    if flags in _LOADED:
+        return _LOADED[flags]
+    if flags in _FAILED:
+        raise _FAILED[flags]
     import torch  # noqa: F401  (torch's OpenMP runtime is loaded first, so the library links to it)
-    return _declare(ctypes.CDLL(str(build(default_flags() if extra_flags is None else extra_flags))))
+    try:
+        lib = _LOADED[flags] = _declare(ctypes.CDLL(str(build(flags))))
+    except (NativeBuildError, OSError) as e:
+        _FAILED[flags] = e
+        warnings.warn(f"spinquant's native CPU kernels are unavailable, using torch's ops instead: {e}", stacklevel=2)
+        raise
+    return lib
 
 
-@functools.lru_cache(maxsize=None)
+def mode() -> str:
+    """SPINQUANT_NATIVE, read here only: "0" never use the kernels, "1" whenever they build, "auto" (unset) where
+    they build with a vector path; the one-token attention and FWHT kernels (no vector path needed) follow 0 too."""
+    m = os.environ.get("SPINQUANT_NATIVE", "auto") or "auto"
+    if m not in ("0", "1", "auto"):
+        raise ValueError(f"SPINQUANT_NATIVE must be 0, 1 or auto, got {m!r}")
+    return m
+
+
 def simd() -> int:
-    """The vector path of the default build: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2."""
+    """The vector path of the default build: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2, 3 ARMv8.2 sdot."""
     return int(load().sq_simd())
 
 
@@ -134,27 +188,25 @@ def builds() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether the CPU backend runs quantized activations on these kernels: SPINQUANT_NATIVE=0 never, =1
-    whenever they build, unset (auto) when they build with a vector path (AVX-512 VNNI or AVX2)."""
-    mode = os.environ.get("SPINQUANT_NATIVE", "auto")
-    if mode not in ("0", "1", "auto"):
-        raise ValueError(f"SPINQUANT_NATIVE must be 0, 1 or auto, got {mode!r}")
-    if mode == "0":
+    """Whether the CPU backend runs quantized activations on these kernels (`mode()`): never at 0, whenever they
+    build at 1, at auto when they build with a vector path (AVX-512 VNNI, AVX2 or sdot)."""
+    m = mode()
+    if m == "0" or not builds():
         return False
-    try:
-        lib = load()
-    except (NativeBuildError, OSError) as e:
-        warnings.warn(f"spinquant's native CPU kernels are unavailable, using torch's ops instead: {e}", stacklevel=2)
-        return False
-    return mode == "1" or bool(lib.sq_simd())
+    return m == "1" or simd() > 0
 
 
 def plain_kernels() -> bool:
     """Whether the kernels that need no vector path (one-token attention, FWHT: plain C the compiler vectorizes) run
-    here: they build, and SPINQUANT_NATIVE is not 0."""
-    return os.environ.get("SPINQUANT_NATIVE") != "0" and builds()
+    here: they build, and `mode()` is not 0."""
+    return mode() != "0" and builds()
+
+
+def omp_threads() -> int:
+    """The threads the kernels' OpenMP regions use now (1 in a single-threaded build): torch's OpenMP runtime,
+    so `torch.set_num_threads` sets it."""
+    return int(load().sq_threads())
 
 
 def supports_act(spec: QuantSpec | None) -> bool:

@@ -70,6 +70,13 @@
 /* which vector path this build runs: 0 portable C loops, 1 AVX-512 VNNI, 2 AVX2, 3 ARM sdot */
 int sq_simd(void) { return SQ_VNNI ? 1 : SQ_AVX2 ? 2 : SQ_SDOT ? 3 : 0; }
 
+#ifdef _OPENMP
+#include <omp.h>
+int sq_threads(void) { return omp_get_max_threads(); }
+#else
+int sq_threads(void) { return 1; }
+#endif
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
