@@ -157,17 +157,19 @@ class RunConfig:
         self.model = from_fields(ModelConfig, self.model, "model")
         self.data = from_fields(DataConfig, self.data, "data")
         self.rotation = rotation.rotation_config(self.rotation)
-        # one rule for seeds, from Python as from Hydra (whose configs interpolate ${seed}): a section's seed left
-        # unset is the run's seed
-        if getattr(self.rotation, "seed", 0) is None:
-            self.rotation = replace(self.rotation, seed=self.seed)
+        # one rule, from Python as from Hydra (whose configs interpolate ${seed}, ${progress} and ${model.seq_len}):
+        # a section's seed, progress or seq_len left unset (None, or absent from qat.train) is the run's
+        run = {"seed": self.seed, "progress": self.progress, "seq_len": self.model.seq_len}
+        self.rotation = replace(self.rotation, **{k: v for k, v in run.items()
+                                                  if hasattr(self.rotation, k) and getattr(self.rotation, k) is None})
         if isinstance(self.quant, str):  # a scheme name, e.g. "W4A8"
             self.quant = QuantConfig(scheme=self.quant)
         if not isinstance(self.quant, QuantConfig):
             self.quant = QuantConfig.from_dict(dict(self.quant or {}))
         self.qat = from_fields(QATRunConfig, self.qat, "qat")
-        if self.qat.name != "none" and "seed" not in self.qat.train:
-            self.qat = replace(self.qat, train={**self.qat.train, "seed": self.seed})
+        if self.qat.name != "none":
+            self.qat = replace(self.qat, train={**self.qat.train, **{k: v for k, v in run.items()
+                                                                     if self.qat.train.get(k) is None}})
         self.eval = from_fields(EvalConfig, self.eval, "eval")
         self.kernels = from_fields(KernelsConfig, self.kernels, "kernels")
         self.wandb = from_fields(WandbConfig, self.wandb, "wandb")
@@ -255,6 +257,11 @@ def _lengths(cfg: RunConfig) -> tuple[int, int]:
     return cfg.eval.seq_len or cfg.model.seq_len, cfg.data.calib_seq_len or cfg.model.seq_len
 
 
+def _rotation_len(cfg: RunConfig) -> int:
+    """SpinQuant's training sequence length: rotation.seq_len, else the calibration length."""
+    return cfg.rotation.seq_len or _lengths(cfg)[1]
+
+
 def preflight(cfg: RunConfig, out: Path | None):
     """Everything checkable before the model's weights are read (and before GPTQ / SpinQuant / QAT run), so a
     bad config fails in seconds: device, results folder (`out`: the row's path; None for an export, whose target
@@ -286,7 +293,7 @@ def preflight(cfg: RunConfig, out: Path | None):
     if rot.name == "spinquant" and not rot.load:
         from .rotation.spinquant import check_config
         check_config(asdict(rot), int(os.environ.get("WORLD_SIZE", 1)), target=qcfg)
-        _check_long_enough(tok, cfg.data.calib, root, rot.seq_len + 2, "calibration text")
+        _check_long_enough(tok, cfg.data.calib, root, _rotation_len(cfg) + 2, "calibration text")
     if cfg.qat.name != "none":
         dataset_path(cfg.qat.data, root)
     if cfg.qat.name == "lora":
@@ -486,7 +493,7 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
     if qcfg.weight.enabled and get_weight_quantizer(qcfg.method).needs_hessian:
         calib = calibration_batch(tok, cfg.data.calib, cfg.data.calib_samples, calib_len, cfg.seed, cfg.data.root)
     if rot.name == "spinquant" and not rot.load:
-        rot_calib = calibration_batch(tok, cfg.data.calib, rot.samples + rot.heldout, rot.seq_len, cfg.seed,
+        rot_calib = calibration_batch(tok, cfg.data.calib, rot.samples + rot.heldout, _rotation_len(cfg), cfg.seed,
                                       cfg.data.root)  # the last `heldout` held back
     t = time.time()
     rotation.apply(model, rot, rot_calib, target=qcfg)
@@ -499,6 +506,8 @@ def build_quantized(cfg: RunConfig, tok, rid: str = "export"):
         quantize_(model, qcfg, calib, progress=cfg.progress)
     else:  # QAT starts from the (rotated) FP model: prepare -> train -> convert; checkpoints beside the row
         config = cfg.to_dict()
+        if config["qat"]["train"].get("seq_len") is None:  # model.seq_len null: the length it resolved to
+            config["qat"]["train"]["seq_len"] = _lengths(cfg)[1]
         tokens = tokenize_dataset(tok, cfg.qat.data, cfg.data.root, add_bos=False)[0]
         qat_stats = qat.run(model, config["qat"], qcfg, tokens, out_dir=Path(cfg.checkpoint_dir) / cfg.experiment_name / rid,
                             run_config=config)

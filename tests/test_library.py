@@ -247,3 +247,33 @@ def test_no_private_name_is_imported_across_packages():
     import spinquant.qat as qat
     from spinquant import pipeline
     assert pipeline.qat is qat and {"full", "lora"} <= set(qat.METHODS)
+
+
+def test_python_and_hydra_give_a_section_the_same_seed_progress_and_length(tmp_path):
+    """One rule in RunConfig for what the run's seed, progress and model.seq_len set in a section that leaves them
+    unset: a config built in Python resolves the rotation and QAT sections as Hydra's interpolations do, and the
+    same run made both ways writes the same row (same run id, same perplexity)."""
+    from omegaconf import OmegaConf
+
+    from spinquant import cli
+    common = ["model=stories260k", "model.seq_len=128", "seed=1", "progress=false", "quant.group_fallback=channel",
+              "eval.datasets=[wikitext2]", "eval.max_windows=2", "eval.size=false", "eval.memory=false",
+              "eval.kld=false", "wandb.mode=disabled"]
+
+    def hydra(*extra):
+        return sq.RunConfig.from_dict(OmegaConf.to_container(cli.compose(*common, *extra), resolve=True))
+
+    def python(**kw):
+        return sq.RunConfig(model=sq.ModelConfig(name="stories260k", path="stories260k", seq_len=128), seed=1,
+                            progress=False, quant=sq.QuantConfig(scheme="W4A8", group_fallback="channel"),
+                            eval=sq.EvalConfig(datasets=["wikitext2"], max_windows=2, size=False, memory=False,
+                                               kld=False), wandb={"mode": "disabled"}, **kw)
+    h, p = hydra("rotation=spinquant", "qat=lora"), python(rotation=sq.SpinQuantConfig(), qat={"name": "lora"})
+    for key in ("seed", "progress", "seq_len"):
+        assert getattr(p.rotation, key) == getattr(h.rotation, key), key
+        assert p.qat.train[key] == h.qat.train[key], key
+    assert (p.rotation.seed, p.rotation.seq_len, p.qat.train["seq_len"]) == (1, 128, 128)
+    h, p = hydra("quant=w4a8", "rotation=quarot", f"results_dir={tmp_path / 'h'}"), \
+        python(rotation=sq.QuaRotConfig(), results_dir=str(tmp_path / "p"))
+    rh, rp = sq.run(h), sq.run(p)
+    assert rp["metrics"]["ppl"] == rh["metrics"]["ppl"] and rp["config"]["rotation"] == rh["config"]["rotation"]

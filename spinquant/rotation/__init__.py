@@ -42,14 +42,14 @@ class SpinQuantConfig:
     retraction: str = "exact"
     samples: int = 800
     heldout: int = 8
-    seq_len: int = 2048
+    seq_len: int | None = None  # None: the run's model.seq_len (as Hydra's ${model.seq_len})
     fallback: str = "error"
     r3: bool = True
     r4: bool = True
     train_quant: object = "auto"
     load: str | None = None
     save: str | None = None
-    progress: bool = True
+    progress: bool | None = None  # None: the run's progress (shown outside a run)
 
 
 @dataclass

@@ -346,7 +346,7 @@ def _train(model, cfg, calib, seed, fallback, hidden, hd, n_layers):
     before, before_parts = heldout_loss()
     g = torch.Generator().manual_seed(seed)  # same draws on every process: one global batch per step
     losses, lrs, alphas, t0 = [], [], [], time.time()
-    bar = tqdm(range(steps), desc="spinquant R1/R2", disable=not cfg.get("progress", True) or rank != 0)
+    bar = tqdm(range(steps), desc="spinquant R1/R2", disable=cfg.get("progress") is False or rank != 0)
     for step, idx in zip(bar, _batches(train.shape[0], bs, steps, g)):
         mine = idx[rank::world]  # this process's share of the global batch
         opt.zero_grad(set_to_none=True)
