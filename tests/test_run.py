@@ -35,7 +35,7 @@ def test_sweep_row_has_every_table_field_and_reruns_are_skipped(tmp_path):
     assert q["scheme"] == "W4A4KV4" and q["method"] == {"rotation": "none", "weights": "gptq", "qat": "none"}
     assert fp["scheme"] == "W16A16" and fp["method"]["weights"] == "none"
     assert q["metrics"]["ppl"]["wikitext2"] > fp["metrics"]["ppl"]["wikitext2"]
-    assert q["metrics"]["size_bytes"] < 0.45 * fp["metrics"]["size_bytes"] or q["model"] == "stories260k"
+    assert q["metrics"]["size_bytes"] < 0.45 * fp["metrics"]["size_bytes"]  # stories260k: 0.36
     files = sorted((tmp_path / "t").glob("*.json"))
     assert len(files) == 2
     mtime = files[0].stat().st_mtime_ns
