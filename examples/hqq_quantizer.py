@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from spinquant.quant import QuantizedWeight, QuantSpec, register_weight_quantizer
-from spinquant.quant.quantizer import _group_view, compute_qparams
+from spinquant.quant.quantizer import compute_qparams, group_view
 
 
 def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -28,7 +28,7 @@ def hqq(weight: torch.Tensor, spec: QuantSpec, hessian=None, iters: int = 20, p:
     if spec.symmetric:
         raise ValueError("hqq optimizes zero points: use an asymmetric spec (quant.weight.symmetric=false)")
     spec.check_shape(weight.shape[-1], "weight")
-    w = _group_view(weight.detach(), spec).double()                    # [out, n_groups, g]
+    w = group_view(weight.detach(), spec).double()                    # [out, n_groups, g]
     scale, zero = (t.double() for t in compute_qparams(weight, spec))  # [out, n_groups, 1]
     def lp_error(z):
         codes = torch.clamp(torch.round(w / scale + z), spec.qmin, spec.qmax)

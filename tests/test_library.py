@@ -240,6 +240,11 @@ def test_no_private_name_is_imported_across_packages():
                 target = (here + (node.module or "").split("."))[0]
             if target != unit:
                 bad.append(f"{'/'.join(rel)}: {'.' * node.level}{node.module} import {', '.join(private)}")
+    for f in sorted((ROOT / "examples").rglob("*.py")):  # plugins show users the public API
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("spinquant"):
+                bad += [f"examples/{f.name}: {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
     # the one private name of another library, pinned (executorch<1.6 in pyproject and the lock) and exercised by the
     # ExecuTorch deploy tests: XNNPACK's thread pool has no public setter
     allowed = {"deploy.py: executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool"}

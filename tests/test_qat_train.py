@@ -1,5 +1,7 @@
 """The QAT loop: a kill-and-resume run equals an uninterrupted one; 2 CPU processes equal 1 process with
 the same global batch; distillation and bad batch sizes."""
+import ctypes
+
 import pytest
 import torch
 from conftest import make_tiny, run_distributed
@@ -104,6 +106,10 @@ def test_peak_memory_is_the_peak_during_training_not_the_memory_at_the_end():
     model.model.layers[0].register_forward_hook(spike)
     before = psutil.Process().memory_info().rss
     _, st = train(model, TOKENS, _cfg(steps=2))
+    try:  # freed memory back to the OS (glibc keeps freed heap in a long test process): the RSS now is the floor
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     after = psutil.Process().memory_info().rss
     assert st["peak_mem_bytes"] >= before + 350e6
     assert st["peak_mem_bytes"] >= after + 300e6  # the end-of-training RSS would miss the spike
