@@ -5,10 +5,10 @@ The C source is compiled on first use with the system C compiler (`$CC`, else gc
 the source, the flags and the CPU, and loaded with ctypes; OpenMP resolves to the runtime torch already
 loaded, so the kernels share torch's threads and `torch.set_num_threads`. The vector path is chosen at build
 time from the CPU's own features (`-march=native`): AVX-512 VNNI, else AVX2 (x86 laptops), else portable C loops.
-The CPU backend uses the kernels where a vector path is built (on AVX2 the W4A8 one only: torch's int8 ops are
-as fast as our AVX2 W8A8); the portable loops are slower than torch's ops (measured 1.3x slower on W4A8 decode
-here), so there `available()` is False unless `SPINQUANT_NATIVE=1`; `SPINQUANT_NATIVE=0` always turns them
-off, and a failed build falls back to torch's ops with a warning. ARMv8.2+ builds the sdot path (see the C file).
+The CPU backend uses the kernels where a vector path is built (W4A8 and W8A8, on AVX2 as on AVX-512); the
+portable loops are slower than torch's ops (measured 1.3x slower on W4A8 decode here), so there `available()` is
+False unless `SPINQUANT_NATIVE=1`; `SPINQUANT_NATIVE=0` always turns them off, and a failed build falls back to
+torch's ops with a warning. ARMv8.2+ builds the sdot path (see the C file).
 
 int4 weights are tiled (`tile_int4`, undone by `untile_int4`): rows in tiles of 16, four consecutive k per
 int32 lane, so one AVX-512 VNNI instruction multiplies 16 rows x 4 k (see the C file); int8 weights stay
@@ -65,7 +65,8 @@ def _compiler_version(cc: str) -> str:
     """The first line of `cc --version` (part of the build key: an upgraded compiler rebuilds)."""
     try:
         r = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return (r.stdout or r.stderr).splitlines()[0] if (r.stdout or r.stderr) else ""
+        out = (r.stdout or r.stderr).splitlines()
+        return out[0] if out else ""
     except (OSError, subprocess.SubprocessError):
         return ""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .tables import ADAPTED, ADAPTED_NOTE, model_note, models_of
+from .tables import ADAPTED, ADAPTED_NOTE, model_note, models_of, reduced_recipe_note
 
 FORMAT_ORDER = {"F32": 0, "FP32": 0, "Q8_0": 1, "Q4_K_M": 2, "Q4_0": 3, "XNNPACK-W4A8": 4, "CT-W8A8": 5,
                 "CT-W4A16-g128": 6}
@@ -88,7 +88,7 @@ def _render_one(model: str, runtime: str, mrows: list[dict]) -> str:
     learned = sorted({(t["steps"], t["batch_size"]) for r in mrows for t in [r.get("rotation_train") or {}] if "steps" in t})
     if learned:
         lines += ["", "spinquant-*: rotations learned in " + " / ".join(
-            f"{s} steps of {b} sequences" + ("" if (s, b) == (100, 8) else " (**reduced recipe**; the official: 100 of 8)")
+            f"{s} steps of {b} sequences" + reduced_recipe_note(s, b)
             for s, b in learned) + "."]
     if adapted:
         lines += ["", ADAPTED_NOTE]

@@ -330,6 +330,14 @@ def _rotation_pivot(model: str, mine: list[dict], dataset: str) -> str:
     return "\n".join(lines)
 
 
+OFFICIAL_SPINQUANT = (100, 8)  # steps, global batch of the official recipe (rotation/spinquant.yaml)
+
+
+def reduced_recipe_note(steps: int, batch: int) -> str:
+    """' (**reduced recipe**; ...)' for SpinQuant training other than the official steps and batch, else ''."""
+    return "" if (steps, batch) == OFFICIAL_SPINQUANT else " (**reduced recipe**; the official: 100 steps of 8)"
+
+
 def _spinquant_recipe(cells: dict, cols: list[str]) -> list[str]:
     """A note naming the recipe the learned rotations trained with (steps x global batch x length, against the official
     100 x 8) and what it did to the held-back objective, per method and column."""
@@ -338,9 +346,8 @@ def _spinquant_recipe(cells: dict, cols: list[str]) -> list[str]:
     if not learned:
         return []
     recipes = sorted({(t["steps"], t["batch_size"], t["seq_len"]) for t in learned.values()})
-    text = "; ".join(f"{s} step{'s' * (s != 1)} of {b} sequences of {n} tokens" + (" (the official recipe's steps and batch)"
-                     if (s, b) == (100, 8) else " (**reduced recipe**; the official: 100 steps of 8)")
-                     for s, b, n in recipes)
+    text = "; ".join(f"{s} step{'s' * (s != 1)} of {b} sequences of {n} tokens" +
+                     (reduced_recipe_note(s, b) or " (the official recipe's steps and batch)") for s, b, n in recipes)
     parts = []
     for (k, c), t in sorted(learned.items(), key=lambda kc: (METHOD_RANK.get(kc[0][0][1], 9), cols.index(kc[0][1]))):
         d = t["heldout_loss_after"] - t["heldout_loss_before"]
